@@ -1,0 +1,3 @@
+from automation.cli import run_cli
+
+run_cli()

@@ -1,0 +1,51 @@
+"""One exception root for the project; the CLI maps each kind to an exit code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class AutomationError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(AutomationError):
+    """The user's input is wrong: an experiment file, a flag, a data set. Exit code 2."""
+
+    exit_code = 2
+
+
+class DataError(AutomationError):
+    """The data set does not fit the chat schema or cannot be read."""
+
+    exit_code = 1
+
+
+class BackendError(AutomationError):
+    """A backend operation failed (training, registry, endpoint, cloud call)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found in an experiment file, located as precisely as we can."""
+
+    file: str
+    line: int | None
+    path: str  # dotted path in the document, "" for the document itself
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{self.path} at {where}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ExperimentInvalid(ConfigError):
+    """An experiment file failed validation; carries every issue found, not just the first."""
+
+    def __init__(self, issues: list[Issue]):
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))

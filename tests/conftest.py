@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+LOCAL_EXPERIMENT = {
+    "name": "tiny-local",
+    "backend": "local",
+    "model": {"name": "tiny", "path": "models/tiny"},
+    "data": {"dataset": "data/chat", "sample_percent": 100},
+}
+
+
+def chat_row(prompt: str, *turns: str) -> dict:
+    """A row in the ultrachat_200k schema: the prompt, then alternating replies and follow-ups."""
+    messages = [{"role": "user", "content": prompt}]
+    for index, text in enumerate(turns):
+        messages.append({"role": "assistant" if index % 2 == 0 else "user", "content": text})
+    return {"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(), "messages": messages}
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def chat_dataset(tmp_path: Path) -> Path:
+    """A local dataset folder with the four ultrachat splits as JSONL."""
+    folder = tmp_path / "data" / "chat"
+    sizes = {"train_sft": 40, "test_sft": 10, "train_gen": 10, "test_gen": 10}
+    for split, n in sizes.items():
+        write_jsonl(folder / f"{split}.jsonl",
+                    [chat_row(f"{split} question {i}?", f"Answer {i}.") for i in range(n)])
+    return folder
+
+
+def write_experiment(folder: Path, data: dict | str, name: str | None = None) -> Path:
+    """Write an experiment file; a dict is dumped as YAML, a string written as is."""
+    if isinstance(data, dict):
+        name = name or data.get("name", "tiny-local")
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        text = data
+    path = folder / f"{name or 'tiny-local'}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
