@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from automation.errors import ExperimentInvalid, Issue
-from automation.yamlfile import LoadedYaml, YamlProblem, parse_override, parse_yaml, set_by_dotted_path
+from automation.yamlfile import (
+    LoadedYaml,
+    YamlProblem,
+    parse_override,
+    parse_yaml,
+    set_by_dotted_path,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from automation.errors import ExperimentInvalid
 from automation.spec import (
@@ -69,7 +70,7 @@ def test_minimal_local_file_gets_component_defaults(tmp_path):
 
 def test_experiment_is_frozen(tmp_path):
     exp = load_experiment(write_experiment(tmp_path, LOCAL_EXPERIMENT))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         exp.name = "other"  # type: ignore[misc]
 
 
@@ -96,7 +97,7 @@ def test_document_level_errors(tmp_path, body, expected):
 
 def test_alias_bomb_is_refused_quickly(tmp_path):
     lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
-    for prev, cur in zip("abcdefgh", "bcdefghi"):
+    for prev, cur in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
     path = write(tmp_path, "\n".join(lines) + "\n")  # 9**9 = 387 million strings if expanded
     assert path.stat().st_size < 1000
