@@ -121,6 +121,107 @@ def _print_data_stats(result) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The stages of a run
+
+
+def _open(args: argparse.Namespace):
+    from automation.stages import open_run
+
+    return open_run(args.experiment, overrides=args.set, record_path=args.record, pr=args.pr)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from automation import stages
+
+    run = _open(args)
+    verb = args.command
+    if verb == "finetune":
+        stages.stage_finetune(run)
+        ft = run.record.finetune
+        _out(f"fine-tuned: job {ft.job_name}, eval loss {ft.base_eval_loss} -> {ft.eval_loss}, model {ft.model_uri}")
+    elif verb == "register":
+        stages.stage_register(run)
+        reg = run.record.registration
+        _out(f"registered: {reg.model_name} version {reg.version} (timestamp version {reg.timestamp_version})")
+    elif verb == "deploy":
+        stages.stage_deploy(run)
+        _out(f"deployed: {run.record.deploy.endpoint_name} at {run.record.deploy.url}")
+    elif verb == "score":
+        stages.stage_score(run)
+        score = run.record.score
+        _out(f"scored in {score.latency_seconds:.2f} s (request: {score.request_file})\n{score.reply}")
+    elif verb == "report":
+        path = stages.stage_report(run, Path(args.out) if args.out else None)
+        _out(f"report: {path}")
+    elif verb == "teardown":
+        deleted = stages.stage_teardown(run)
+        _out(f"deleted: {', '.join(deleted)}" if deleted else "nothing to delete (already gone)")
+    elif verb == "promote":
+        stages.stage_promote(run)
+        p = run.record.promote
+        _out(f"promoted: version {p.model_version} serves {p.endpoint_name} at {p.url}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from automation import stages
+    from automation.backends.local.backend import tracking_uri
+
+    run = _open(args)
+    stages.run_all(run, keep_endpoint=args.keep_endpoint, drop_invalid=args.drop_invalid,
+                   on_stage=lambda name: log.info("== %s ==", name))
+    ft = run.record.finetune
+    _out("")
+    _out(f"eval loss: base {ft.base_eval_loss:.4f} -> fine-tuned {ft.eval_loss:.4f}"
+         if ft and ft.base_eval_loss is not None and ft.eval_loss is not None else "eval loss: not measured")
+    _out(f"report:   {run.record.report_file}")
+    _out(f"record:   {run.record_path}")
+    if args.keep_endpoint and run.record.deploy:
+        d = run.record.deploy
+        _out(f"endpoint: {d.endpoint_name} at {d.url} (key: .automation/endpoints/{d.endpoint_name}.key; "
+             f"stop it with `automation teardown {args.experiment}`)")
+    if run.experiment.backend == "local":
+        _out(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri()}")
+    return EXIT_OK
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from automation import stages
+
+    run = _open(args)
+    run.experiment = stages.preflight_experiment(run.experiment, args.steps, args.stand_in)
+    run._backend = None
+    stages.stage_validate(run)
+    stages.stage_data(run)
+    stages.stage_finetune(run)
+    ft = run.record.finetune
+    _out(f"preflight ok: {args.steps} training step(s) on the local stand-in model, final loss {ft.train_loss:.4f}")
+    return EXIT_OK
+
+
+def cmd_endpoints(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from automation.backends import get_backend
+
+    backend = get_backend(args.backend)
+    endpoints = backend.list_endpoints(dict(t.split("=", 1) for t in args.tag))
+    if not endpoints:
+        _out("no endpoints")
+        return EXIT_OK
+    now = datetime.now(UTC)
+    for e in endpoints:
+        try:
+            age = now - datetime.strptime(e.created_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            age_text = f"{age.total_seconds() / 3600:.1f} h"
+        except ValueError:
+            age_text = "?"
+        tags = " ".join(f"{k}={v}" for k, v in sorted(e.tags.items()) if v)
+        _out(f"{e.name}  {'live' if e.alive else 'dead'}  age {age_text}  {e.url}  {tags}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # The parser
 
 
@@ -151,6 +252,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-invalid", action="store_true", help="drop rows that break the chat schema instead of failing")
     _add_set(p)
     p.set_defaults(handler=cmd_data)
+
+    def stage(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("experiment")
+        sub.add_argument("--record", help="run record file (default: the workspace's runs/<experiment>/record.json)")
+        sub.add_argument("--pr", type=int, help="pull request number (tags and endpoint names)")
+        _add_set(sub)
+        sub.set_defaults(handler=cmd_stage)
+        return sub
+
+    stage("finetune", "fine-tune (resumes an interrupted job; reuses a finished one)")
+    stage("register", "register the fine-tuned model with a timestamp version")
+    stage("deploy", "deploy the registered model to a staging endpoint")
+    stage("score", "score a seeded sample of the sample split on the endpoint")
+    stage("report", "write the markdown report (and the job summary in GitHub Actions)").add_argument("--out")
+    stage("teardown", "delete this experiment's staging endpoints (already gone is success)")
+    stage("promote", "move the registered version to production (blue/green)")
+
+    p = stage("run", "every stage in order, on this machine")
+    p.add_argument("--keep-endpoint", action="store_true", help="leave the staging endpoint running")
+    p.add_argument("--drop-invalid", action="store_true", help="drop rows that break the chat schema")
+    p.set_defaults(handler=cmd_run)
+
+    p = stage("preflight", "data + a few training steps of an experiment on the local stand-in model")
+    p.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
+    p.add_argument("--stand-in", metavar="MODEL_DIR", help="local model folder to train instead of SmolLM2-135M-Instruct")
+    p.set_defaults(handler=cmd_preflight)
+
+    p = commands.add_parser("endpoints", help="endpoints: list")
+    endpoints = p.add_subparsers(dest="endpoints_command", required=True)
+    p = endpoints.add_parser("list", help="live endpoints with age and tags")
+    p.add_argument("--backend", default="local")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only endpoints with this tag")
+    p.set_defaults(handler=cmd_endpoints)
     return parser
 
 

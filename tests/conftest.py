@@ -53,3 +53,42 @@ def write_experiment(folder: Path, data: dict | str, name: str | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random chat model (tokenizer trained on the sample dataset), built once per session."""
+    from automation.backends.local.tiny import build_tiny_model
+
+    rows = [json.loads(line) for line in (REPO / "data" / "ultrachat-sample" / "train_sft.jsonl").open()]
+    texts = [m["content"] for row in rows for m in row["messages"]]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts)
+
+
+TINY_EXPERIMENT = {
+    "name": "tiny-local",
+    "backend": "local",
+    "model": {"name": "tiny", "path": "PLACEHOLDER"},
+    "data": {"dataset": str(REPO / "data" / "ultrachat-sample"), "sample_percent": 100},
+    "training": {"max_steps": 6, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+                 "learning_rate": 1.0e-2, "logging_steps": 2, "max_seq_length": 128, "save_total_limit": 1},
+    "optimization": {"apply_lora": True, "lora_r": 4, "lora_alpha": 8},
+    "deployment": {"max_new_tokens_cap": 64, "request_timeout_ms": 30000},
+    "sample": {"parameters": {"max_new_tokens": 16}},
+}
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    """An empty workspace (AUTOMATION_HOME) and a working directory for one test."""
+    monkeypatch.setenv("AUTOMATION_HOME", str(tmp_path / "ws"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "ws"
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path, tiny_model_dir) -> Path:
+    body = json.loads(json.dumps(TINY_EXPERIMENT))
+    body["model"]["path"] = str(tiny_model_dir)
+    return write_experiment(tmp_path / "experiments", body)

@@ -1,0 +1,261 @@
+"""Local fine-tuning: TRL `SFTTrainer` + PEFT LoRA, tracked in MLflow, resumable.
+
+The experiment drives every knob the chat_completion_pipeline exposes that makes sense on one
+machine. Choices made here on purpose:
+
+- fp32 and no gradient checkpointing on a CPU: TRL's defaults (`bf16=True`,
+  `gradient_checkpointing=True`) make a CPU step about 20x slower;
+- the loss is on assistant tokens only (`assistant_only_loss`), through a ChatML template with
+  `{% generation %}` markers (see chat_template.py);
+- the base model is evaluated on the test split before training (LoRA starts as the identity),
+  so the report can compare base and fine-tuned eval loss on the same tokens;
+- checkpoints every `logging_steps` steps: a run killed part-way resumes from the last one, in
+  the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from automation.backends.local.chat_template import apply_training_template
+from automation.errors import BackendError
+from automation.spec import Experiment
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class TrainResult:
+    base_eval_loss: float | None
+    eval_loss: float | None
+    train_loss: float | None
+    loss_curve: list[tuple[int, float]]
+    train_tokens: int
+    tokens_per_second: float
+    wall_seconds: float
+    model_dir: Path
+    resumed_from: str | None
+    params: dict[str, Any]
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise BackendError("compute.device is cuda but no CUDA device is available; use device: auto or cpu")
+    return requested
+
+
+def _max_length(experiment: Experiment, tokenizer) -> int:
+    if experiment.training.max_seq_length > 0:
+        return experiment.training.max_seq_length
+    return min(int(getattr(tokenizer, "model_max_length", 2048) or 2048), 2048)
+
+
+def sft_config(experiment: Experiment, output_dir: Path, device: str, max_length: int):
+    """The SFTConfig of an experiment; a pure function so tests can check the mapping."""
+    from trl import SFTConfig
+
+    t = experiment.training
+    on_gpu = device == "cuda"
+    evaluation = {"disable": "no"}.get(t.evaluation_strategy, t.evaluation_strategy)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        auto_find_batch_size=t.auto_find_batch_size,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        # adamw_hf is gone from recent transformers; adamw_torch is the same algorithm.
+        optim="adafactor" if t.optim == "adafactor" else "adamw_torch",
+        seed=t.seed,
+        full_determinism=t.enable_full_determinism,
+        dataloader_num_workers=t.dataloader_num_workers,
+        eval_strategy=evaluation,
+        eval_steps=t.eval_steps if evaluation == "steps" else None,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.logging_steps,
+        save_total_limit=None if t.save_total_limit == -1 else t.save_total_limit,
+        load_best_model_at_end=t.apply_early_stopping,
+        metric_for_best_model="eval_loss" if t.apply_early_stopping else None,
+        max_length=max_length,
+        padding_free=False,
+        packing=False,
+        assistant_only_loss=True,
+        # Per device: fp32 and no checkpointing on CPU (bf16 matmuls are ~100x slower there).
+        bf16=on_gpu and t.precision == 16,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=not on_gpu,
+        include_num_input_tokens_seen="non_padding",
+        report_to=[],
+        disable_tqdm=False,
+        save_only_model=False,
+    )
+
+
+def lora_config(experiment: Experiment):
+    from peft import LoraConfig
+
+    o = experiment.optimization
+    return LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _chat_dataset(path: Path):
+    from datasets import load_dataset
+
+    dataset = load_dataset("json", data_files=str(path), split="train")
+    return dataset.select_columns(["messages"])
+
+
+class _MlflowLossCallback:
+    """Sends every logged train/eval value to the active MLflow run, at its global step."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                outer.on_log(state, logs or {})
+
+        self.callback = Callback()
+        self.curve: list[tuple[int, float]] = []
+
+    def on_log(self, state, logs: dict[str, float]) -> None:
+        import mlflow
+
+        numeric = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if "loss" in numeric:
+            self.curve.append((state.global_step, numeric["loss"]))
+        if numeric:
+            mlflow.log_metrics({k.replace("/", "_"): v for k, v in numeric.items()}, step=state.global_step)
+
+
+def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, test_file: Path,
+          job_dir: Path) -> TrainResult:
+    """Fine-tune in the active MLflow run; returns the metrics and the saved (merged) model folder."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTTrainer
+
+    started = time.monotonic()
+    device = pick_device(experiment.compute.device)
+    if device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    apply_training_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    max_length = _max_length(experiment, tokenizer)
+    checkpoints = job_dir / "checkpoints"
+    args = sft_config(experiment, checkpoints, device, max_length)
+    callbacks = _MlflowLossCallback()
+    extra = []
+    if experiment.training.apply_early_stopping:
+        extra.append(EarlyStoppingCallback(experiment.training.early_stopping_patience,
+                                           experiment.training.early_stopping_threshold))
+    trainer = SFTTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=_chat_dataset(train_file),
+        eval_dataset=_chat_dataset(test_file) if args.eval_strategy != "no" else None,
+        peft_config=lora_config(experiment) if experiment.optimization.apply_lora else None,
+        callbacks=[callbacks.callback, *extra],
+    )
+    params = {"device": device, "max_length": max_length, "trainable_parameters": _trainable(trainer.model),
+              "train_rows": len(trainer.train_dataset)}
+    mlflow.log_params({f"system.{k}": v for k, v in params.items()})
+
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    base_eval_loss = _base_eval_loss(trainer, job_dir, resuming=last is not None)
+    if last:
+        log.info("resuming from %s", last)
+    output = trainer.train(resume_from_checkpoint=last)
+    eval_loss = None
+    if trainer.eval_dataset is not None:
+        eval_loss = float(trainer.evaluate(metric_key_prefix="eval")["eval_loss"])
+        mlflow.log_metrics({"finetuned_eval_loss": eval_loss, "finetuned_perplexity": _ppl(eval_loss)})
+
+    model_dir = job_dir / "model"
+    _save_model(trainer, tokenizer, model_dir, merge=experiment.optimization.apply_lora
+                and experiment.optimization.merge_lora_weights)
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
+    runtime = float(output.metrics.get("train_runtime") or 0.0)
+    tps = tokens / runtime if runtime else 0.0
+    wall = time.monotonic() - started
+    mlflow.log_metrics({"train_tokens": tokens, "train_tokens_per_second": tps, "wall_seconds": wall})
+    return TrainResult(
+        base_eval_loss=base_eval_loss, eval_loss=eval_loss, train_loss=output.training_loss,
+        loss_curve=callbacks.curve or _curve_from_state(trainer.state), train_tokens=tokens,
+        tokens_per_second=tps, wall_seconds=wall, model_dir=model_dir, resumed_from=last, params=params,
+    )
+
+
+def _base_eval_loss(trainer, job_dir: Path, *, resuming: bool) -> float | None:
+    """Eval loss of the untrained model, measured once and kept, so a resumed run reports the same."""
+    import mlflow
+
+    if trainer.eval_dataset is None:
+        return None
+    kept = job_dir / "base_eval.json"
+    if resuming and kept.is_file():
+        return float(json.loads(kept.read_text())["eval_loss"])
+    loss = float(trainer.evaluate(metric_key_prefix="base")["base_loss"])
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps({"eval_loss": loss}))
+    mlflow.log_metrics({"base_eval_loss": loss, "base_perplexity": _ppl(loss)})
+    return loss
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _curve_from_state(state) -> list[tuple[int, float]]:
+    return [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e and "step" in e]
+
+
+def _save_model(trainer, tokenizer, model_dir: Path, *, merge: bool) -> None:
+    """Save a folder the endpoint can load with transformers alone (LoRA merged when asked)."""
+    import shutil
+
+    model = trainer.model
+    if merge and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = model_dir.with_name(model_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)

@@ -1,0 +1,346 @@
+"""Start, find, stop and call local endpoints: one detached server process each.
+
+The workspace keeps, per endpoint, `<home>/endpoints/<name>.json` (the record), `<name>.key`
+(the API key, mode 0600) and `<name>.log` (the server's output, kept after a stop). A record is
+only a hint: before signalling a pid we check that the process really is our server for that
+key file, so a pid reused by the system is never killed. Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from automation.errors import BackendError, ConfigError
+from automation.workspace import home
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HOST = "127.0.0.1"
+LOG_TAIL_LINES = 30
+STOP_GRACE_S = 10.0
+
+# Servers this process started: waiting on them reaps them, so a stopped server does not linger
+# as a zombie that still answers os.kill(pid, 0).
+_children: dict[int, subprocess.Popen] = {}
+
+
+class EndpointRecord(BaseModel):
+    name: str
+    pid: int
+    port: int
+    url: str
+    model_dir: str
+    tags: dict[str, str] = {}
+    created_at: str
+    key_file: str
+    log_file: str
+    alive: bool = False  # computed when read; not meaningful in the stored file
+
+
+def endpoints_dir() -> Path:
+    return home() / "endpoints"
+
+
+def _paths(name: str) -> dict[str, Path]:
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(f"endpoint name {name!r} must match {NAME_PATTERN.pattern}")
+    folder = endpoints_dir()
+    return {kind: folder / f"{name}.{kind}" for kind in ("json", "key", "log", "port")}
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+
+def _cmdline(pid: int) -> list[str] | None:
+    """The process's arguments, or None when there is no such (live) process."""
+    proc = Path(f"/proc/{pid}")
+    if proc.is_dir():
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return None  # a zombie has exited; only its exit status is left
+            return (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError):
+            return None
+    if sys.platform.startswith("linux"):
+        return None
+    # No /proc (macOS): ask ps.
+    done = subprocess.run(["ps", "-o", "stat=,command=", "-p", str(pid)], capture_output=True, text=True)
+    line = done.stdout.strip()
+    if done.returncode != 0 or not line or line.startswith("Z"):
+        return None
+    return line.split(None, 1)[1].split()
+
+
+def _is_our_server(pid: int, key_file: str) -> bool:
+    if _gone(pid):
+        return False
+    args = _cmdline(pid)
+    return bool(args) and "automation.serving" in args and key_file in args
+
+
+def _gone(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        # Our own child: poll() is the truth, and it reaps the exited process in the same step.
+        if child.poll() is None:
+            return False
+        _children.pop(pid, None)
+        return True
+    return _cmdline(pid) is None if Path("/proc").is_dir() else not _pid_exists(pid)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    until = time.monotonic() + timeout_s
+    while time.monotonic() < until:
+        if _gone(pid):
+            return True
+        time.sleep(0.05)
+    return _gone(pid)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    # start_new_session made the server a group leader: signal the group, so anything it spawned
+    # goes too.
+    with contextlib.suppress(ProcessLookupError):
+        try:
+            os.killpg(pid, sig)
+        except PermissionError:
+            os.kill(pid, sig)
+
+
+def _terminate(pid: int, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM, a grace period for a clean shutdown, then SIGKILL."""
+    _signal_group(pid, signal.SIGTERM)
+    if _wait_gone(pid, grace_s):
+        return
+    log.warning("endpoint process %d ignored SIGTERM for %.0f s; killing it", pid, grace_s)
+    _signal_group(pid, signal.SIGKILL)
+    if not _wait_gone(pid, 5.0):
+        raise BackendError(f"endpoint process {pid} survived SIGKILL")
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+def _write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _new_key(path: Path) -> str:
+    """A fresh random key in a file created with mode 0600: never readable by others, even briefly."""
+    key = secrets.token_urlsafe(32)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+def _log_tail(path: Path, start: int, secret: str | None = None) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(start)
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    if secret:  # the server never logs its key; this is a second line of defence
+        text = text.replace(secret, "***")
+    return "\n".join(text.splitlines()[-LOG_TAIL_LINES:]) or "(the log is empty)"
+
+
+def _read_record(path: Path) -> EndpointRecord | None:
+    try:
+        record = EndpointRecord.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable endpoint record %s: %s", path, exc)
+        return None
+    record.alive = _is_our_server(record.pid, record.key_file)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+def get_endpoint(name: str) -> EndpointRecord | None:
+    path = _paths(name)["json"]
+    return _read_record(path) if path.exists() else None
+
+
+def list_endpoints(match_tags: dict[str, str] | None = None) -> list[EndpointRecord]:
+    """Every recorded endpoint whose tags include all of match_tags, each with `alive` set."""
+    wanted = match_tags or {}
+    records = []
+    for path in sorted(endpoints_dir().glob("*.json")):
+        record = _read_record(path)
+        if record and all(record.tags.get(k) == v for k, v in wanted.items()):
+            records.append(record)
+    return records
+
+
+def read_key(record: EndpointRecord) -> str:
+    try:
+        return Path(record.key_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise BackendError(f"cannot read the key of endpoint {record.name}: {exc}") from exc
+
+
+def _client(timeout_s: float) -> httpx.Client:
+    # trust_env=False: a proxy from the environment must never see loopback traffic or the key.
+    return httpx.Client(timeout=timeout_s, trust_env=False)
+
+
+def _is_ready(url: str) -> bool:
+    try:
+        with _client(2.0) as client:
+            return client.get(f"{url}/ready").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def invoke(record: EndpointRecord, payload: dict[str, Any], path: str = "/score",
+           timeout_s: float = 120.0) -> dict[str, Any]:
+    """POST payload to the endpoint with its key; any non-2xx answer is a BackendError."""
+    headers = {"Authorization": f"Bearer {read_key(record)}"}
+    try:
+        with _client(timeout_s) as client:
+            response = client.post(f"{record.url}{path}", json=payload, headers=headers)
+    except httpx.HTTPError as exc:
+        raise BackendError(f"endpoint {record.name} at {record.url}{path}: {type(exc).__name__}: {exc}") from exc
+    if not response.is_success:
+        raise BackendError(f"endpoint {record.name} at {record.url}{path} answered "
+                           f"{response.status_code}: {response.text[:2000]}")
+    return response.json()
+
+
+def stop_endpoint(name: str) -> bool:
+    """Stop the server and forget it; True if anything was there. Already gone is success."""
+    paths = _paths(name)
+    record = get_endpoint(name)
+    if record is not None and record.alive:
+        log.info("stopping endpoint %s (pid %d)", name, record.pid)
+        _terminate(record.pid)
+        _children.pop(record.pid, None)
+    found = False
+    for kind in ("json", "key", "port"):  # the log stays, for whoever investigates later
+        with contextlib.suppress(FileNotFoundError):
+            paths[kind].unlink()
+            found = True
+    return found
+
+
+def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], max_new_tokens_cap: int = 512,
+                   request_timeout_ms: int = 90_000, ready_timeout_s: float = 300,
+                   device: str = "auto") -> EndpointRecord:
+    """Start a server for model_dir on a free loopback port and wait until it is ready.
+
+    Idempotent: a live, ready endpoint of that name serving the same folder is returned as it is;
+    one serving another folder is stopped and replaced.
+    """
+    paths = _paths(name)
+    model_dir = str(Path(model_dir).resolve())
+    existing = get_endpoint(name)
+    if existing is not None:
+        if existing.alive and existing.model_dir == model_dir and _is_ready(existing.url):
+            log.info("endpoint %s already serves %s (pid %d)", name, model_dir, existing.pid)
+            return existing
+        stop_endpoint(name)
+    endpoints_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = _new_key(paths["key"])
+    with contextlib.suppress(FileNotFoundError):
+        paths["port"].unlink()
+    log_start = paths["log"].stat().st_size if paths["log"].exists() else 0
+    command = [
+        sys.executable, "-m", "automation.serving", "--model-dir", model_dir, "--host", HOST,
+        "--port", "0", "--port-file", str(paths["port"]), "--key-file", str(paths["key"]),
+        "--max-new-tokens-cap", str(max_new_tokens_cap), "--request-timeout-ms", str(request_timeout_ms),
+        "--device", device,
+    ]
+    with paths["log"].open("ab") as log_file:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env=_child_env())
+    _children[process.pid] = process
+    log.info("started endpoint %s (pid %d) for %s; waiting until it is ready", name, process.pid, model_dir)
+    try:
+        port = _wait_ready(process, paths["port"], ready_timeout_s)
+    except BackendError as exc:
+        _abandon(process, paths)
+        raise BackendError(f"endpoint {name} did not start: {exc}\n--- last lines of {paths['log']} ---\n"
+                           f"{_log_tail(paths['log'], log_start, key)}") from None
+    record = EndpointRecord(
+        name=name, pid=process.pid, port=port, url=f"http://{HOST}:{port}", model_dir=model_dir,
+        tags={str(k): str(v) for k, v in tags.items()}, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        key_file=str(paths["key"]), log_file=str(paths["log"]), alive=True,
+    )
+    _write_atomically(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
+    paths["port"].unlink(missing_ok=True)
+    return record
+
+
+def _child_env() -> dict[str, str]:
+    # The server runs `-m automation.serving`: make this very package importable in it even when
+    # the project is not installed, by putting its parent folder first on PYTHONPATH.
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _wait_ready(process: subprocess.Popen, port_file: Path, timeout_s: float) -> int:
+    until = time.monotonic() + timeout_s
+    port = None
+    while time.monotonic() < until:
+        code = process.poll()
+        if code is not None:
+            raise BackendError(f"the server exited with code {code}")
+        if port is None and port_file.exists():
+            port = int(port_file.read_text().strip())
+        if port is not None and _is_ready(f"http://{HOST}:{port}"):
+            return port
+        time.sleep(0.2)
+    raise BackendError(f"the server was not ready within {timeout_s:g} s")
+
+
+def _abandon(process: subprocess.Popen, paths: dict[str, Path]) -> None:
+    """Kill a server that failed to start, and remove what it would have needed."""
+    if process.poll() is None:
+        _signal_group(process.pid, signal.SIGKILL)
+    process.wait()
+    _children.pop(process.pid, None)
+    for kind in ("key", "port"):
+        paths[kind].unlink(missing_ok=True)

