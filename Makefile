@@ -21,8 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/automation validate $(LOCAL_EXPERIMENT)
-	$(BIN)/automation data $(LOCAL_EXPERIMENT)
+	$(BIN)/automation run $(LOCAL_EXPERIMENT)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -13,7 +13,6 @@ import httpx
 import openai
 import pytest
 
-from automation.backends.local.tiny import build_tiny_model
 from automation.errors import BackendError
 from automation.serving.process import (
     EndpointRecord,
@@ -40,14 +39,12 @@ HELLO = score_body(("user", "How do I boil an egg?"))
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    rows = (REPO / "data" / "ultrachat-sample" / "train_sft.jsonl").read_text().splitlines()
-    texts = [m["content"] for row in rows for m in json.loads(row)["messages"]]
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", texts)
+def tiny_model(tiny_model_dir) -> Path:
+    return tiny_model_dir  # conftest builds it once per session
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def serving_home(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         folder = tmp_path_factory.mktemp("workspace")
         patch.setenv("AUTOMATION_HOME", str(folder))
@@ -61,7 +58,7 @@ def workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def starts(workspace, tiny_model, tmp_path_factory) -> dict[str, Future]:
+def starts(serving_home, tiny_model, tmp_path_factory) -> dict[str, Future]:
     """The three servers the tests need, started at once: each spends seconds importing torch."""
     broken = tmp_path_factory.mktemp("broken") / "model"
     shutil.copytree(tiny_model, broken)
@@ -105,6 +102,8 @@ def test_score_answers_with_output(endpoint):
     conversation = score_body(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"),
                               ("user", "Name a fruit."), do_sample=False, repetition_penalty=1.2, top_k=5)
     assert isinstance(invoke(endpoint, conversation)["output"], str)
+    defaults = {"input_data": {"input_string": [{"role": "user", "content": "Hi"}]}}  # default 200 > cap
+    assert isinstance(invoke(endpoint, defaults)["output"], str)
 
 
 def test_openai_client_works(endpoint):
@@ -263,14 +262,14 @@ def _processes_using(key_file: str) -> list[int]:
     return pids
 
 
-def test_broken_model_fails_with_the_log_tail_and_leaves_nothing(workspace, starts):
+def test_broken_model_fails_with_the_log_tail_and_leaves_nothing(serving_home, starts):
     with pytest.raises(BackendError) as failure:
         starts["broken"].result()
     message = str(failure.value)
     assert "exited with code 1" in message and "last lines" in message
     assert "could not load the model" in message
     assert get_endpoint("tiny-broken") is None
-    key_file = str(workspace / "endpoints" / "tiny-broken.key")
+    key_file = str(serving_home / "endpoints" / "tiny-broken.key")
     assert not Path(key_file).exists()
     if Path("/proc").is_dir():
         assert _processes_using(key_file) == []

@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from automation.errors import ConfigError
+from automation.errors import BackendError, ConfigError
 from automation.spec import ModelSpec
 from automation.workspace import home
 
@@ -57,6 +57,18 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def _convert_in_subprocess(gguf: Path, target: Path) -> None:
+    """Convert in a child process: dequantizing holds the GGUF and the fp32 weights at once, and
+    the memory goes back to the system when the child exits instead of staying in our heap."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=_convert_gguf, args=(gguf, target))
+    child.start()
+    child.join()
+    if child.exitcode != 0 or not (target / "config.json").is_file():
+        raise BackendError(f"converting {gguf} failed (exit code {child.exitcode}); see the log above")
+
+
 def resolve_model_dir(model: ModelSpec, search_from: list[Path] | None = None) -> Path | str:
     """A local folder for `model`, converting a packaged GGUF once; a hub id is returned as is."""
     if model.package:
@@ -65,7 +77,7 @@ def resolve_model_dir(model: ModelSpec, search_from: list[Path] | None = None) -
         target = home() / "models" / f"{model.name}-{digest}"
         if not (target / "config.json").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(gguf, target)
+            _convert_in_subprocess(gguf, target)
         return target
     if model.path:
         candidates = [Path(model.path)] if Path(model.path).is_absolute() else [
