@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from automation.record import DeployPart, FinetunePart, LossPoint, RegisterPart, RunRecord, ScorePart, StageTime
+from automation.record import (
+    DeployPart,
+    FinetunePart,
+    LossPoint,
+    RegisterPart,
+    RunRecord,
+    ScorePart,
+    StageTime,
+)
 from automation.report import MARKER, loss_chart, render
 from automation.spec import load_experiment
 from tests.conftest import REPO

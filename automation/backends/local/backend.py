@@ -20,7 +20,14 @@ from urllib.parse import unquote, urlparse
 
 from automation.backends.base import Backend, EndpointInfo
 from automation.errors import BackendError, ConfigError
-from automation.record import DataPart, DeployPart, FinetunePart, LossPoint, PromotePart, RegisterPart
+from automation.record import (
+    DataPart,
+    DeployPart,
+    FinetunePart,
+    LossPoint,
+    PromotePart,
+    RegisterPart,
+)
 from automation.spec import Experiment
 from automation.workspace import home
 
