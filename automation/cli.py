@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from automation import __version__
-from automation.errors import AutomationError, ExperimentInvalid
+from automation.errors import AutomationError, ConfigError, ExperimentInvalid
 
 log = logging.getLogger("automation")
 
@@ -204,6 +204,9 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
 
     from automation.backends import get_backend
 
+    bad = [t for t in args.tag if "=" not in t]
+    if bad:
+        raise ConfigError(f"--tag {bad[0]!r}: expected KEY=VALUE, e.g. experiment=my-exp")
     backend = get_backend(args.backend)
     endpoints = backend.list_endpoints(dict(t.split("=", 1) for t in args.tag))
     if not endpoints:
@@ -286,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="local")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only endpoints with this tag")
     p.set_defaults(handler=cmd_endpoints)
+
+    from automation import gitops  # changed, comment, cleanup, sweep: the GitHub side
+
+    gitops.add_commands(commands)
     return parser
 
 

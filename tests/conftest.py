@@ -79,12 +79,17 @@ TINY_EXPERIMENT = {
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch) -> Path:
-    """An empty workspace (AUTOMATION_HOME) and a working directory for one test."""
+def workspace(tmp_path, monkeypatch):
+    """An empty workspace (AUTOMATION_HOME) and a working directory for one test; every endpoint
+    started in it is stopped afterwards, whatever the test did."""
     monkeypatch.setenv("AUTOMATION_HOME", str(tmp_path / "ws"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    return tmp_path / "ws"
+    yield tmp_path / "ws"
+    from automation.serving import process
+
+    for endpoint in process.list_endpoints():
+        process.stop_endpoint(endpoint.name)
 
 
 @pytest.fixture

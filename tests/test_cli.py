@@ -119,3 +119,10 @@ def test_validate_imports_no_heavy_library():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().endswith("0 []"), result.stdout + result.stderr
+
+
+def test_endpoints_list_bad_tag_is_bad_input(workspace, capsys):
+    assert main(["endpoints", "list", "--tag", "no-equals-sign"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main(["endpoints", "list", "--backend", "gcp"]) == 2
+    assert "valid backends: local" in capsys.readouterr().err

@@ -83,8 +83,6 @@ def test_promote_blue_green(workspace, tiny_experiment, capsys):
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
     alias = mlflow.MlflowClient().get_model_version_by_alias("tiny-ultrachat-sample", "production")
     assert str(alias.version) == "2"
-    for endpoint in live:
-        process.stop_endpoint(endpoint.name)
 
 
 @pytest.mark.slow

@@ -1,0 +1,313 @@
+"""A fake GitHub REST API on 127.0.0.1: the endpoints the product calls, with real-shaped answers.
+
+Tokens stand for the identities a workflow meets:
+
+- `WRITE_TOKEN`: the GITHUB_TOKEN of a same-repository pull request (`pull-requests: write`);
+- `READ_TOKEN`: the GITHUB_TOKEN of a fork's pull request (read-only: writes answer 403);
+- `USER_TOKEN`: a person's token (GET /user works, as with a PAT).
+
+Installation tokens (the first two) get 403 from GET /user and write as `github-actions[bot]`,
+as on github.com. `fail_next` queues errors (5xx, 429 with Retry-After, rate-limited 403) for
+retry tests; `requests` records every call. `parse_file_commands` reads `$GITHUB_OUTPUT` and
+`$GITHUB_ENV` as the runner does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+WRITE_TOKEN = "ghs_fakeWriteInstallationToken0000000000"
+READ_TOKEN = "ghs_fakeReadOnlyForkToken000000000000000"
+USER_TOKEN = "ghp_fakePersonalAccessToken0000000000000"
+
+BOT = {"login": "github-actions[bot]", "id": 41898282, "node_id": "MDM6Qm90NDE4OTgyODI=",
+       "type": "Bot", "site_admin": False}
+OCTOCAT = {"login": "octocat", "id": 583231, "node_id": "MDQ6VXNlcjU4MzIzMQ==", "type": "User", "site_admin": False}
+LIMIT = 65_536
+
+
+@dataclass
+class Identity:
+    user: dict[str, Any]
+    can_write: bool
+    installation: bool
+
+
+@dataclass
+class Failure:
+    method: str
+    path: re.Pattern
+    status: int
+    headers: dict[str, str]
+    body: Any
+    times: int
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    token: str | None
+    body: Any
+
+
+@dataclass
+class FakeGitHub:
+    """Start with `with FakeGitHub() as github:`; `github.url` is the GITHUB_API_URL."""
+
+    tokens: dict[str, Identity] = field(default_factory=lambda: {
+        WRITE_TOKEN: Identity(BOT, can_write=True, installation=True),
+        READ_TOKEN: Identity(BOT, can_write=False, installation=True),
+        USER_TOKEN: Identity(OCTOCAT, can_write=True, installation=False),
+    })
+    comments: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> comment, with "_issue"
+    requests: list[Call] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    url: str = ""
+    repo_ids: dict[str, int] = field(default_factory=dict)
+    _next_id: int = 1_900_000_000
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- control --------------------------------------------------------------------------------
+    def __enter__(self) -> FakeGitHub:
+        fake = self
+
+        class Handler(_Handler):
+            github = fake
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def fail_next(self, method: str, path_pattern: str, status: int, *, times: int = 1,
+                  headers: dict[str, str] | None = None, message: str = "Server Error", body: Any = None) -> None:
+        """Answer the next `times` matching calls with this status (and body) before any other check."""
+        if body is None:
+            body = {"message": message, "documentation_url": "https://docs.github.com/rest"}
+        self.failures.append(Failure(method, re.compile(path_pattern), status, headers or {}, body, times))
+
+    def add_comment(self, repo: str, number: int, body: str, user: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A comment written by someone (a person by default), as if posted on github.com."""
+        with self._lock:
+            return self._create(repo, number, body, user or OCTOCAT)
+
+    def issue_comments(self, repo: str, number: int) -> list[dict[str, Any]]:
+        return [c for c in sorted(self.comments.values(), key=lambda c: c["id"]) if c["_issue"] == (repo, number)]
+
+    def repo_id(self, repo: str) -> int:
+        return self.repo_ids.setdefault(repo, 1_296_269 + len(self.repo_ids))
+
+    def calls(self, method: str | None = None) -> list[Call]:
+        return [c for c in self.requests if method is None or c.method == method]
+
+    # -- state ----------------------------------------------------------------------------------
+    def _create(self, repo: str, number: int, body: str, user: dict[str, Any]) -> dict[str, Any]:
+        self._next_id += 1
+        cid, now = self._next_id, _now()
+        owner = repo.split("/")[0]
+        comment = {
+            "id": cid, "node_id": f"IC_kwDO{cid:x}", "url": f"{self.url}/repos/{repo}/issues/comments/{cid}",
+            "html_url": f"https://github.com/{repo}/pull/{number}#issuecomment-{cid}", "body": body,
+            "user": {**user, "avatar_url": f"https://avatars.githubusercontent.com/u/{user['id']}?v=4",
+                     "url": f"{self.url}/users/{user['login']}", "html_url": f"https://github.com/{user['login']}"},
+            "created_at": now, "updated_at": now, "issue_url": f"{self.url}/repos/{repo}/issues/{number}",
+            "author_association": "OWNER" if user["login"] == owner else "NONE",
+            "performed_via_github_app": {"id": 15368, "slug": "github-actions", "name": "GitHub Actions"}
+            if user["type"] == "Bot" else None,
+            "reactions": {"url": f"{self.url}/repos/{repo}/issues/comments/{cid}/reactions", "total_count": 0,
+                          "+1": 0, "-1": 0, "laugh": 0, "hooray": 0, "confused": 0, "heart": 0, "rocket": 0,
+                          "eyes": 0},
+            "_issue": (repo, number),
+        }
+        self.comments[cid] = comment
+        return comment
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _public(comment: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in comment.items() if not k.startswith("_")}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    github: FakeGitHub
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args: object) -> None:  # quiet
+        pass
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        if body is not None:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-GitHub-Api-Version-Selected", "2022-11-28")
+        self.send_header("X-GitHub-Request-Id", f"FAKE:{id(self):X}")
+        defaults = {"x-ratelimit-limit": "5000", "x-ratelimit-remaining": "4999",
+                    "x-ratelimit-reset": str(int(time.time()) + 3600), "x-ratelimit-used": "1",
+                    "x-ratelimit-resource": "core"}
+        for key, value in {**defaults, **(headers or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, **extra: Any) -> None:
+        self._send(status, {"message": message, "documentation_url": "https://docs.github.com/rest",
+                            "status": str(status), **extra})
+
+    def _handle(self, method: str) -> None:
+        github = self.github
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        auth = self.headers.get("Authorization", "")
+        token = auth.split(" ", 1)[1] if auth.lower().startswith(("bearer ", "token ")) else None
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            self._error(400, "Problems parsing JSON")
+            return
+        with github._lock:
+            github.requests.append(Call(method, parts.path, token, body))
+            for failure in github.failures:
+                if failure.times > 0 and failure.method == method and failure.path.search(parts.path):
+                    failure.times -= 1
+                    self._send(failure.status, failure.body, failure.headers)
+                    return
+            identity = github.tokens.get(token or "")
+            if token is None:
+                self._error(401, "Requires authentication")
+                return
+            if identity is None:
+                self._error(401, "Bad credentials")
+                return
+            self._route(method, parts.path, parse_qs(parts.query), body, identity)
+
+    def _route(self, method: str, path: str, query: dict[str, list[str]], body: Any, me: Identity) -> None:
+        github = self.github
+        if path == "/user" and method == "GET":
+            if me.installation:
+                self._error(403, "Resource not accessible by integration")
+            else:
+                self._send(200, {**me.user, "name": "The Octocat", "public_repos": 8})
+            return
+        if match := re.fullmatch(r"/repositories/(\d+)/issues/(\d+)/comments", path):
+            # Where GitHub's pagination links point: the repository by id.
+            repo = next((r for r, i in github.repo_ids.items() if i == int(match.group(1))), None)
+            if repo is None or method != "GET":
+                self._error(404, "Not Found")
+            else:
+                self._list(repo, int(match.group(2)), query)
+            return
+        if match := re.fullmatch(r"/repos/([\w.-]+/[\w.-]+)/issues/(\d+)/comments", path):
+            repo, number = match.group(1), int(match.group(2))
+            if method == "GET":
+                self._list(repo, number, query)
+            elif method == "POST":
+                if not me.can_write:
+                    self._error(403, "Resource not accessible by integration")
+                elif not isinstance(body, dict) or not isinstance(body.get("body"), str):
+                    self._error(422, "Invalid request.\n\n\"body\" wasn't supplied.")
+                elif len(body["body"]) > LIMIT:
+                    self._too_long()
+                else:
+                    self._send(201, _public(github._create(repo, number, body["body"], me.user)))
+            else:
+                self._error(404, "Not Found")
+            return
+        if match := re.fullmatch(r"/repos/([\w.-]+/[\w.-]+)/issues/comments/(\d+)", path):
+            comment = github.comments.get(int(match.group(2)))
+            if comment is None or comment["_issue"][0] != match.group(1):
+                self._error(404, "Not Found")
+            elif method == "GET":
+                self._send(200, _public(comment))
+            elif not me.can_write:
+                self._error(403, "Resource not accessible by integration")
+            elif method == "PATCH":
+                # As on github.com, anyone with write access may edit any comment: the author check
+                # is the client's job.
+                if not isinstance(body, dict) or not isinstance(body.get("body"), str):
+                    self._error(422, "Invalid request.")
+                elif len(body["body"]) > LIMIT:
+                    self._too_long()
+                else:
+                    comment.update(body=body["body"], updated_at=_now())
+                    self._send(200, _public(comment))
+            elif method == "DELETE":
+                del github.comments[comment["id"]]
+                self._send(204)
+            else:
+                self._error(404, "Not Found")
+            return
+        self._error(404, "Not Found")
+
+    def _too_long(self) -> None:
+        self._error(422, "Validation Failed", errors=[{
+            "resource": "IssueComment", "code": "custom", "field": "body",
+            "message": f"body is too long (maximum is {LIMIT} characters)"}])
+
+    def _list(self, repo: str, number: int, query: dict[str, list[str]]) -> None:
+        per_page = min(int(query.get("per_page", ["30"])[0]), 100)
+        page = int(query.get("page", ["1"])[0])
+        items = self.github.issue_comments(repo, number)
+        last = max((len(items) + per_page - 1) // per_page, 1)
+        chunk = items[(page - 1) * per_page: page * per_page]
+        base = f"{self.github.url}/repositories/{self.github.repo_id(repo)}/issues/{number}/comments"
+        links = []
+        if page < last:
+            links += [f'<{base}?per_page={per_page}&page={page + 1}>; rel="next"',
+                      f'<{base}?per_page={per_page}&page={last}>; rel="last"']
+        if page > 1:
+            links += [f'<{base}?per_page={per_page}&page=1>; rel="first"',
+                      f'<{base}?per_page={per_page}&page={page - 1}>; rel="prev"']
+        self._send(200, [_public(c) for c in chunk], {"Link": ", ".join(links)} if links else None)
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+
+def parse_file_commands(text: str) -> dict[str, str]:
+    """Read $GITHUB_OUTPUT / $GITHUB_ENV as the runner does: `k=v` lines and `k<<DELIM` blocks."""
+    values, lines, i = {}, text.split("\n"), 0
+    while i < len(lines):
+        line = lines[i]
+        if "<<" in line and ("=" not in line or line.index("<<") < line.index("=")):
+            name, delimiter = line.split("<<", 1)
+            end = lines.index(delimiter, i + 1)
+            values[name] = "\n".join(lines[i + 1:end])
+            i = end + 1
+            continue
+        if line:
+            name, value = line.split("=", 1)
+            values[name] = value
+        i += 1
+    return values

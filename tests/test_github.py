@@ -1,0 +1,305 @@
+"""automation.github against a fake GitHub on loopback: job files, event payloads, retries,
+pagination, and the sticky comment that is only ever ours."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from automation import github
+from automation.errors import ConfigError
+from tests.fake_github import (
+    BOT,
+    OCTOCAT,
+    READ_TOKEN,
+    USER_TOKEN,
+    WRITE_TOKEN,
+    FakeGitHub,
+    parse_file_commands,
+)
+
+EVENTS = Path(__file__).parent / "events"
+REPO_NAME = "acme-ml/chat-finetune"
+MARKER = "<!-- automation:report experiment=tiny-pr -->"
+
+
+@pytest.fixture
+def fake():
+    with FakeGitHub() as server:
+        yield server
+
+
+class Sleeps(list):
+    """Records the waits instead of sleeping them, so retry tests take no time."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def client(fake: FakeGitHub, token: str = WRITE_TOKEN, **kwargs) -> github.GitHubClient:
+    return github.GitHubClient(token, REPO_NAME, fake.url, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Job files and the event payload
+
+
+def test_outputs_and_env_are_written_as_the_runner_reads_them(tmp_path, monkeypatch):
+    output, env = tmp_path / "output", tmp_path / "env"
+    monkeypatch.setenv("GITHUB_OUTPUT", str(output))
+    monkeypatch.setenv("GITHUB_ENV", str(env))
+    assert github.set_output("matrix", json.dumps({"include": [{"experiment": "a"}]}))
+    assert github.set_output("notes", "line one\nINJECTED=1\nline three")
+    assert github.set_env("RECORD", "run-record/record.json")
+    values = parse_file_commands(output.read_text())
+    assert json.loads(values["matrix"]) == {"include": [{"experiment": "a"}]}
+    assert values["notes"] == "line one\nINJECTED=1\nline three" and "INJECTED" not in values
+    assert parse_file_commands(env.read_text()) == {"RECORD": "run-record/record.json"}
+    with pytest.raises(ValueError):
+        github.set_output("bad=name", "x")
+    monkeypatch.delenv("GITHUB_OUTPUT")
+    assert github.set_output("matrix", "{}") is False
+
+
+def test_event_payloads(monkeypatch):
+    opened = github.read_event(EVENTS / "pull_request.opened.json")
+    fork = github.read_event(EVENTS / "pull_request.fork.opened.json")
+    closed = github.read_event(EVENTS / "pull_request.closed.json")
+    assert github.pull_request_number(opened) == 42 and github.pull_request_number(fork) == 57
+    assert github.pull_request_number(closed) == 42 and closed["pull_request"]["merged"] is True
+    assert not github.is_fork(opened, REPO_NAME) and github.is_fork(fork, REPO_NAME)
+    assert github.is_fork(fork)  # the base repository from the payload itself
+    gone = json.loads(json.dumps(fork))
+    gone["pull_request"]["head"]["repo"] = None  # a fork deleted after opening its pull request
+    assert github.is_fork(gone, REPO_NAME)
+    monkeypatch.delenv("GITHUB_EVENT_PATH", raising=False)
+    assert github.read_event() == {}  # not in a workflow
+    assert github.pull_request_number({"ref": "refs/heads/main"}) is None
+
+
+def test_a_broken_event_payload_is_bad_input(tmp_path):
+    (tmp_path / "event.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        github.read_event(tmp_path / "event.json")
+    with pytest.raises(ConfigError, match="cannot read"):
+        github.read_event(tmp_path / "missing.json")
+
+
+def test_client_needs_token_and_repository():
+    with pytest.raises(ConfigError, match="GITHUB_TOKEN not set"):
+        github.GitHubClient.from_env({"GITHUB_REPOSITORY": REPO_NAME})
+    with pytest.raises(ConfigError, match="OWNER/NAME"):
+        github.GitHubClient.from_env({"GITHUB_TOKEN": "x", "GITHUB_REPOSITORY": "not a repo"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Retries
+
+
+def test_5xx_is_retried_with_exponential_backoff(fake):
+    fake.fail_next("GET", r"/comments$", 502, times=2, message="Bad Gateway")
+    sleeps = Sleeps()
+    with client(fake, sleep=sleeps) as gh:
+        assert gh.list_issue_comments(42) == []
+    assert sleeps == [1.0, 2.0]
+    assert len(fake.calls("GET")) == 3
+
+
+def test_5xx_gives_up_after_max_attempts(fake):
+    fake.fail_next("POST", r"/comments$", 503, times=10, message="Service Unavailable")
+    sleeps = Sleeps()
+    with client(fake, sleep=sleeps, max_attempts=4) as gh, pytest.raises(github.GitHubError) as err:
+        gh.create_issue_comment(42, "hi")
+    assert err.value.status == 503 and "Service Unavailable" in str(err.value)
+    assert sleeps == [1.0, 2.0, 4.0] and len(fake.calls("POST")) == 4
+
+
+def test_429_honours_retry_after(fake):
+    fake.fail_next("GET", r"/comments$", 429, headers={"Retry-After": "7"}, message="Too Many Requests")
+    sleeps = Sleeps()
+    with client(fake, sleep=sleeps) as gh:
+        gh.list_issue_comments(42)
+    assert sleeps == [7.0]
+
+
+def test_primary_rate_limit_waits_until_reset(fake):
+    reset = int(time.time()) + 30
+    fake.fail_next("GET", r"/comments$", 403, message="API rate limit exceeded for installation ID 1.",
+                   headers={"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(reset)})
+    sleeps = Sleeps()
+    with client(fake, sleep=sleeps) as gh:
+        gh.list_issue_comments(42)
+    assert len(sleeps) == 1 and 25 <= sleeps[0] <= 32
+
+
+def test_secondary_rate_limit_without_headers_waits_a_minute(fake):
+    fake.fail_next("POST", r"/comments$", 403,
+                   message="You have exceeded a secondary rate limit. Please wait a few minutes before you try again.")
+    sleeps = Sleeps()
+    with client(fake, sleep=sleeps) as gh:
+        gh.create_issue_comment(42, "hello")
+    assert sleeps == [60.0] and len(fake.issue_comments(REPO_NAME, 42)) == 1
+
+
+def test_a_rate_limit_too_far_away_is_not_slept_through(fake):
+    fake.fail_next("GET", r"/comments$", 403, message="API rate limit exceeded",
+                   headers={"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(time.time()) + 3000)})
+    sleeps = Sleeps()
+    with client(fake, sleep=sleeps) as gh, pytest.raises(github.GitHubError, match="retrying would mean waiting"):
+        gh.list_issue_comments(42)
+    assert sleeps == []
+
+
+def test_a_permission_error_is_not_retried(fake):
+    sleeps = Sleeps()
+    with client(fake, READ_TOKEN, sleep=sleeps) as gh, pytest.raises(github.GitHubPermissionError) as err:
+        gh.create_issue_comment(42, "hi")
+    assert err.value.status == 403 and "Resource not accessible by integration" in str(err.value)
+    assert sleeps == []
+
+
+def test_network_errors_are_retried_then_reported():
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sleeps = Sleeps()
+    with github.GitHubClient("t", REPO_NAME, f"http://127.0.0.1:{port}", sleep=sleeps, max_attempts=3) as gh:
+        with pytest.raises(github.GitHubError, match="ConnectError"):
+            gh.list_issue_comments(1)
+    assert sleeps == [1.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pagination and identity
+
+
+def test_listing_follows_every_page(fake):
+    for i in range(250):
+        fake.add_comment(REPO_NAME, 42, f"comment {i}")
+    with client(fake) as gh:
+        comments = gh.list_issue_comments(42)
+    assert [c["body"] for c in comments] == [f"comment {i}" for i in range(250)]
+    gets = fake.calls("GET")
+    assert len(gets) == 3 and gets[1].path.startswith("/repositories/")  # GitHub's own next links
+
+
+def test_a_next_link_off_the_api_host_is_refused(fake):
+    fake.fail_next("GET", r"/comments$", 200, body=[],
+                   headers={"Link": '<https://evil.example/steal?page=2>; rel="next"'})
+    with client(fake) as gh, pytest.raises(github.GitHubError, match="off the API host"):
+        gh.list_issue_comments(42)
+
+
+def test_who_we_are(fake, monkeypatch):
+    monkeypatch.delenv("AUTOMATION_COMMENT_AUTHOR", raising=False)
+    with client(fake, WRITE_TOKEN) as gh:
+        assert gh.viewer_login() == "github-actions[bot]"  # /user answers 403 to an installation token
+    with client(fake, USER_TOKEN) as gh:
+        assert gh.viewer_login() == "octocat"
+    monkeypatch.setenv("AUTOMATION_COMMENT_AUTHOR", "acme-ml-bot[bot]")
+    with client(fake, WRITE_TOKEN) as gh:
+        assert gh.viewer_login() == "acme-ml-bot[bot]"
+
+
+# ---------------------------------------------------------------------------------------------
+# The sticky comment
+
+
+def test_one_comment_created_then_edited_in_place(fake):
+    with client(fake) as gh:
+        first = github.upsert_comment(gh, 42, f"{MARKER}\nfirst", MARKER)
+        second = github.upsert_comment(gh, 42, f"{MARKER}\nsecond", MARKER)
+        third = github.upsert_comment(gh, 42, f"{MARKER}\nsecond", MARKER)
+    assert (first.action, second.action, third.action) == ("created", "updated", "unchanged")
+    assert first.comment_id == second.comment_id == third.comment_id
+    comments = fake.issue_comments(REPO_NAME, 42)
+    assert len(comments) == 1 and comments[0]["body"] == f"{MARKER}\nsecond"
+    assert comments[0]["user"]["login"] == BOT["login"]
+    assert len(fake.calls("POST")) == 1 and len(fake.calls("PATCH")) == 1
+
+
+def test_the_marker_is_added_when_missing(fake):
+    with client(fake) as gh:
+        github.upsert_comment(gh, 42, "no marker here", MARKER)
+        github.upsert_comment(gh, 42, "still none", MARKER)
+    (comment,) = fake.issue_comments(REPO_NAME, 42)
+    assert comment["body"] == f"{MARKER}\nstill none"
+
+
+def test_someone_elses_comment_with_our_marker_is_never_edited(fake):
+    quoted = fake.add_comment(REPO_NAME, 42, f"Quoting the bot:\n{MARKER}\nlooks wrong", OCTOCAT)
+    with client(fake) as gh:
+        result = github.upsert_comment(gh, 42, f"{MARKER}\nreport", MARKER)
+    assert result.action == "created" and result.comment_id != quoted["id"]
+    assert fake.comments[quoted["id"]]["body"] == f"Quoting the bot:\n{MARKER}\nlooks wrong"
+    assert not fake.calls("PATCH") and not fake.calls("DELETE")
+
+
+def test_other_experiments_comments_are_left_alone(fake):
+    other = "<!-- automation:report experiment=tiny-pr-2 -->"
+    with client(fake) as gh:
+        github.upsert_comment(gh, 42, f"{other}\nthe other one", other)
+        github.upsert_comment(gh, 42, f"{MARKER}\nthis one", MARKER)
+        github.upsert_comment(gh, 42, f"{MARKER}\nthis one, again", MARKER)
+    bodies = sorted(c["body"] for c in fake.issue_comments(REPO_NAME, 42))
+    assert bodies == sorted([f"{other}\nthe other one", f"{MARKER}\nthis one, again"])
+
+
+def test_duplicates_from_a_race_are_folded_into_the_oldest(fake):
+    oldest = fake.add_comment(REPO_NAME, 42, f"{MARKER}\nrun A", BOT)
+    fake.add_comment(REPO_NAME, 42, f"{MARKER}\nrun B", BOT)
+    with client(fake) as gh:
+        result = github.upsert_comment(gh, 42, f"{MARKER}\nrun C", MARKER)
+    assert result.comment_id == oldest["id"] and result.removed_duplicates == 1
+    (comment,) = fake.issue_comments(REPO_NAME, 42)
+    assert comment["body"] == f"{MARKER}\nrun C"
+
+
+def test_a_second_creator_racing_us_still_ends_with_one_comment(fake):
+    # Another job's comment appears between our listing and our POST: our POST is not the oldest.
+    with client(fake) as gh:
+        gh.list_issue_comments(42)
+        racer = fake.add_comment(REPO_NAME, 42, f"{MARKER}\nthe other job", BOT)
+        created = gh.create_issue_comment(42, f"{MARKER}\nours")
+        result = github.upsert_comment(gh, 42, f"{MARKER}\nours", MARKER)
+    assert result.comment_id == racer["id"] and result.removed_duplicates == 1
+    assert created["id"] not in fake.comments
+    assert [c["body"] for c in fake.issue_comments(REPO_NAME, 42)] == [f"{MARKER}\nours"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The size limit
+
+
+def test_github_refuses_a_body_over_the_limit(fake):
+    with client(fake) as gh, pytest.raises(github.GitHubError, match="body is too long"):
+        gh.create_issue_comment(42, "x" * (github.COMMENT_LIMIT + 1))
+
+
+def test_a_long_report_is_cut_with_fences_and_details_closed(fake):
+    reply = "\n".join(f"line {i}: " + "words " * 12 for i in range(2000))
+    body = f"{MARKER}\n## Report\n\n<details><summary>Reply</summary>\n\n```text\n{reply}\n```\n\n</details>\n"
+    fitted = github.fit_comment(body)
+    assert len(body) > github.COMMENT_LIMIT >= len(fitted)
+    assert fitted.startswith(f"{MARKER}\n## Report")
+    assert "> **Cut:** this comment is" in fitted and "the job summary of this run" in fitted
+    assert fitted.count("```") % 2 == 0 and fitted.count("<details>") == fitted.count("</details>")
+    with client(fake) as gh:
+        github.upsert_comment(gh, 42, fitted, MARKER)  # GitHub takes it
+    assert github.fit_comment("short") == "short"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=0, max_size=200), st.integers(min_value=0, max_value=3000))
+def test_fit_comment_always_fits(chunk, repeat):
+    body = (chunk or "`") * repeat
+    fitted = github.fit_comment(body, limit=2000)
+    assert len(fitted) <= 2000
+    if len(body) <= 2000:
+        assert fitted == body
