@@ -26,6 +26,8 @@ def _ppl(loss: float | None) -> float | None:
 def _quote(text: str | None) -> str:
     if not text:
         return "_(none)_"
+    # Model text may carry bare carriage returns; the report is a text file, so line ends are one kind.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if len(text) > MAX_TEXT:
         text = text[:MAX_TEXT] + f"\n\n… (cut: {len(text) - MAX_TEXT} more characters)"
     # A fenced block keeps the model's markdown from rendering as ours; widen the fence if needed.

@@ -28,7 +28,8 @@ def full_record() -> RunRecord:
                                   timestamp_version="1795000000", model_uri="models:/x/3"),
         deploy=DeployPart(endpoint_name="sdev-smollm2-abc", deployment_name="default", url="http://127.0.0.1:1"),
         score=ScorePart(request_file="sample_score.json", messages=[{"role": "user", "content": "What is ```yaml?"}],
-                        reference="A format.", reply="It is a data format. " * 400, latency_seconds=1.234),
+                        reference="A format.", reply="Line one\rline two.\r\n" + "It is a data format. " * 400,
+                        latency_seconds=1.234),
     )
 
 
@@ -43,6 +44,7 @@ def test_report_has_metrics_curve_model_endpoint_and_sample():
     assert "`sdev-smollm2-abc` (staging, live)" in text
     assert "Reply in 1.23 s" in text and "A format." in text
     assert "(cut: " in text, "long replies are cut"
+    assert "Line one\nline two.\nIt is" in text and "\r" not in text
     assert "````text\n[user] What is ```yaml?\n````" in text, "fences are widened around model text"
     assert "| finetune | 12.5 | ok |" in text
     assert "learning_rate: 0.001" in text
