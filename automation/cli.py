@@ -168,6 +168,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from automation.backends.local.backend import tracking_uri
 
     run = _open(args)
+    if args.dry_run:
+        from automation.backends.azure.plan import plan_run
+
+        _out(plan_run(run.experiment, repo=run.record.repo, pr=run.record.pr, sha=run.record.sha))
+        return EXIT_OK
     stages.run_all(run, keep_endpoint=args.keep_endpoint, drop_invalid=args.drop_invalid,
                    on_stage=lambda name: log.info("== %s ==", name))
     ft = run.record.finetune
@@ -276,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("run", "every stage in order, on this machine")
     p.add_argument("--keep-endpoint", action="store_true", help="leave the staging endpoint running")
     p.add_argument("--drop-invalid", action="store_true", help="drop rows that break the chat schema")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every operation the run would make, with its payload, as YAML; no network")
     p.set_defaults(handler=cmd_run)
 
     p = stage("preflight", "data + a few training steps of an experiment on the local stand-in model")

@@ -126,3 +126,13 @@ def test_endpoints_list_bad_tag_is_bad_input(workspace, capsys):
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert main(["endpoints", "list", "--backend", "gcp"]) == 2
     assert "valid backends: local" in capsys.readouterr().err
+
+
+def test_run_dry_run_prints_the_plan_without_network(workspace, capsys):
+    assert main(["run", str(REPO / "experiments" / "phi3-mini-ultrachat.yaml"), "--dry-run", "--pr", "7"]) == 0
+    plan = capsys.readouterr().out
+    for expected in ("chat_completion_pipeline", "force_rerun: true", "continue_on_step_failure: false",
+                     "Phi-3-mini-4k-instruct-ultrachat-bs1-cosine-ds2-lora-save_limit-1-seqlen2048",
+                     "auth_mode: key", "request_timeout_ms: 90000"):
+        assert expected in plan, expected
+    assert not (workspace / "runs" / "phi3-mini-ultrachat" / "data").exists(), "a plan runs nothing"

@@ -1,0 +1,389 @@
+"""The Azure ML backend: validate, fine-tune, register, deploy, score, tear down, promote.
+
+Clients are created on first use (DefaultAzureCredential; see connection.py) or injected, which is
+how the tests pass an in-memory fake of MLClient. Every cloud call goes through `retry.call`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from automation.backends.azure import compute, endpoints, pipeline, retry
+from automation.backends.base import Backend, EndpointInfo
+from automation.errors import BackendError, ConfigError
+from automation.record import DataPart, DeployPart, FinetunePart, PromotePart, RegisterPart
+from automation.spec import Experiment, apply_model_specific_defaults, run_display_name
+
+log = logging.getLogger(__name__)
+
+TERMINAL = {"completed", "failed", "canceled", "cancelled", "notresponding"}
+PRODUCTION_REGISTRY_VARIABLE = "AZURE_ML_PRODUCTION_REGISTRY"
+COMPONENT_VERSION_VARIABLE = "AZURE_ML_COMPONENT_VERSION"
+SMOKE_REQUEST = {"input_data": {"input_string": [{"role": "user", "content": "Say hello."}],
+                                "parameters": {"max_new_tokens": 8, "do_sample": False}}, "params": {}}
+
+
+def mlflow_metrics(tracking_uri: str, job_name: str) -> dict[str, Any]:
+    """Latest metrics of every run of the pipeline job (its child steps), read through MLflow."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.mlflow.rootRunId = '{job_name}'")
+    merged: dict[str, Any] = {}
+    for run in runs:
+        merged.update(run.data.metrics)
+    return merged
+
+
+class AzureBackend(Backend):
+    name = "azure"
+
+    def __init__(self, workspace_client=None, registry_client=None, *,
+                 metrics_reader: Callable[[str, str], dict[str, Any]] | None = None,
+                 sleep: Callable[[float], None] = time.sleep, poll_s: float = 30,
+                 component_version: str | None = None, production_registry: str | None = None):
+        self._workspace = workspace_client
+        self._registry = registry_client
+        self._registries: dict[str, Any] = {}
+        self._metrics_reader = metrics_reader or mlflow_metrics
+        self._sleep = sleep
+        self._poll_s = poll_s
+        self.component_version = component_version or os.environ.get(COMPONENT_VERSION_VARIABLE) or None
+        self.production_registry = production_registry or os.environ.get(PRODUCTION_REGISTRY_VARIABLE) or None
+
+    # -- clients ----------------------------------------------------------------------------
+    @property
+    def workspace(self):
+        if self._workspace is None:
+            from automation.backends.azure.connection import workspace_client
+
+            self._workspace = workspace_client()
+        return self._workspace
+
+    def registry(self, name: str | None = None):
+        if self._registry is not None:
+            return self._registry
+        from automation.backends.azure.connection import DEFAULT_REGISTRY, registry_client
+
+        key = name or DEFAULT_REGISTRY
+        if key not in self._registries:
+            self._registries[key] = registry_client(key)
+        return self._registries[key]
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        return retry.call(what, fn, sleep=self._sleep)
+
+    # -- validate ---------------------------------------------------------------------------
+    def validate_compute(self, experiment: Experiment) -> list[str]:
+        _, _, warnings = compute.validate(self.workspace, self.registry(experiment.model.registry), experiment,
+                                          self._call)
+        return warnings
+
+    # -- fine-tune --------------------------------------------------------------------------
+    def _existing_job(self, job_name: str):
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return self._call(f"reading job {job_name}", lambda: self.workspace.jobs.get(job_name))
+        except ResourceNotFoundError:
+            return None
+
+    def component(self, registry_name: str | None):
+        from azure.core.exceptions import ResourceNotFoundError
+
+        reg = self.registry(registry_name)
+        version = self.component_version
+        try:
+            if version:
+                return self._call(f"reading component {pipeline.COMPONENT_NAME}:{version}",
+                                  lambda: reg.components.get(name=pipeline.COMPONENT_NAME, version=version))
+            return self._call(f"reading component {pipeline.COMPONENT_NAME}",
+                              lambda: reg.components.get(name=pipeline.COMPONENT_NAME, label="latest"))
+        except ResourceNotFoundError:
+            raise ConfigError(f"component {pipeline.COMPONENT_NAME} ({version or 'latest'}) not found in "
+                              f"registry {registry_name or 'azureml'}") from None
+
+    def build_job(self, experiment: Experiment, data: DataPart, *, job_name: str, tags: dict[str, str]):
+        """The pipeline job this experiment submits (after the workspace checks)."""
+        check, model, _ = compute.validate(self.workspace, self.registry(experiment.model.registry), experiment,
+                                           self._call)
+        tags_of_model = dict(getattr(model, "tags", None) or {})
+        merged, _ = apply_model_specific_defaults(
+            experiment, tags_of_model.get("model_specific_defaults") or experiment.model.model_specific_defaults)
+        for path in pipeline.data_files(merged, data.out_dir).values():
+            if not path.is_file():
+                raise ConfigError(f"data file {path} is missing; run `automation data` first")
+        return pipeline.build_pipeline_job(
+            self.component(experiment.model.registry), merged, model_id=model.id,
+            gpus_per_node=check.gpus_per_node, data_dir=data.out_dir, job_name=job_name,
+            display_name=run_display_name(merged, check.gpus_per_node), tags=tags)
+
+    def submit_finetune(self, experiment: Experiment, data: DataPart, *, job_name: str,
+                        tags: dict[str, str]) -> str:
+        from azure.core.exceptions import ResourceExistsError
+
+        if self._existing_job(job_name) is not None:
+            log.info("fine-tune job %s exists; reusing it", job_name)
+            return job_name
+        job = self.build_job(experiment, data, job_name=job_name, tags=tags)
+        try:
+            created = self._call(f"submitting job {job_name}", lambda: self.workspace.jobs.create_or_update(
+                job, experiment_name=experiment.name))
+        except ResourceExistsError:  # another run submitted it between our get and create
+            return job_name
+        log.info("submitted %s: %s", created.name, getattr(created, "studio_url", None) or "")
+        return created.name
+
+    def wait_finetune(self, experiment: Experiment, job_name: str, *, stream: bool = True) -> FinetunePart:
+        job = self._existing_job(job_name)
+        if job is None:
+            raise BackendError(f"fine-tune job {job_name} does not exist; run `automation finetune`")
+        error = getattr(job, "error", None)
+        if str(job.status or "").lower() not in TERMINAL:
+            if stream:
+                try:
+                    self.workspace.jobs.stream(job_name)
+                except Exception as err:  # the SDK raises JobException carrying the job's error
+                    error = " ".join(str(err).split())[:500]
+            job = self._poll_until_done(job_name)
+        status = str(job.status or "unknown")
+        if status.lower() != "completed":
+            detail = error or "no error detail in the job"
+            raise BackendError(f"fine-tune job {job_name} ended {status}: {detail}; "
+                               f"see {job.studio_url or 'the Azure ML studio'}")
+        part = FinetunePart(job_name=job_name, status="completed", run_id=job_name,
+                            model_uri=pipeline.trained_model_path(job_name), studio_url=job.studio_url,
+                            params=pipeline.parameter_inputs(experiment))
+        try:
+            found = self.metrics(part)
+        except Exception as err:  # metrics are a report detail, not a reason to fail the stage
+            log.warning("could not read the metrics of %s: %s", job_name, err)
+            found = {}
+        return part.model_copy(update={"eval_loss": found.get("eval_loss"), "train_loss": found.get("train_loss")})
+
+    def _poll_until_done(self, job_name: str):
+        while True:
+            job = self._call(f"reading job {job_name}", lambda: self.workspace.jobs.get(job_name))
+            if str(job.status or "").lower() in TERMINAL:
+                return job
+            log.info("job %s is %s", job_name, job.status)
+            self._sleep(self._poll_s)
+
+    def tracking_uri(self) -> str:
+        ws = self.workspace
+        info = self._call("reading the workspace", lambda: ws.workspaces.get(ws.workspace_name))
+        return info.mlflow_tracking_uri
+
+    def metrics(self, finetune: FinetunePart) -> dict[str, Any]:
+        return dict(self._metrics_reader(self.tracking_uri(), finetune.job_name))
+
+    # -- registry ---------------------------------------------------------------------------
+    def _versions(self, model_name: str) -> list[Any]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return list(self._call(f"listing model {model_name}", lambda: self.workspace.models.list(name=model_name)))
+        except ResourceNotFoundError:
+            return []
+
+    def register(self, experiment: Experiment, finetune: FinetunePart, *, model_name: str,
+                 timestamp_version: str, tags: dict[str, str]) -> RegisterPart:
+        from azure.ai.ml.entities import Model
+        from azure.core.exceptions import ResourceExistsError
+
+        for existing in self._versions(model_name):
+            if (existing.tags or {}).get("job_name") == finetune.job_name:
+                log.info("job %s is already registered as %s:%s", finetune.job_name, model_name, existing.version)
+                return _register_part(model_name, str(existing.version),
+                                      existing.tags.get("timestamp_version", str(existing.version)))
+        model = Model(**registration_spec(experiment, finetune.job_name, model_name=model_name,
+                                          version=timestamp_version, tags=tags))
+        try:
+            created = self._call(f"registering {model_name}:{timestamp_version}",
+                                 lambda: self.workspace.models.create_or_update(model))
+        except ResourceExistsError as err:
+            raise BackendError(f"model {model_name} version {timestamp_version} exists for another job") from err
+        return _register_part(model_name, str(created.version), timestamp_version)
+
+    # -- endpoints --------------------------------------------------------------------------
+    def _endpoint(self, name: str):
+        from azure.core.exceptions import ResourceNotFoundError
+
+        ops = self.workspace.online_endpoints
+        try:
+            return endpoints.wait_until_settled(
+                lambda: self._call(f"reading endpoint {name}", lambda: ops.get(name=name)),
+                f"endpoint {name}", sleep=self._sleep, poll_s=self._poll_s)
+        except ResourceNotFoundError:
+            return None
+
+    def _ensure_endpoint(self, name: str, tags: dict[str, str]):
+        endpoint = self._endpoint(name)
+        if endpoint is None:
+            entity = endpoints.build_endpoint(endpoints.endpoint_spec(name, tags))
+            endpoint = self._call(f"creating endpoint {name}", lambda: self.workspace.online_endpoints.
+                                  begin_create_or_update(entity).result())
+        return endpoint
+
+    def _create_deployment(self, spec: dict[str, Any]):
+        entity = endpoints.build_deployment(spec)
+        self._endpoint(spec["endpoint_name"])  # never race an update of the endpoint
+        return self._call(f"creating deployment {spec['name']} on {spec['endpoint_name']}",
+                          lambda: self.workspace.online_deployments.begin_create_or_update(entity).result())
+
+    def _set_traffic(self, name: str, traffic: dict[str, int]):
+        endpoint = self._endpoint(name)
+        endpoint.traffic = dict(traffic)
+        return self._call(f"moving traffic of {name}",
+                          lambda: self.workspace.online_endpoints.begin_create_or_update(endpoint).result())
+
+    def deploy(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
+               tags: dict[str, str]) -> DeployPart:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        name = endpoints.STAGING_DEPLOYMENT
+        endpoint = self._ensure_endpoint(endpoint_name, tags)
+        try:
+            current = self._call(f"reading deployment {name}", lambda: self.workspace.online_deployments.get(
+                name=name, endpoint_name=endpoint_name))
+        except ResourceNotFoundError:
+            current = None
+        serving = current is not None and _same_model(current.model, model.model_uri) \
+            and (endpoint.traffic or {}).get(name) == 100
+        if not serving:
+            self._create_deployment(endpoints.deployment_spec(
+                experiment, endpoint_name=endpoint_name, deployment_name=name, model_id=model.model_uri,
+                tags={**tags, "model": model.model_name, "model_version": model.version}))
+            endpoint = self._set_traffic(endpoint_name, {name: 100})
+        return DeployPart(endpoint_name=endpoint_name, deployment_name=name, url=endpoint.scoring_uri or "",
+                          stage=tags.get("stage", "staging"))
+
+    def invoke(self, endpoint_name: str, request: dict[str, Any], *, deployment: str | None = None) -> dict[str, Any]:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with tempfile.TemporaryDirectory() as folder:
+            request_file = Path(folder) / "sample_score.json"
+            request_file.write_text(json.dumps(request), encoding="utf-8")
+            try:
+                raw = self._call(f"scoring {endpoint_name}", lambda: self.workspace.online_endpoints.invoke(
+                    endpoint_name=endpoint_name, request_file=str(request_file), deployment_name=deployment))
+            except ResourceNotFoundError:
+                raise BackendError(f"no endpoint named {endpoint_name}; deploy first") from None
+        try:
+            answer = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+        except ValueError:
+            raise BackendError(f"endpoint {endpoint_name} answered with non-JSON: {str(raw)[:200]!r}") from None
+        if isinstance(answer, str):
+            return {"output": answer}
+        if isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], dict):
+            return answer[0]
+        if not isinstance(answer, dict):
+            raise BackendError(f"endpoint {endpoint_name} answered {answer!r}; expected a JSON object")
+        return answer
+
+    def list_endpoints(self, match_tags: dict[str, str] | None = None) -> list[EndpointInfo]:
+        found = self._call("listing endpoints", lambda: list(self.workspace.online_endpoints.list()))
+        wanted = match_tags or {}
+        return [EndpointInfo(name=e.name, url=e.scoring_uri or "", tags=dict(e.tags or {}),
+                             created_at=(e.tags or {}).get("created_at", ""),
+                             alive=str(e.provisioning_state or "").lower() not in {"failed", "deleting"},
+                             deployments=sorted((e.traffic or {}).keys()))
+                for e in found if all((e.tags or {}).get(k) == v for k, v in wanted.items())]
+
+    def delete_endpoint(self, name: str) -> bool:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if self._endpoint(name) is None:
+            return False
+        try:
+            self._call(f"deleting endpoint {name}",
+                       lambda: self.workspace.online_endpoints.begin_delete(name=name).result())
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    # -- promotion --------------------------------------------------------------------------
+    def _mark_for_production(self, model: RegisterPart) -> None:
+        from azure.core.exceptions import ResourceExistsError
+
+        models = self.workspace.models
+        if self.production_registry:
+            try:
+                self._call(f"sharing {model.model_name}:{model.version} into {self.production_registry}",
+                           lambda: models.share(model.model_name, model.version, share_with_name=model.model_name,
+                                                share_with_version=model.version,
+                                                registry_name=self.production_registry))
+            except ResourceExistsError:
+                log.info("%s:%s is already in %s", model.model_name, model.version, self.production_registry)
+            return
+        entity = self._call(f"reading {model.model_name}:{model.version}",
+                            lambda: models.get(model.model_name, version=model.version))
+        entity.tags = {**(entity.tags or {}), "stage": "production"}
+        self._call(f"tagging {model.model_name}:{model.version} for production",
+                   lambda: models.create_or_update(entity))
+
+    def promote(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
+                tags: dict[str, str]) -> PromotePart:
+        """Blue/green: the new deployment (named after the version) is created beside the old one,
+        smoke-scored, given all traffic, and only then is the old one deleted."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        self._mark_for_production(model)
+        endpoint = self._ensure_endpoint(endpoint_name, tags)
+        new = endpoints.deployment_name_for_version(model.version)
+        ops = self.workspace.online_deployments
+        old = [d.name for d in self._call(f"listing deployments of {endpoint_name}",
+                                          lambda: list(ops.list(endpoint_name=endpoint_name))) if d.name != new]
+        self._create_deployment(endpoints.deployment_spec(
+            experiment, endpoint_name=endpoint_name, deployment_name=new, model_id=model.model_uri,
+            tags={**tags, "model": model.model_name, "model_version": model.version}))
+        try:
+            reply = self.invoke(endpoint_name, SMOKE_REQUEST, deployment=new)
+            if not isinstance(reply.get("output"), str):
+                raise BackendError(f"smoke score of deployment {new} returned {reply!r}")
+        except BackendError:  # the old version keeps serving; the broken one would only cost money
+            with contextlib.suppress(ResourceNotFoundError, BackendError):
+                self._call(f"deleting deployment {new}",
+                           lambda: ops.begin_delete(name=new, endpoint_name=endpoint_name).result())
+            raise
+        endpoint = self._set_traffic(endpoint_name, {new: 100})
+        for name in old:
+            try:
+                self._endpoint(endpoint_name)
+                self._call(f"deleting deployment {name}",
+                           lambda n=name: ops.begin_delete(name=n, endpoint_name=endpoint_name).result())
+            except ResourceNotFoundError:
+                pass
+        return PromotePart(endpoint_name=endpoint_name, deployment_name=new, url=endpoint.scoring_uri or "",
+                           model_version=model.version, previous_deployment=old[0] if old else None)
+
+
+def registration_spec(experiment: Experiment, job_name: str, *, model_name: str, version: str,
+                      tags: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": model_name, "version": version, "type": "mlflow_model",
+        "path": pipeline.trained_model_path(job_name),
+        "description": f"{experiment.model.name} fine tuned model for {experiment.data.dataset} chat-completion",
+        "tags": {**tags, "job_name": job_name, "timestamp_version": version, "base_model": experiment.model.name},
+    }
+
+
+def _register_part(model_name: str, version: str, timestamp_version: str) -> RegisterPart:
+    return RegisterPart(model_name=model_name, version=version, timestamp_version=timestamp_version,
+                        model_uri=f"azureml:{model_name}:{version}")
+
+
+def _same_model(current: Any, wanted: str) -> bool:
+    """A deployment's model reads back as an ARM id; compare name and version only."""
+    text = str(getattr(current, "id", None) or current or "")
+    name, _, version = wanted.removeprefix("azureml:").partition(":")
+    return text == wanted or (f"/models/{name}/versions/{version}" in text)

@@ -1,0 +1,86 @@
+"""Clients for the workspace and the model registry, authenticated with DefaultAzureCredential.
+
+The workspace comes from the environment (AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP,
+AZURE_ML_WORKSPACE) or, when none of them is set, from an Azure ML `config.json` (the file the
+portal offers for download), searched in the working folder and its `.azureml/` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from automation.errors import ConfigError
+
+WORKSPACE_VARIABLES = {
+    "subscription_id": "AZURE_SUBSCRIPTION_ID",
+    "resource_group": "AZURE_RESOURCE_GROUP",
+    "workspace_name": "AZURE_ML_WORKSPACE",
+}
+CONFIG_KEYS = {"subscription_id": "subscription_id", "resource_group": "resource_group",
+               "workspace_name": "workspace_name"}
+DEFAULT_REGISTRY = "azureml"
+
+
+@dataclass(frozen=True)
+class WorkspaceSettings:
+    subscription_id: str
+    resource_group: str
+    workspace_name: str
+    source: str  # "environment" or the config.json path
+
+
+def _config_candidates(search_dirs: list[Path]) -> list[Path]:
+    return [p for d in search_dirs for p in (d / "config.json", d / ".azureml" / "config.json")]
+
+
+def workspace_settings(env: Mapping[str, str] | None = None,
+                       search_dirs: list[Path] | None = None) -> WorkspaceSettings:
+    """The workspace to use; one ConfigError naming every missing variable when it cannot be told."""
+    env = os.environ if env is None else env
+    values = {key: env.get(var, "").strip() for key, var in WORKSPACE_VARIABLES.items()}
+    if all(values.values()):
+        return WorkspaceSettings(**values, source="environment")
+    if not any(values.values()):
+        for path in _config_candidates(search_dirs or [Path.cwd()]):
+            if path.is_file():
+                return _from_config(path)
+    missing = [var for key, var in WORKSPACE_VARIABLES.items() if not values[key]]
+    raise ConfigError(
+        f"Azure ML workspace not configured: set {', '.join(missing)} "
+        "(or place the workspace's config.json in the working folder)")
+
+
+def _from_config(path: Path) -> WorkspaceSettings:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: not a readable Azure ML config.json: {err}") from None
+    missing = [key for key in CONFIG_KEYS.values() if not str(data.get(key) or "").strip()]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    return WorkspaceSettings(data["subscription_id"], data["resource_group"], data["workspace_name"], str(path))
+
+
+def credential():
+    """DefaultAzureCredential: OIDC from `azure/login` in CI, the Azure CLI login at a desk."""
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
+def workspace_client(settings: WorkspaceSettings | None = None):
+    from azure.ai.ml import MLClient
+
+    s = settings or workspace_settings()
+    return MLClient(credential(), subscription_id=s.subscription_id, resource_group_name=s.resource_group,
+                    workspace_name=s.workspace_name)
+
+
+def registry_client(registry: str | None = None):
+    from azure.ai.ml import MLClient
+
+    return MLClient(credential(), registry_name=registry or DEFAULT_REGISTRY)

@@ -1,0 +1,307 @@
+"""Fine-tune, register, deploy, score, teardown and promote on the Azure backend, against the
+in-memory MLClient; the pipeline job, model, endpoint and deployment are real SDK entities whose
+REST payloads are checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from azure.ai.ml import load_component
+from azure.ai.ml.entities import AmlCompute, Model, VmSize
+
+from automation import naming
+from automation.backends.azure.backend import AzureBackend
+from automation.errors import BackendError
+from automation.record import DataPart, FinetunePart
+from automation.stages import teardown
+from tests.fake_azure import (
+    FakeMLClient,
+    data_dir,
+    experiment,
+    quota_error,
+    throttled,
+    write_component,
+)
+
+A100 = "Standard_NC24ads_A100_v4"
+MODEL_ID = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/10"
+TAGS = naming.resource_tags(repo="org/repo", pr=7, experiment="phi3-ultrachat", sha="abc1234def",
+                            stage="staging", ttl_hours=48)
+
+
+@pytest.fixture(scope="module")
+def component(tmp_path_factory):
+    return load_component(write_component(tmp_path_factory.mktemp("component")))
+
+
+@pytest.fixture
+def clients(component):
+    workspace, registry = FakeMLClient(), FakeMLClient(registry_name="azureml")
+    registry.models.add(Model(name="Phi-3-mini-4k-instruct", version="10", type="mlflow_model", path="x", tags={
+        "finetune_compute_allow_list": "['Standard_NC24ads_A100_v4']",
+        "model_specific_defaults": "{'apply_deepspeed': 'true', 'deepspeed_stage': '3'}"}))
+    registry.components.add(component)
+    workspace.compute.clusters["gpu-a100"] = AmlCompute(name="gpu-a100", size=A100, max_instances=2)
+    workspace.compute.sizes = [VmSize(name=A100, gpus=1), VmSize(name="Standard_NC24rs_v3", gpus=4)]
+    return workspace, registry
+
+
+@pytest.fixture
+def backend(clients):
+    return AzureBackend(*clients, sleep=lambda s: None, poll_s=0,
+                        metrics_reader=lambda uri, job: {"train_loss": 1.25, "eval_loss": 1.5})
+
+
+@pytest.fixture
+def data(tmp_path):
+    folder = data_dir(tmp_path)
+    return DataPart(out_dir=str(folder), source="test", rows={"train_sft": 3, "test_sft": 3})
+
+
+def _job_rest(job) -> dict:
+    return job._to_rest_object().as_dict()
+
+
+# -- fine-tune -------------------------------------------------------------------------------
+
+
+def test_pipeline_job_payload(backend, clients, data):
+    workspace, _ = clients
+    name = backend.submit_finetune(experiment(), data, job_name="phi3-ultrachat-abc1234-cfg1234", tags=TAGS)
+    assert name == "phi3-ultrachat-abc1234-cfg1234"
+    (job,) = workspace.jobs.submitted
+    rest = _job_rest(job)
+    props = rest["properties"]
+    assert rest["name"] == name and props["experimentName"] == "phi3-ultrachat"
+    assert props["displayName"] == ("Phi-3-mini-4k-instruct-ultrachat-bs1-cosine-ds3-lora-save_limit1-seqlen2048")
+    assert props["settings"]["force_rerun"] is True and props["settings"]["continue_on_step_failure"] is False
+    assert props["settings"]["default_compute"] == "gpu-a100"
+    assert props["tags"]["pr"] == "7" and props["outputs"]["trained_model"]["jobOutputType"] == "mlflow_model"
+    (node,) = props["jobs"].values()
+    inputs = {k: v.get("value", v.get("uri")) for k, v in node["inputs"].items()}
+    assert node["inputs"]["mlflow_model_path"] == {"uri": MODEL_ID, "job_input_type": "mlflow_model"}
+    for key in ("compute_model_import", "compute_preprocess", "compute_finetune", "compute_model_evaluation"):
+        assert inputs[key] == "gpu-a100"
+    for key, split in (("train_file_path", "train_sft"), ("test_file_path", "test_sft")):
+        assert node["inputs"][key]["job_input_type"] == "uri_file"
+        assert inputs[key].endswith(f"data/{split}.jsonl")
+    assert inputs["number_of_gpu_to_use_finetuning"] == "1" and inputs["num_nodes_finetune"] == "1"
+    assert inputs["apply_lora"] == "true" and inputs["apply_deepspeed"] == "true"
+    assert inputs["deepspeed_stage"] == "3"  # model_specific_defaults won over the experiment's 2
+    assert inputs["learning_rate"] == "5e-06" and inputs["lr_scheduler_type"] == "cosine"
+    assert inputs["num_train_epochs"] == "3" and inputs["precision"] == "32"
+    assert "adam_beta1" not in inputs  # not an input of this component version: left out
+    assert node["outputs"]["mlflow_model_folder"]["value"] == "${{parent.outputs.trained_model}}"
+
+
+def test_pinned_component_version(clients, data, tmp_path):
+    workspace, registry = clients
+    registry.components.add(load_component(write_component(tmp_path, version="0.0.70")))
+    backend = AzureBackend(*clients, component_version="0.0.62", sleep=lambda s: None)
+    backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS)
+    assert "0.0.62" in str(_job_rest(workspace.jobs.submitted[0])["properties"]["jobs"])
+
+
+def test_rerun_finds_the_existing_job(backend, clients, data):
+    workspace, _ = clients
+    for _ in range(2):
+        assert backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS) == "job-1"
+    assert workspace.calls.count("jobs.create_or_update") == 1
+
+
+def test_wait_streams_and_reads_metrics(backend, clients, data):
+    workspace, _ = clients
+    backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS)
+    part = backend.wait_finetune(experiment(), "job-1")
+    assert "jobs.stream" in workspace.calls
+    assert part.status == "completed" and part.model_uri == "azureml://jobs/job-1/outputs/trained_model"
+    assert part.studio_url.startswith("https://ml.azure.com/runs/job-1")
+    assert (part.train_loss, part.eval_loss) == (1.25, 1.5)
+    assert part.params["apply_lora"] == "true"
+
+
+def test_failed_job_reports_status_error_and_url(backend, clients, data):
+    workspace, _ = clients
+    backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS)
+    workspace.jobs.outcome["job-1"] = ("Failed", "CUDA out of memory in finetune step")
+    with pytest.raises(BackendError) as err:
+        backend.wait_finetune(experiment(), "job-1")
+    text = str(err.value)
+    assert "ended Failed" in text and "CUDA out of memory" in text and "https://ml.azure.com/runs/job-1" in text
+
+
+def test_wait_polls_without_streaming(backend, clients, data):
+    workspace, _ = clients
+    backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS)
+    workspace.jobs.items["job-1"]._status = "Completed"
+    assert backend.wait_finetune(experiment(), "job-1", stream=False).status == "completed"
+    assert "jobs.stream" not in workspace.calls
+
+
+def test_missing_data_file_is_a_config_error(backend, tmp_path):
+    from automation.errors import ConfigError
+
+    part = DataPart(out_dir=str(tmp_path / "nothing"), source="x", rows={})
+    with pytest.raises(ConfigError, match="train_sft.jsonl is missing"):
+        backend.submit_finetune(experiment(), part, job_name="job-1", tags=TAGS)
+
+
+# -- register --------------------------------------------------------------------------------
+
+
+def test_register_payload_and_rerun(backend, clients):
+    workspace, _ = clients
+    finetune = FinetunePart(job_name="job-1")
+    first = backend.register(experiment(), finetune, model_name="Phi-3-mini-4k-instruct-ultrachat-200k",
+                             timestamp_version="1732400000", tags=TAGS)
+    assert first.version == "1732400000" and first.model_uri == "azureml:Phi-3-mini-4k-instruct-ultrachat-200k:1732400000"
+    stored = workspace.models.versions["Phi-3-mini-4k-instruct-ultrachat-200k"]["1732400000"]
+    rest = stored._to_rest_object().as_dict()["properties"]
+    assert rest["modelType"] == "mlflow_model" and rest["modelUri"] == "azureml://jobs/job-1/outputs/trained_model"
+    assert rest["description"] == ("Phi-3-mini-4k-instruct fine tuned model for HuggingFaceH4/ultrachat_200k "
+                                   "chat-completion")
+    assert rest["tags"]["job_name"] == "job-1" and rest["tags"]["repo"] == "org/repo"
+    again = backend.register(experiment(), finetune, model_name="Phi-3-mini-4k-instruct-ultrachat-200k",
+                             timestamp_version="1732409999", tags=TAGS)
+    assert again == first and workspace.calls.count("models.create_or_update") == 1
+
+
+# -- deploy, score, teardown -----------------------------------------------------------------
+
+
+def _registered(backend, version="1732400000"):
+    return backend.register(experiment(), FinetunePart(job_name=f"job-{version}"), model_name="phi3-uc",
+                            timestamp_version=version, tags=TAGS)
+
+
+def test_deploy_payloads(backend, clients):
+    workspace, _ = clients
+    part = backend.deploy(experiment(), _registered(backend), endpoint_name="spr7-phi3-12345678", tags=TAGS)
+    assert part.deployment_name == "demo" and part.url.endswith("/score") and part.stage == "staging"
+    endpoint, deployment, traffic = workspace.rest_payloads
+    assert endpoint["properties"]["authMode"] == "Key" and endpoint["tags"]["experiment"] == "phi3-ultrachat"
+    props = deployment["properties"]
+    assert props["model"] == "azureml:phi3-uc:1732400000" and props["instanceType"] == "Standard_NC6s_v3"
+    assert deployment["sku"]["capacity"] == 1
+    assert props["requestSettings"]["requestTimeout"] == "PT1M30S"  # 90000 ms
+    assert props["livenessProbe"] == {"failureThreshold": 30, "initialDelay": "PT10M"}  # 600 s
+    assert traffic["properties"]["traffic"] == {"demo": 100}
+    again = backend.deploy(experiment(), _registered(backend), endpoint_name="spr7-phi3-12345678", tags=TAGS)
+    assert again == part and workspace.calls.count("online_deployments.begin_create_or_update") == 1
+
+
+def test_deploy_waits_for_an_updating_endpoint(backend, clients):
+    workspace, _ = clients
+    backend.deploy(experiment(), _registered(backend), endpoint_name="ep-1", tags=TAGS)
+    workspace.online_endpoints.busy["ep-1"] = 3
+    backend.deploy(experiment(), _registered(backend, "1732500000"), endpoint_name="ep-1", tags=TAGS)
+    assert workspace.online_deployments.items[("ep-1", "demo")].model == "azureml:phi3-uc:1732500000"
+
+
+def test_deploy_quota_error_is_one_sentence_not_retried(backend, clients):
+    workspace, _ = clients
+    workspace.fail("online_deployments.begin_create_or_update", quota_error())
+    with pytest.raises(BackendError, match=r"^creating deployment demo on ep-1 refused for lack of quota"):
+        backend.deploy(experiment(), _registered(backend), endpoint_name="ep-1", tags=TAGS)
+    assert workspace.calls.count("online_deployments.begin_create_or_update") == 1
+
+
+def test_transient_fault_during_deploy_is_retried(backend, clients):
+    workspace, _ = clients
+    workspace.fail("online_endpoints.begin_create_or_update", throttled("1"), times=2)
+    assert backend.deploy(experiment(), _registered(backend), endpoint_name="ep-1", tags=TAGS).endpoint_name == "ep-1"
+
+
+def test_score_sends_the_request_file(backend, clients):
+    workspace, _ = clients
+    backend.deploy(experiment(), _registered(backend), endpoint_name="ep-1", tags=TAGS)
+    request = {"input_data": {"input_string": [{"role": "user", "content": "Hi"}],
+                              "parameters": {"temperature": 0.6, "top_p": 0.9, "do_sample": True,
+                                             "max_new_tokens": 200}}, "params": {}}
+    assert backend.invoke("ep-1", request, deployment="demo") == {"output": "Hello from Azure."}
+    assert workspace.online_endpoints.invocations == [("ep-1", "demo", request)]
+    with pytest.raises(BackendError, match="no endpoint named nope"):
+        backend.invoke("nope", request)
+
+
+def test_teardown_by_tags_and_missing_is_success(backend, clients):
+    workspace, _ = clients
+    backend.deploy(experiment(), _registered(backend), endpoint_name="ep-mine", tags=TAGS)
+    backend.deploy(experiment(), _registered(backend), endpoint_name="ep-other", tags={**TAGS, "pr": "8"})
+    found = backend.list_endpoints({"repo": "org/repo", "pr": "7"})
+    assert [e.name for e in found] == ["ep-mine"] and found[0].deployments == ["demo"]
+    assert found[0].created_at == TAGS["created_at"]
+    assert teardown(backend, {"repo": "org/repo", "pr": "7", "stage": "staging"}) == ["ep-mine"]
+    assert sorted(workspace.online_endpoints.items) == ["ep-other"]
+    assert backend.delete_endpoint("ep-mine") is False
+
+
+# -- promote ---------------------------------------------------------------------------------
+
+
+def test_promote_blue_green(backend, clients):
+    workspace, _ = clients
+    prod_tags = {**TAGS, "stage": "production"}
+    first = backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=prod_tags)
+    assert (first.deployment_name, first.previous_deployment) == ("v1732400000", None)
+    assert workspace.models.versions["phi3-uc"]["1732400000"].tags["stage"] == "production"
+    second = backend.promote(experiment(), _registered(backend, "1732500000"), endpoint_name="prod-phi3",
+                             tags=prod_tags)
+    assert (second.deployment_name, second.previous_deployment) == ("v1732500000", "v1732400000")
+    assert workspace.online_deployments.of("prod-phi3") == ["v1732500000"]
+    assert workspace.online_endpoints.items["prod-phi3"].traffic == {"v1732500000": 100}
+    smoke = [inv for inv in workspace.online_endpoints.invocations if inv[1] == "v1732500000"]
+    assert len(smoke) == 1  # scored before traffic moved
+
+
+def test_failed_smoke_score_keeps_the_old_deployment(backend, clients):
+    workspace, _ = clients
+    backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)
+    workspace.online_endpoints.replies["v1732500000"] = json.dumps({"error": "model failed to load"})
+    with pytest.raises(BackendError, match="smoke score of deployment v1732500000"):
+        backend.promote(experiment(), _registered(backend, "1732500000"), endpoint_name="prod-phi3", tags=TAGS)
+    assert workspace.online_deployments.of("prod-phi3") == ["v1732400000"]
+    assert workspace.online_endpoints.items["prod-phi3"].traffic == {"v1732400000": 100}
+
+
+def test_promote_shares_into_a_production_registry(clients):
+    workspace, _ = clients
+    backend = AzureBackend(*clients, sleep=lambda s: None, production_registry="prod-registry")
+    backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)
+    backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)  # rerun: exists
+    assert workspace.models.shared == [("prod-registry", "phi3-uc", "1732400000")]
+
+
+def test_dry_run_plan_matches_the_submitted_job(backend, clients, data):
+    from automation.backends.azure.plan import plan_azure
+
+    workspace, registry = clients
+    registry.models.versions["Phi-3-mini-4k-instruct"]["10"].tags = {}
+    backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS)
+    (node,) = _job_rest(workspace.jobs.submitted[0])["properties"]["jobs"].values()
+    submitted = {k: v.get("value") for k, v in node["inputs"].items() if "value" in v}
+    planned = plan_azure(experiment(), repo="org/repo", pr=7, sha="abc1234def")[2]
+    assert submitted == {k: str(v) for k, v in planned["inputs"].items() if k in submitted}
+    assert workspace.jobs.submitted[0].display_name == planned["display_name"]
+
+
+def test_failed_first_promotion_removes_the_broken_deployment(backend, clients):
+    workspace, _ = clients
+    workspace.online_endpoints.replies["v1732400000"] = "not json"
+    with pytest.raises(BackendError, match="non-JSON"):
+        backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)
+    assert workspace.online_deployments.of("prod-phi3") == []
+
+
+def test_sdk_validation_errors_become_backend_errors():
+    from azure.ai.ml.exceptions import ValidationException
+
+    from automation.backends.azure import retry
+
+    def invalid():
+        raise ValidationException(message="instance_count must be positive\nmore detail",
+                                  no_personal_data_message="bad")
+
+    with pytest.raises(BackendError, match="^creating deployment failed: instance_count must be positive$"):
+        retry.call("creating deployment", invalid, sleep=lambda s: None)
