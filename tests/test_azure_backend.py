@@ -199,3 +199,25 @@ def test_retries_give_up_with_the_count(sleeps):
     with pytest.raises(BackendError, match="after 3 attempts: .*temporarily unavailable"):
         retry.call("listing endpoints", always, attempts=3, sleep=sleeps.append)
     assert len(sleeps) == 2
+
+
+def test_mlflow_metrics_reads_the_pipeline_runs_and_the_loss_curve(tmp_path):
+    """The real reader against a real MLflow store shaped like a pipeline job's child runs."""
+    import mlflow
+
+    from automation.backends.azure.backend import LOSS_CURVE, mlflow_metrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("chat_completion_Phi-3-mini-4k-instruct")
+    with mlflow.start_run(tags={"mlflow.rootRunId": "job-1"}):
+        for step, loss in [(10, 2.0), (20, 1.6), (30, 1.4)]:
+            mlflow.log_metric("loss", loss, step=step)
+        mlflow.log_metric("train_loss", 1.7)
+    with mlflow.start_run(tags={"mlflow.rootRunId": "job-1"}):
+        mlflow.log_metric("eval_loss", 1.5)
+    with mlflow.start_run(tags={"mlflow.rootRunId": "another-job"}):
+        mlflow.log_metric("eval_loss", 9.0)
+    found = mlflow_metrics(uri, "job-1")
+    assert found["eval_loss"] == 1.5 and found["train_loss"] == 1.7
+    assert found[LOSS_CURVE] == [(10, 2.0), (20, 1.6), (30, 1.4)]

@@ -50,7 +50,8 @@ def clients(component):
 @pytest.fixture
 def backend(clients):
     return AzureBackend(*clients, sleep=lambda s: None, poll_s=0,
-                        metrics_reader=lambda uri, job: {"train_loss": 1.25, "eval_loss": 1.5})
+                        metrics_reader=lambda uri, job: {"train_loss": 1.25, "eval_loss": 1.5,
+                                                         "loss_curve": [(10, 2.0), (20, 1.5)]})
 
 
 @pytest.fixture
@@ -118,6 +119,7 @@ def test_wait_streams_and_reads_metrics(backend, clients, data):
     assert part.status == "completed" and part.model_uri == "azureml://jobs/job-1/outputs/trained_model"
     assert part.studio_url.startswith("https://ml.azure.com/runs/job-1")
     assert (part.train_loss, part.eval_loss) == (1.25, 1.5)
+    assert [(p.step, p.loss) for p in part.train_loss_curve] == [(10, 2.0), (20, 1.5)]
     assert part.params["apply_lora"] == "true"
 
 

@@ -19,7 +19,14 @@ from typing import Any
 from automation.backends.azure import compute, endpoints, pipeline, retry
 from automation.backends.base import Backend, EndpointInfo
 from automation.errors import BackendError, ConfigError
-from automation.record import DataPart, DeployPart, FinetunePart, PromotePart, RegisterPart
+from automation.record import (
+    DataPart,
+    DeployPart,
+    FinetunePart,
+    LossPoint,
+    PromotePart,
+    RegisterPart,
+)
 from automation.spec import Experiment, apply_model_specific_defaults, run_display_name
 
 log = logging.getLogger(__name__)
@@ -31,16 +38,26 @@ SMOKE_REQUEST = {"input_data": {"input_string": [{"role": "user", "content": "Sa
                                 "parameters": {"max_new_tokens": 8, "do_sample": False}}, "params": {}}
 
 
+LOSS_CURVE = "loss_curve"  # key of the metrics dict holding [(step, loss), ...] of the training loss
+
+
 def mlflow_metrics(tracking_uri: str, job_name: str) -> dict[str, Any]:
-    """Latest metrics of every run of the pipeline job (its child steps), read through MLflow."""
+    """Latest metrics of every run of the pipeline job (its child steps), read through MLflow,
+    plus the training loss history under `LOSS_CURVE`, so the report draws the same curve as
+    for the local backend."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string=f"tags.mlflow.rootRunId = '{job_name}'")
     merged: dict[str, Any] = {}
     for run in runs:
         merged.update(run.data.metrics)
+        for key in ("loss", "train_loss"):
+            if key in run.data.metrics and LOSS_CURVE not in merged:
+                history = client.get_metric_history(run.info.run_id, key)
+                merged[LOSS_CURVE] = sorted((int(m.step), float(m.value)) for m in history)
     return merged
 
 
@@ -168,7 +185,9 @@ class AzureBackend(Backend):
         except Exception as err:  # metrics are a report detail, not a reason to fail the stage
             log.warning("could not read the metrics of %s: %s", job_name, err)
             found = {}
-        return part.model_copy(update={"eval_loss": found.get("eval_loss"), "train_loss": found.get("train_loss")})
+        curve = [LossPoint(step=step, loss=loss) for step, loss in found.get(LOSS_CURVE) or []]
+        return part.model_copy(update={"eval_loss": found.get("eval_loss"), "train_loss": found.get("train_loss"),
+                                       "train_loss_curve": curve})
 
     def _poll_until_done(self, job_name: str):
         while True:
