@@ -171,7 +171,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from automation.backends.azure.plan import plan_run
 
-        _out(plan_run(run.experiment, repo=run.record.repo, pr=run.record.pr, sha=run.record.sha))
+        plan = plan_run(run.experiment, repo=run.record.repo, pr=run.record.pr, sha=run.record.sha)
+        plan_file = run.dir / "plan.yaml"
+        plan_file.parent.mkdir(parents=True, exist_ok=True)
+        plan_file.write_text(plan, encoding="utf-8")
+        run.record.plan_file = str(plan_file)
+        run.save()
+        _out(plan)
         return EXIT_OK
     stages.run_all(run, keep_endpoint=args.keep_endpoint, drop_invalid=args.drop_invalid,
                    on_stage=lambda name: log.info("== %s ==", name))

@@ -104,6 +104,7 @@ class RunRecord(_Part):
     registration: RegisterPart | None = None
     deploy: DeployPart | None = None
     score: ScorePart | None = None
+    plan_file: str | None = None  # the `run --dry-run` plan (YAML), shown in the report
     report_file: str | None = None
     promote: PromotePart | None = None
     torn_down: bool = False

@@ -7,12 +7,14 @@ sit in <details>, and the endpoint's key never appears (the record does not hold
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from automation.record import RunRecord
 from automation.spec import Experiment
 
 MARKER = "<!-- automation:report experiment={name} -->"
 MAX_TEXT = 4000
+MAX_PLAN = 20_000
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -94,6 +96,10 @@ def render(record: RunRecord, experiment: Experiment) -> str:
         lines += ["<details><summary>Time per stage</summary>", "", "| stage | seconds | status |", "|---|---:|---|"]
         lines += [f"| {name} | {t.seconds:.1f} | {t.status} |" for name, t in record.stages.items()]
         lines += ["", "</details>", ""]
+    if record.plan_file and Path(record.plan_file).is_file():
+        plan = Path(record.plan_file).read_text(encoding="utf-8")
+        lines += ["<details><summary>Plan: every operation the run makes (dry run)</summary>", "",
+                  "```yaml", plan.rstrip()[:MAX_PLAN], "```", "", "</details>", ""]
     lines += ["<details><summary>Parameters</summary>", "", "```yaml", _params_yaml(experiment), "```", "", "</details>"]
     return "\n".join(lines) + "\n"
 

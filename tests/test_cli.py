@@ -136,3 +136,11 @@ def test_run_dry_run_prints_the_plan_without_network(workspace, capsys):
                      "auth_mode: key", "request_timeout_ms: 90000"):
         assert expected in plan, expected
     assert not (workspace / "runs" / "phi3-mini-ultrachat" / "data").exists(), "a plan runs nothing"
+
+
+def test_dry_run_plan_goes_into_the_report(workspace, capsys):
+    exp = str(REPO / "experiments" / "phi3-mini-ultrachat.yaml")
+    assert main(["run", exp, "--dry-run"]) == 0
+    assert main(["report", exp]) == 0
+    report = (workspace / "runs" / "phi3-mini-ultrachat" / "report.md").read_text()
+    assert "Plan: every operation the run makes (dry run)" in report and "chat_completion_pipeline" in report

@@ -84,7 +84,13 @@ def steps_using(job: dict, action: str) -> list[dict]:
 
 
 def verbs(job: dict) -> list[str]:
-    return [s["run"].split()[1] for s in job.get("steps", []) if str(s.get("run", "")).startswith(".venv/bin/automation")]
+    """The automation verbs a job runs; `run --dry-run` only prints a plan, so it counts as `plan`."""
+    found = []
+    for step in job.get("steps", []):
+        words = str(step.get("run", "")).split()
+        if words and words[0] == ".venv/bin/automation":
+            found.append("plan" if words[1] == "run" and "--dry-run" in words else words[1])
+    return found
 
 
 def all_jobs():
