@@ -1,0 +1,119 @@
+"""Data stage at full scale: ours (`automation.data.prepare_data`) against the reference's approach.
+
+    python bench/make_ultrachat_like.py /tmp/uc200k          # once: ~2 GB, ~30 s
+    python bench/bench_data.py /tmp/uc200k [--percent 5 100] [--reps 3]
+
+The reference's approach, per split: `pandas.read_json(path, lines=True)`, the first N % of the
+rows, `to_json(out, orient="records", lines=True)`. Ours: `prepare_data(...)` on the same folder
+(samples the first N % of every split, checks every row against the ultrachat_200k schema, writes
+{split}.jsonl and a manifest), into a fresh output folder each time so nothing is reused.
+
+Each run is a fresh child process, so its peak memory is its own (ru_maxrss of the child, from
+os.wait4). Time is the stage itself, measured in the child (imports excluded: pandas' import
+would only help ours). Runs alternate ours/reference, order flipped every repetition; the figures
+are medians. Targets (issue 6): ours >= 3x the rows/s and <= 1/3 of the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SPLITS = ("train_sft", "test_sft", "train_gen", "test_gen")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child(kind: str, dataset: Path, percent: float, out: Path) -> None:
+    """Run one stage in this (fresh) process and print {"seconds", "rows"} as JSON."""
+    if kind == "ours":
+        from automation.data import prepare_data
+
+        start = time.perf_counter()
+        result = prepare_data(
+            dataset=str(dataset), sample_percent=percent,
+            required_splits={"train_split": "train_sft", "test_split": "test_sft", "sample_split": "test_gen"},
+            sft_splits={"train_sft", "test_sft"}, out_dir=out, search_from=[Path.cwd()], progress=False,
+        )
+        seconds = time.perf_counter() - start
+        rows = sum(s.rows for s in result.splits.values())
+    else:
+        import pandas as pd
+
+        start = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        rows = 0
+        for split in SPLITS:
+            df = pd.read_json(dataset / f"{split}.jsonl", lines=True)
+            n = int(round(len(df) * percent / 100.0))
+            df.head(n).to_json(out / f"{split}.jsonl", orient="records", lines=True, force_ascii=False)
+            rows += n
+            del df
+        seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "rows": rows}))
+
+
+def run_once(kind: str, dataset: Path, percent: float) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"bench-data-{kind}-"))
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", kind, str(dataset), "--percent", str(percent), "--out", str(out / "o")],
+            stdout=subprocess.PIPE, cwd=REPO)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{kind} at {percent} % failed (exit {os.waitstatus_to_exitcode(status)})")
+        result = json.loads(stdout.decode().strip().splitlines()[-1])
+        result["peak_mib"] = usage.ru_maxrss / 1024  # Linux: KiB
+        result["rows_per_s"] = result["rows"] / result["seconds"]
+        return result
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dataset", type=Path)
+    parser.add_argument("--percent", type=float, nargs="+", default=[5.0, 100.0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--child", choices=["ours", "ref"])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    dataset = args.dataset.resolve()
+    if args.child:
+        child(args.child, dataset, args.percent[0], args.out)
+        return
+
+    size = sum((dataset / f"{s}.jsonl").stat().st_size for s in SPLITS)
+    print(f"dataset {dataset}: {size / 1e9:.2f} GB in {len(SPLITS)} splits; {args.reps} repetitions each")
+    summary = {}
+    for percent in args.percent:
+        runs: dict[str, list[dict]] = {"ours": [], "ref": []}
+        for rep in range(args.reps):
+            order = ("ours", "ref") if rep % 2 == 0 else ("ref", "ours")
+            for kind in order:
+                r = run_once(kind, dataset, percent)
+                runs[kind].append(r)
+                print(f"  {percent:g} % rep {rep + 1} {kind:4}: {r['rows']} rows in {r['seconds']:.2f} s = "
+                      f"{r['rows_per_s']:,.0f} rows/s, peak {r['peak_mib']:,.0f} MiB", flush=True)
+        med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "rows_per_s", "peak_mib")}
+               for k, v in runs.items()}
+        speed = med["ours"]["rows_per_s"] / med["ref"]["rows_per_s"]
+        memory = med["ours"]["peak_mib"] / med["ref"]["peak_mib"]
+        summary[percent] = (med, speed, memory)
+        print(f"{percent:g} %: ours {med['ours']['rows_per_s']:,.0f} rows/s, {med['ours']['peak_mib']:,.0f} MiB | "
+              f"pandas {med['ref']['rows_per_s']:,.0f} rows/s, {med['ref']['peak_mib']:,.0f} MiB | "
+              f"speed {speed:.2f}x (target >= 3x: {'met' if speed >= 3 else 'MISSED'}), "
+              f"memory {memory:.3f} of pandas (target <= 0.333: {'met' if memory <= 1 / 3 else 'MISSED'})",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
