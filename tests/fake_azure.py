@@ -432,3 +432,22 @@ def data_dir(folder: Path) -> Path:
     for split in ("train_sft", "test_sft", "test_gen"):
         write_jsonl(out / f"{split}.jsonl", [chat_row(f"{split} question {i}?", f"Answer {i}.") for i in range(3)])
     return out
+
+
+def reference_clients(component) -> tuple[FakeMLClient, FakeMLClient]:
+    """A workspace and an `azureml` registry as in the reference flow: Phi-3-mini with its
+    allow-list and defaults tags, the pipeline component, an A100 cluster and the VM sizes."""
+    from azure.ai.ml.entities import AmlCompute, Model, VmSize
+
+    a100 = "Standard_NC24ads_A100_v4"
+    workspace, registry = FakeMLClient(), FakeMLClient(registry_name="azureml")
+    registry.models.add(Model(name="Phi-3-mini-4k-instruct", version="10", type="mlflow_model", path="x", tags={
+        "finetune_compute_allow_list": "['Standard_NC24ads_A100_v4', 'Standard_NC24rs_v3']",
+        "inference_compute_allow_list": "['Standard_NC6s_v3', 'Standard_NC24ads_A100_v4']",
+        "model_specific_defaults": "{'apply_deepspeed': 'true', 'deepspeed_stage': '3'}",
+    }))
+    registry.components.add(component)
+    workspace.compute.clusters["gpu-a100"] = AmlCompute(name="gpu-a100", size=a100, min_instances=0, max_instances=2)
+    workspace.compute.sizes = [VmSize(name="Standard_NC24rs_v3", gpus=4), VmSize(name=a100, gpus=1),
+                               VmSize(name="Standard_D4s_v3", gpus=0)]
+    return workspace, registry

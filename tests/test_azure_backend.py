@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from azure.ai.ml import load_component
-from azure.ai.ml.entities import AmlCompute, Model, VmSize
+from azure.ai.ml.entities import VmSize
 from azure.core.exceptions import ServiceRequestError
 
 from automation.backends import get_backend
@@ -18,9 +18,9 @@ from automation.backends.azure.backend import AzureBackend
 from automation.errors import BackendError, ConfigError
 from tests.conftest import REPO
 from tests.fake_azure import (
-    FakeMLClient,
     experiment,
     quota_error,
+    reference_clients,
     throttled,
     unavailable,
     write_component,
@@ -37,17 +37,7 @@ def component(tmp_path_factory):
 
 @pytest.fixture
 def clients(component):
-    workspace, registry = FakeMLClient(), FakeMLClient(registry_name="azureml")
-    registry.models.add(Model(name="Phi-3-mini-4k-instruct", version="10", type="mlflow_model", path="x", tags={
-        "finetune_compute_allow_list": "['Standard_NC24ads_A100_v4', 'Standard_NC24rs_v3']",
-        "inference_compute_allow_list": "['Standard_NC6s_v3', 'Standard_NC24ads_A100_v4']",
-        "model_specific_defaults": "{'apply_deepspeed': 'true', 'deepspeed_stage': '3'}",
-    }))
-    registry.components.add(component)
-    workspace.compute.clusters["gpu-a100"] = AmlCompute(name="gpu-a100", size=A100, min_instances=0, max_instances=2)
-    workspace.compute.sizes = [VmSize(name="Standard_NC24rs_v3", gpus=4), VmSize(name=A100, gpus=1),
-                               VmSize(name="Standard_D4s_v3", gpus=0)]
-    return workspace, registry
+    return reference_clients(component)
 
 
 @pytest.fixture

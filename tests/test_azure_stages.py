@@ -8,7 +8,6 @@ import json
 
 import pytest
 from azure.ai.ml import load_component
-from azure.ai.ml.entities import AmlCompute, Model, VmSize
 
 from automation import naming
 from automation.backends.azure.backend import AzureBackend
@@ -16,10 +15,10 @@ from automation.errors import BackendError
 from automation.record import DataPart, FinetunePart
 from automation.stages import teardown
 from tests.fake_azure import (
-    FakeMLClient,
     data_dir,
     experiment,
     quota_error,
+    reference_clients,
     throttled,
     write_component,
 )
@@ -37,14 +36,7 @@ def component(tmp_path_factory):
 
 @pytest.fixture
 def clients(component):
-    workspace, registry = FakeMLClient(), FakeMLClient(registry_name="azureml")
-    registry.models.add(Model(name="Phi-3-mini-4k-instruct", version="10", type="mlflow_model", path="x", tags={
-        "finetune_compute_allow_list": "['Standard_NC24ads_A100_v4']",
-        "model_specific_defaults": "{'apply_deepspeed': 'true', 'deepspeed_stage': '3'}"}))
-    registry.components.add(component)
-    workspace.compute.clusters["gpu-a100"] = AmlCompute(name="gpu-a100", size=A100, max_instances=2)
-    workspace.compute.sizes = [VmSize(name=A100, gpus=1), VmSize(name="Standard_NC24rs_v3", gpus=4)]
-    return workspace, registry
+    return reference_clients(component)
 
 
 @pytest.fixture
