@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from automation.errors import ConfigError, DataError
+from automation.workspace import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def prepare_data(
         pending.clear()
         manifest = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "source": source.description,
                     "splits": {s: asdict(v) for s, v in stats.items()}}
-        _write_json_atomic(manifest_path, manifest)
+        write_text_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     finally:
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)
@@ -396,11 +397,6 @@ def _sha256(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -8,14 +8,13 @@ record travels between jobs as an artifact; on one machine it lives in the works
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from automation.workspace import run_dir
+from automation.workspace import run_dir, write_text_atomic
 
 
 class _Part(BaseModel):
@@ -118,11 +117,7 @@ class RunRecord(_Part):
         return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(Path(path), json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
 
 
 def now_iso() -> str:

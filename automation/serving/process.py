@@ -16,7 +16,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +25,7 @@ import httpx
 from pydantic import BaseModel
 
 from automation.errors import BackendError, ConfigError
-from automation.workspace import home
+from automation.workspace import home, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +146,6 @@ def _terminate(pid: int, grace_s: float = STOP_GRACE_S) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Files
-
-def _write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
 
 def _new_key(path: Path) -> str:
     """A fresh random key in a file created with mode 0600: never readable by others, even briefly."""
@@ -307,7 +293,7 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         tags={str(k): str(v) for k, v in tags.items()}, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         key_file=str(paths["key"]), log_file=str(paths["log"]), alive=True,
     )
-    _write_atomically(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
+    write_text_atomic(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
     paths["port"].unlink(missing_ok=True)
     return record
 

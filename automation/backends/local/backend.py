@@ -29,7 +29,7 @@ from automation.record import (
     RegisterPart,
 )
 from automation.spec import Experiment
-from automation.workspace import home
+from automation.workspace import home, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,7 @@ class LocalBackend(Backend):
                 train_tokens=result.train_tokens, tokens_per_second=result.tokens_per_second,
                 wall_seconds=result.wall_seconds, resumed_from=result.resumed_from, params=result.params,
             )
-        tmp = job_dir / ".result.json.tmp"
-        tmp.write_text(part.model_dump_json(indent=2))
-        os.replace(tmp, job_dir / "result.json")
+        write_text_atomic(job_dir / "result.json", part.model_dump_json(indent=2))
         return job_name
 
     def wait_finetune(self, experiment: Experiment, job_name: str, *, stream: bool = True) -> FinetunePart:
@@ -247,11 +245,8 @@ class LocalBackend(Backend):
 
 
 def _write_traffic(endpoint: str, deployment_endpoint: str) -> None:
-    path = home() / "endpoints" / f"{endpoint}.traffic.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"deployment_endpoint": deployment_endpoint, "traffic": 100}))
-    os.replace(tmp, path)
+    write_text_atomic(home() / "endpoints" / f"{endpoint}.traffic.json",
+                      json.dumps({"deployment_endpoint": deployment_endpoint, "traffic": 100}))
 
 
 def _total_ram_gib() -> float | None:
