@@ -30,7 +30,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 lint: setup
-	$(BIN)/ruff check automation tests
+	$(BIN)/ruff check automation tests bench
 	$(BIN)/actionlint
 	$(BIN)/zizmor --offline .github/workflows
 

@@ -49,3 +49,8 @@ class ExperimentInvalid(ConfigError):
     def __init__(self, issues: list[Issue]):
         self.issues = issues
         super().__init__("\n".join(str(i) for i in issues))
+
+    def __reduce__(self):
+        # Rebuilt from its issues when unpickled (e.g. raised in a worker process): the default
+        # would pass the joined message to __init__ as if it were the list of issues.
+        return type(self), (self.issues,), self.__dict__

@@ -55,7 +55,7 @@ class WordPool:
         seps = np.full(words, " ", dtype=object)
         seps[rng.random(words) < 1 / 12] = ". "
         seps[rng.random(words) < 1 / 150] = ".\n\n"
-        self.text = "".join(w + s for w, s in zip(picks.tolist(), seps.tolist()))
+        self.text = "".join(w + s for w, s in zip(picks.tolist(), seps.tolist(), strict=True))
         starts = np.flatnonzero(np.frombuffer(self.text.encode("ascii"), dtype=np.uint8) == ord(" ")) + 1
         self.starts = starts[starts < len(self.text) - 10_000]
 
@@ -63,7 +63,7 @@ class WordPool:
         offsets = self.starts[rng.integers(0, len(self.starts), size=len(lengths))]
         text = self.text
         out = []
-        for off, n in zip(offsets.tolist(), lengths.tolist()):
+        for off, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
             piece = text[off:off + n].strip()
             out.append(piece[:1].upper() + piece[1:] if piece else "Hello")
         return out

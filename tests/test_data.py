@@ -175,3 +175,193 @@ def test_large_split_streams_only_the_sample(tmp_path):
     write_jsonl(folder / "test_gen.jsonl", [chat_row("q", "a")] * 2)
     result = run(folder, tmp_path / "out", percent=50)
     assert result.splits["train_sft"].rows == 1000 and result.splits["train_sft"].source_rows == 2000
+
+
+# ---------------------------------------------------------------------------------------------
+# The process pool: large inputs are processed one split per worker process. `pool_min_bytes=0`
+# sends even these small datasets to the pool; `_usable_cpus` is pinned to 2 so the pool is used
+# on a one-CPU machine too.
+
+IN_PROCESS = 1 << 62  # a threshold no test dataset reaches
+
+
+@pytest.fixture
+def pool_spy(monkeypatch):
+    """Two CPUs, and a record of the runs that went through the pool."""
+    import automation.data as data
+
+    calls = []
+    real = data._in_pool
+
+    def spy(jobs, workers, progress):
+        calls.append(workers)
+        return real(jobs, workers, progress)
+
+    monkeypatch.setattr(data, "_usable_cpus", lambda: 2)
+    monkeypatch.setattr(data, "_in_pool", spy)
+    return calls
+
+
+def mixed_dataset(tmp_path: Path) -> Path:
+    """Four splits in three layouts (JSONL, parquet, a folder of parts), non-ASCII text, a few bad rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "mixed"
+    rows = [chat_row(f"question {i} — café ☕ {'x' * (i % 7)}?", f"answer {i} ü", f"more {i}", f"fin {i}")
+            for i in range(60)]
+    write_jsonl(folder / "train_sft.jsonl", rows[:25] + BROKEN[:3] + rows[25:40])
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows[40:52]), folder / "data" / "test_sft-00000-of-00001-ab.parquet")
+    write_jsonl(folder / "train_gen" / "part-0.jsonl", [chat_row(f"gen {i} 日本") for i in range(9)])
+    write_jsonl(folder / "train_gen" / "part-1.jsonl", [chat_row(f"gen {i}") for i in range(9, 15)])
+    write_jsonl(folder / "test_gen.jsonl", [chat_row(f"tg {i}") for i in range(7)])
+    return folder
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize("percent", [100, 60])
+def test_pool_output_is_byte_identical_to_in_process(tmp_path, pool_spy, percent):
+    folder = mixed_dataset(tmp_path)
+    alone = run(folder, tmp_path / "alone", percent=percent, drop_invalid=True, pool_min_bytes=IN_PROCESS)
+    assert pool_spy == []
+    pooled = run(folder, tmp_path / "pooled", percent=percent, drop_invalid=True, pool_min_bytes=0)
+    assert pool_spy == [2]
+    assert output_files(tmp_path / "pooled") == output_files(tmp_path / "alone")  # manifest included
+    assert set(output_files(tmp_path / "pooled")) == {"manifest.json", "train_sft.jsonl", "test_sft.jsonl",
+                                                      "train_gen.jsonl", "test_gen.jsonl"}
+    assert pooled.splits == alone.splits and list(pooled.splits) == list(alone.splits)
+    assert pooled.splits["train_sft"].dropped == (3 if percent == 100 else 1)  # 60 % of 43 rows: 25 good, 1 bad
+
+
+def test_pool_reports_bad_rows_by_split_and_row_number(tmp_path, pool_spy):
+    folder = broken_dataset(tmp_path)
+    with pytest.raises(DataError) as alone:
+        run(folder, tmp_path / "alone", pool_min_bytes=IN_PROCESS)
+    with pytest.raises(DataError) as pooled:
+        run(folder, tmp_path / "pooled", pool_min_bytes=0)
+    assert pool_spy == [2]
+    assert str(pooled.value) == str(alone.value)
+    assert "7 invalid row(s) in split 'train_sft'" in str(pooled.value)
+    assert "train_sft row 4: messages[0].role is 'assistant', expected 'user'" in str(pooled.value)
+    assert not list((tmp_path / "pooled").iterdir()), "nothing half-written"
+    dropped = run(folder, tmp_path / "dropped", drop_invalid=True, pool_min_bytes=0)
+    assert dropped.splits["train_sft"].rows == 5 and dropped.splits["train_sft"].dropped == 7
+
+
+def test_pool_failure_keeps_the_previous_output(chat_dataset, tmp_path, pool_spy):
+    out = tmp_path / "out"
+    run(chat_dataset, out, pool_min_bytes=0)
+    before = output_files(out)
+    # A worker raising something other than DataError: undecodable bytes in one split, while the
+    # other workers write theirs in full.
+    (chat_dataset / "train_gen.jsonl").write_bytes(b'{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(UnicodeDecodeError) as alone:
+        run(chat_dataset, tmp_path / "alone", pool_min_bytes=IN_PROCESS)
+    with pytest.raises(UnicodeDecodeError) as pooled:
+        run(chat_dataset, out, pool_min_bytes=0)
+    assert str(pooled.value) == str(alone.value)
+    assert output_files(out) == before
+    assert not list(out.glob(".*.tmp"))
+    # An error the worker raises on purpose comes back as the same type with the same message.
+    with pytest.raises(ConfigError, match=r"sample_percent=1 of split 'test_gen' \(10 rows\) selects no rows"):
+        run(chat_dataset, out, percent=1, pool_min_bytes=0)
+    assert output_files(out) == before and len(pool_spy) == 3
+
+
+def test_pool_progress_counts_rows_in_shared_memory(tmp_path, monkeypatch, pool_spy):
+    """With progress on, workers count a long split's rows into memory the parent reads to draw its bars."""
+    import automation.data as data
+
+    seen = []
+    real = data._PoolProgress.__init__
+
+    def spy(self, counters, labels):
+        seen.append((counters, labels))
+        real(self, counters, labels)
+
+    monkeypatch.setattr(data._PoolProgress, "__init__", spy)
+    folder = tmp_path / "long"
+    write_jsonl(folder / "train_sft.jsonl", [json.dumps(chat_row(f"q{i}", "a")) for i in range(data.PROGRESS_MIN_ROWS + 1)])
+    write_jsonl(folder / "test_sft.jsonl", [chat_row("q", "a")])
+    write_jsonl(folder / "test_gen.jsonl", [chat_row("q", "a")])
+    prepare_data(dataset=str(folder), sample_percent=100, required_splits=REQUIRED, sft_splits=SFT,
+                 out_dir=tmp_path / "out", search_from=[Path.cwd()], progress=True, pool_min_bytes=0)
+    [(counters, labels)] = seen
+    slot = labels.index("train_sft")
+    assert list(counters[2 * slot: 2 * slot + 2]) == [data.PROGRESS_MIN_ROWS + 1] * 2
+    assert sum(counters[2 * labels.index("test_sft"): 2 * labels.index("test_sft") + 2]) == 0  # too short for a bar
+
+
+def test_pool_falls_back_to_this_process_when_workers_die(chat_dataset, tmp_path, monkeypatch, pool_spy, caplog):
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    class DeadPool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, fn, *args):
+            future = concurrent.futures.Future()
+            future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+            return future
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    run(chat_dataset, tmp_path / "alone", pool_min_bytes=IN_PROCESS)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", DeadPool)
+    run(chat_dataset, tmp_path / "fallback", pool_min_bytes=0)
+    assert pool_spy == [2] and "worker processes failed" in caplog.text
+    assert output_files(tmp_path / "fallback") == {
+        name: content for name, content in output_files(tmp_path / "alone").items()}
+
+
+def test_when_the_pool_is_used(tmp_path, monkeypatch):
+    import automation.data as data
+    from automation.data import POOL_MIN_BYTES, Source, _pool_workers, _SplitJob
+
+    def jobs(source, splits, percent=100):
+        return [_SplitJob(source=source, split=s, percent=percent, tmp=tmp_path / f".{s}.tmp", sft=False,
+                          required=True, drop_invalid=False, progress=False, slot=i) for i, s in enumerate(splits)]
+
+    big = tmp_path / "big.jsonl"
+    with big.open("wb") as handle:
+        handle.truncate(POOL_MIN_BYTES)  # sparse: its size is all that is read
+    local = Source("local", files={"a": [big], "b": [big], "c": [big]})
+    monkeypatch.setattr(data, "_usable_cpus", lambda: 2)
+    assert _pool_workers(local, jobs(local, "abc"), POOL_MIN_BYTES) == 2  # min(3 splits, 2 CPUs)
+    assert _pool_workers(local, jobs(local, "a"), 0) == 0  # one split
+    assert _pool_workers(local, jobs(local, "abc", percent=1), POOL_MIN_BYTES) == 0  # little to read
+    hub = Source("hub:org/name", hub_id="org/name")
+    assert _pool_workers(hub, jobs(hub, "abc"), 0) == 0  # streamed from the hub: in-process
+    monkeypatch.setattr(data, "_usable_cpus", lambda: 1)
+    assert _pool_workers(local, jobs(local, "abc"), 0) == 0  # one CPU
+
+
+def test_the_sample_dataset_stays_in_process(tmp_path, pool_spy):
+    result = run(Path(__file__).resolve().parent.parent / "data" / "ultrachat-sample", tmp_path / "out")
+    assert pool_spy == [] and sum(s.rows for s in result.splits.values()) == 260
+
+
+def test_errors_survive_pickling():
+    """Errors raised in a worker process are pickled to reach the caller: same type, same message."""
+    import pickle
+
+    from automation.data import _survives_pickling
+    from automation.errors import AutomationError, BackendError, ExperimentInvalid, Issue
+
+    issues = [Issue("a.yaml", 3, "data.sample_percent", "must be > 0"), Issue("a.yaml", None, "", "bad")]
+    for err in [AutomationError("x"), ConfigError("c"), DataError("d\ne"), BackendError("b"), ExperimentInvalid(issues)]:
+        copy = pickle.loads(pickle.dumps(err))
+        assert type(copy) is type(err) and str(copy) == str(err) and _survives_pickling(err)
+    assert pickle.loads(pickle.dumps(ExperimentInvalid(issues))).issues == issues
+
+    class Odd(Exception):
+        def __init__(self, code: int, detail: str):
+            super().__init__(f"{code}: {detail}")
+
+    assert not _survives_pickling(Odd(1, "a"))  # the worker sends it as a DataError instead

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -118,6 +119,60 @@ def test_sft_config_is_cpu_friendly(tiny_experiment):
     assert config.bf16 is False and config.gradient_checkpointing is False and config.use_cpu
     assert config.assistant_only_loss is True and config.max_length == 128
     assert config.learning_rate == 0.01 and config.max_steps == 6 and config.save_total_limit == 1
+    # Packed, padding-free rows; on a CPU one packed row per micro-batch, same effective batch.
+    assert config.packing and config.packing_strategy == "bfd" and config.padding_free
+    assert config.eval_packing is False
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 4)
+
+
+def test_packed_batches_have_no_padding_and_train_on_assistant_tokens_only(tiny_experiment, tmp_path):
+    import torch
+
+    from automation.backends.local.train import build_trainer
+
+    exp = load_experiment(tiny_experiment)
+    exp = exp.model_copy(update={"training": exp.training.model_copy(update={"max_seq_length": 1024})})
+    sample = REPO / "data" / "ultrachat-sample"
+    trainer, tokenizer, _, max_length = build_trainer(
+        exp, base_model=exp.model.path, train_file=sample / "train_sft.jsonl",
+        test_file=sample / "test_sft.jsonl", output_dir=tmp_path / "out")
+    batches = list(itertools.islice(trainer.get_train_dataloader(), 8))
+    for batch in batches:
+        ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
+        assert ids.shape[0] == 1 and ids.shape[1] <= max_length and "attention_mask" not in batch
+        assert not (ids == tokenizer.pad_token_id).all(), "a packed row is real tokens"
+        starts = int((positions[0] == 0).sum())
+        assert starts >= 1
+        supervised = tokenizer.decode(ids[labels != -100])
+        assert "<|im_start|>user" not in supervised and "<|im_start|>" not in supervised
+    packed = trainer.train_dataset["seq_lengths"]
+    assert any(len(lengths) > 1 for lengths in packed), "short conversations share a row"
+    assert sum(map(sum, packed)) / (len(packed) * max_length) > 0.9, "rows are filled"
+
+    # Attention never crosses conversations in a packed row: each conversation's logits are those
+    # it gets alone.
+    model = trainer.model
+    model.eval()
+    row = next(r for r in trainer.train_dataset if len(r["seq_lengths"]) > 1)
+    ids = torch.tensor([row["input_ids"]])
+    positions = torch.cat([torch.arange(n) for n in row["seq_lengths"]])[None]
+    with torch.no_grad():
+        packed_logits = model(input_ids=ids, position_ids=positions).logits[0]
+        start = 0
+        for n in row["seq_lengths"]:
+            alone = model(input_ids=ids[:, start:start + n]).logits[0]
+            assert torch.allclose(packed_logits[start:start + n], alone, atol=1e-4)
+            start += n
+
+    # The CPU loss (the model's cross-entropy over full logits) equals TRL's fused LM-head loss.
+    from trl import SFTTrainer
+
+    batch = {k: v for k, v in batches[0].items()}
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, dict(batch))
+        trl_loss = SFTTrainer.compute_loss(trainer, model, dict(batch))
+    assert type(trainer).__name__ == "CpuSFTTrainer"
+    assert abs(float(ours) - float(trl_loss)) < 1e-4 * max(1.0, abs(float(trl_loss)))
 
 
 def test_missing_model_sources_say_what_to_do(workspace, tmp_path):

@@ -273,3 +273,40 @@ def test_broken_model_fails_with_the_log_tail_and_leaves_nothing(serving_home, s
     assert not Path(key_file).exists()
     if Path("/proc").is_dir():
         assert _processes_using(key_file) == []
+
+
+def _arrivals(settings_kwargs: dict, every_s: float, count: int) -> list[int]:
+    """Batch sizes the worker's collector forms when `count` requests arrive `every_s` apart."""
+    import time
+
+    from automation.serving.generator import Generator, Settings
+
+    generator = Generator(Settings(model_dir="unused", api_key="k", **settings_kwargs))
+
+    def produce() -> None:
+        for _ in range(count):
+            generator._queue.put(object())
+            time.sleep(every_s)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    sizes = []
+    while sum(sizes) < count:
+        batch = generator._collect()
+        if batch:
+            sizes.append(len(batch))
+    producer.join()
+    return sizes
+
+
+def test_requests_arriving_close_together_share_a_batch():
+    # Clients released together reach the server spread out; each within the gap joins the batch,
+    # even when the spread (16 x 4 ms) is longer than the gap.
+    assert _arrivals({"batch_wait_ms": 40, "batch_window_ms": 2000}, every_s=0.004, count=16) == [16]
+    # The window bounds how long the first request waits, however steady the arrivals.
+    sizes = _arrivals({"batch_wait_ms": 200, "batch_window_ms": 60, "max_batch_size": 64},
+                      every_s=0.02, count=20)
+    assert len(sizes) >= 2 and max(sizes) < 20
+    # And the batch size bounds it too.
+    assert _arrivals({"batch_wait_ms": 500, "batch_window_ms": 5000, "max_batch_size": 4},
+                     every_s=0.001, count=8) == [4, 4]

@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-body-bytes", type=_positive, default=1_000_000)
     parser.add_argument("--max-messages", type=_positive, default=64)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0,
-                        help="how long the worker waits for more requests to join a batch")
+                        help="a request arriving within this many ms of the previous one joins its batch")
+    parser.add_argument("--batch-window-ms", type=float, default=100.0,
+                        help="the most a batch waits for more requests, from its first one")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser.parse_args(argv)
 
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens_cap=args.max_new_tokens_cap, request_timeout_ms=args.request_timeout_ms,
         max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_bytes,
         max_messages=args.max_messages, batch_wait_ms=args.batch_wait_ms,
+        batch_window_ms=args.batch_window_ms,
     )
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]

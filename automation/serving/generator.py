@@ -1,8 +1,12 @@
 """The batching generator of the local endpoint: one thread owns the model.
 
-Requests reach it through a queue; it collects the jobs that arrive within a few milliseconds,
-groups the ones with the same sampling settings and answers each group with one left-padded
-`generate` call, resolving each request's asyncio future from its thread.
+Requests reach it through a queue; it collects the jobs that arrive close together (each within
+`batch_wait_ms` of the one before, for at most `batch_window_ms` in all), groups the ones with the
+same sampling settings and answers each group with one left-padded `generate` call, resolving
+each request's asyncio future from its thread. The window slides with the arrivals because
+concurrent clients do not send at the same instant: sixteen clients released together reach the
+server spread over ~20-30 ms on a busy 2-core machine, and a fixed 10 ms window split them into
+two batches that then took turns (bench/RESULTS.md, item 3).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class Settings:
     max_batch_size: int = 16
     max_body_bytes: int = 1_000_000
     max_messages: int = 64
-    batch_wait_ms: float = 10.0
+    batch_wait_ms: float = 10.0  # the gap after a request within which another may join its batch
+    batch_window_ms: float = 100.0  # the most a batch waits for joiners, from its first request
 
     @property
     def max_queue(self) -> int:
@@ -221,14 +226,16 @@ class Generator:
         return unique
 
     def _collect(self) -> list[Job]:
-        """The first waiting job and whatever joins it within batch_wait_ms."""
+        """The first waiting job and those that follow it, each within batch_wait_ms of the one
+        before, until the batch is full or batch_window_ms has passed since the first."""
         try:
             batch = [self._queue.get(timeout=0.2)]
         except queue.Empty:
             return []
-        until = time.monotonic() + self.settings.batch_wait_ms / 1000
+        gap, window = self.settings.batch_wait_ms / 1000, self.settings.batch_window_ms / 1000
+        closes = time.monotonic() + window
         while len(batch) < self.settings.max_batch_size:
-            remaining = until - time.monotonic()
+            remaining = min(gap, closes - time.monotonic())
             try:
                 batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
             except queue.Empty:

@@ -252,8 +252,12 @@ def stop_endpoint(name: str) -> bool:
 
 def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], max_new_tokens_cap: int = 512,
                    request_timeout_ms: int = 90_000, ready_timeout_s: float = 300,
-                   device: str = "auto") -> EndpointRecord:
+                   device: str = "auto", max_batch_size: int = 16, batch_wait_ms: float = 10.0,
+                   batch_window_ms: float = 100.0) -> EndpointRecord:
     """Start a server for model_dir on a free loopback port and wait until it is ready.
+
+    `max_batch_size` requests at most share one `generate` call; a request arriving within
+    `batch_wait_ms` of the previous one joins its batch, for at most `batch_window_ms`.
 
     Idempotent: a live, ready endpoint of that name serving the same folder is returned as it is;
     one serving another folder is stopped and replaced.
@@ -275,7 +279,8 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         sys.executable, "-m", "automation.serving", "--model-dir", model_dir, "--host", HOST,
         "--port", "0", "--port-file", str(paths["port"]), "--key-file", str(paths["key"]),
         "--max-new-tokens-cap", str(max_new_tokens_cap), "--request-timeout-ms", str(request_timeout_ms),
-        "--device", device,
+        "--device", device, "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
+        "--batch-window-ms", str(batch_window_ms),
     ]
     with paths["log"].open("ab") as log_file:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,

@@ -7,6 +7,13 @@ machine. Choices made here on purpose:
   `gradient_checkpointing=True`) make a CPU step about 20x slower;
 - the loss is on assistant tokens only (`assistant_only_loss`), through a ChatML template with
   `{% generation %}` markers (see chat_template.py);
+- conversations are packed into rows of `max_length` tokens (TRL's best-fit-decreasing packing,
+  padding-free, with per-conversation position ids so attention never crosses conversations):
+  no pad tokens are trained on. On a CPU each micro-batch is one packed row (attention over one
+  flattened row of several is quadratic in its length), and gradient accumulation keeps the
+  experiment's effective batch; the loss is the model's own cross-entropy over full logits, which
+  on a CPU is ~17 % faster per step than TRL's chunked LM head (bench/RESULTS.md, item 2). The eval
+  split is not packed, so the eval loss is over the same truncated conversations as always;
 - the base model is evaluated on the test split before training (LoRA starts as the identity),
   so the report can compare base and fine-tuned eval loss on the same tokens;
 - checkpoints every `logging_steps` steps: a run killed part-way resumes from the last one, in
@@ -68,14 +75,17 @@ def sft_config(experiment: Experiment, output_dir: Path, device: str, max_length
 
     t = experiment.training
     on_gpu = device == "cuda"
+    micro_batch, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    if not on_gpu:
+        micro_batch, accumulation = 1, micro_batch * accumulation
     evaluation = {"disable": "no"}.get(t.evaluation_strategy, t.evaluation_strategy)
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_train_batch_size=micro_batch,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         auto_find_batch_size=t.auto_find_batch_size,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
@@ -101,8 +111,10 @@ def sft_config(experiment: Experiment, output_dir: Path, device: str, max_length
         load_best_model_at_end=t.apply_early_stopping,
         metric_for_best_model="eval_loss" if t.apply_early_stopping else None,
         max_length=max_length,
-        padding_free=False,
-        packing=False,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        eval_packing=False,
         assistant_only_loss=True,
         # Per device: fp32 and no checkpointing on CPU (bf16 matmuls are ~100x slower there).
         bf16=on_gpu and t.precision == 16,
@@ -156,16 +168,15 @@ class _MlflowLossCallback:
             mlflow.log_metrics({k.replace("/", "_"): v for k, v in numeric.items()}, step=state.global_step)
 
 
-def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, test_file: Path,
-          job_dir: Path) -> TrainResult:
-    """Fine-tune in the active MLflow run; returns the metrics and the saved (merged) model folder."""
-    import mlflow
+def build_trainer(experiment: Experiment, *, base_model: Path | str, train_file: Path, test_file: Path,
+                  output_dir: Path, callbacks: list | None = None):
+    """The SFTTrainer the local fine-tune runs (also what bench/bench_finetune.py measures).
+
+    Returns (trainer, tokenizer, device, max_length).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTTrainer
 
-    started = time.monotonic()
     device = pick_device(experiment.compute.device)
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -175,20 +186,56 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     max_length = _max_length(experiment, tokenizer)
-    checkpoints = job_dir / "checkpoints"
-    args = sft_config(experiment, checkpoints, device, max_length)
-    callbacks = _MlflowLossCallback()
+    args = sft_config(experiment, output_dir, device, max_length)
     extra = []
     if experiment.training.apply_early_stopping:
         extra.append(EarlyStoppingCallback(experiment.training.early_stopping_patience,
                                            experiment.training.early_stopping_threshold))
-    trainer = SFTTrainer(
+    trainer = _trainer_class(device)(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=_chat_dataset(train_file),
         eval_dataset=_chat_dataset(test_file) if args.eval_strategy != "no" else None,
         peft_config=lora_config(experiment) if experiment.optimization.apply_lora else None,
-        callbacks=[callbacks.callback, *extra],
+        callbacks=[*(callbacks or []), *extra],
     )
+    return trainer, tokenizer, device, max_length
+
+
+def _trainer_class(device: str):
+    """TRL's SFTTrainer; on a CPU, with the loss computed by the model from full logits.
+
+    TRL's fused, chunked LM head saves memory on a GPU; on a CPU its tiled matmuls and per-chunk
+    log-softmax cost ~17 % of a step more than one logits matmul and PyTorch's cross-entropy
+    (bench/RESULTS.md, item 2). The model's own loss honours `num_items_in_batch`, so gradient
+    accumulation normalises over the whole effective batch exactly as TRL's loss does.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if device == "cuda":
+        return SFTTrainer
+
+    class CpuSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {**inputs, "use_cache": False}
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return CpuSFTTrainer
+
+
+def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, test_file: Path,
+          job_dir: Path) -> TrainResult:
+    """Fine-tune in the active MLflow run; returns the metrics and the saved (merged) model folder."""
+    import mlflow
+    from transformers.trainer_utils import get_last_checkpoint
+
+    started = time.monotonic()
+    checkpoints = job_dir / "checkpoints"
+    callbacks = _MlflowLossCallback()
+    trainer, tokenizer, device, max_length = build_trainer(
+        experiment, base_model=base_model, train_file=train_file, test_file=test_file,
+        output_dir=checkpoints, callbacks=[callbacks.callback])
     params = {"device": device, "max_length": max_length, "trainable_parameters": _trainable(trainer.model),
               "train_rows": len(trainer.train_dataset)}
     mlflow.log_params({f"system.{k}": v for k, v in params.items()})
