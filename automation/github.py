@@ -130,6 +130,18 @@ def pull_request_number(event: Mapping[str, Any]) -> int | None:
     return number if isinstance(number, int) else None
 
 
+def head_sha(event: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """The commit the run is about: the pull request's head commit on pull_request events, where
+    `GITHUB_SHA` is GitHub's test-merge commit (not in the PR, and new whenever the base branch
+    moves); `GITHUB_SHA` for every other event; None outside a workflow."""
+    env = os.environ if env is None else env
+    event = read_event(env.get("GITHUB_EVENT_PATH")) if event is None else event
+    head = ((event.get("pull_request") or {}).get("head") or {}).get("sha")
+    if isinstance(head, str) and head:
+        return head
+    return env.get("GITHUB_SHA") or None
+
+
 def is_fork(event: Mapping[str, Any], repository: str | None = None) -> bool:
     """Whether the pull request comes from another repository (a deleted fork counts as one)."""
     pr = event.get("pull_request")

@@ -57,7 +57,11 @@ class Run:
 
 
 def git_sha() -> str:
-    sha = os.environ.get("GITHUB_SHA")
+    """The PR head commit in a pull_request workflow (not the merge commit), else GITHUB_SHA, else
+    the checkout's HEAD."""
+    from automation.github import head_sha
+
+    sha = head_sha()
     if sha:
         return sha
     try:

