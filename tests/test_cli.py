@@ -49,6 +49,29 @@ def test_validate_prints_annotations_in_github_actions(tmp_path, capsys, monkeyp
     assert f"::error file={bad},line={line},title=invalid experiment::training.num_train_epochs: " in out
 
 
+def test_validate_lists_every_problem_in_the_job_summary(tmp_path, capsys, monkeypatch):
+    """GitHub shows 10 error annotations per step; the job summary has all of them and says so."""
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    training = {f"bogus_{i:02d}": 1 for i in range(12)}
+    bad = write_experiment(tmp_path, dict(LOCAL_EXPERIMENT, training=training))
+    assert main(["validate", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert out.count("::error ") == 12
+    text = summary.read_text()
+    assert "12 problem(s)" in text and "only the first 10 of these 12" in text
+    assert all(f"`training.bogus_{i:02d}`" in text for i in range(12))
+
+
+def test_validate_summary_when_all_is_well(tmp_path, monkeypatch, capsys):
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    assert main(["validate", str(REPO / "experiments")]) == 0
+    assert "experiment file(s) valid" in summary.read_text()
+
+
 def test_set_override_from_the_cli(tmp_path, capsys):
     good = write_experiment(tmp_path, LOCAL_EXPERIMENT)
     assert main(["validate", str(good), "--set", "training.learning_rate=0"]) == 2

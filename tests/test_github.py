@@ -83,6 +83,17 @@ def test_event_payloads(monkeypatch):
     assert github.pull_request_number({"ref": "refs/heads/main"}) is None
 
 
+def test_head_sha_is_the_pull_requests_head_not_the_merge_commit():
+    """On pull_request GITHUB_SHA is GitHub's test-merge commit; names and tags use the head."""
+    opened = github.read_event(EVENTS / "pull_request.opened.json")
+    merge = "f" * 40
+    head = opened["pull_request"]["head"]["sha"]
+    assert head != merge
+    assert github.head_sha(opened, {"GITHUB_SHA": merge}) == head
+    assert github.head_sha({"ref": "refs/heads/main"}, {"GITHUB_SHA": merge}) == merge  # push, schedule
+    assert github.head_sha({}, {}) is None  # outside a workflow
+
+
 def test_a_broken_event_payload_is_bad_input(tmp_path):
     (tmp_path / "event.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a JSON object"):
