@@ -535,8 +535,9 @@ class Scenarios:
 
 
 def automation(*args: str, home: Path) -> str:
-    """The CLI in a process of its own, on the workspace `home` (this process's env untouched)."""
-    env = {**os.environ, "AUTOMATION_HOME": str(home)}
+    """The CLI in a process of its own, on the workspace `home` (this process's env untouched), in
+    the repository REPO_NAME as a workflow step would be."""
+    env = {**os.environ, "AUTOMATION_HOME": str(home), "GITHUB_REPOSITORY": REPO_NAME}
     done = subprocess.run([str(Path(sys.executable).parent / "automation"), *args], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
