@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from azure.ai.ml.exceptions import ErrorCategory, ErrorTarget, ValidationErrorType, ValidationException
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 
 from automation.spec import Experiment
@@ -66,9 +65,16 @@ def not_found(kind: str, name: str) -> ResourceNotFoundError:
     return ResourceNotFoundError(f"{kind} {name} not found")
 
 
-def no_latest_version(name: str, scope: str) -> ValidationException:
+def no_latest_version(name: str, scope: str):
     """What `get(name, label="latest")` raises when no active version exists (azure/ai/ml/_utils/
-    _asset_utils.py `_get_latest`)."""
+    _asset_utils.py `_get_latest`): a ValidationException."""
+    from azure.ai.ml.exceptions import (
+        ErrorCategory,
+        ErrorTarget,
+        ValidationErrorType,
+        ValidationException,
+    )
+
     return ValidationException(
         message=f"Asset {name} does not exist in {scope}.",
         no_personal_data_message="Asset {asset_name} does not exist in {scope}.",
@@ -76,8 +82,10 @@ def no_latest_version(name: str, scope: str) -> ValidationException:
         error_type=ValidationErrorType.RESOURCE_NOT_FOUND)
 
 
-def already_in_registry() -> ValidationException:
+def already_in_registry():
     """What `models.share` raises when the registry holds the version (operations/_model_operations.py)."""
+    from azure.ai.ml.exceptions import ErrorCategory, ErrorTarget, ValidationException
+
     msg = "A model with this name and version already exists in registry"
     return ValidationException(message=msg, no_personal_data_message=msg, target=ErrorTarget.MODEL,
                                error_category=ErrorCategory.USER_ERROR)
@@ -100,7 +108,7 @@ def plain_text_answer(status: int, text: str) -> Exception:
 
     try:
         validate_response(_TextResponse(status, text))
-    except Exception as err:  # noqa: BLE001 - whatever the SDK raises is the point
+    except Exception as err:  # whatever the SDK raises is the point
         return err
     raise AssertionError(f"validate_response accepted a {status} answer")
 
@@ -191,6 +199,12 @@ class Models(_Ops):
 
     def get(self, name: str, version: str | None = None, label: str | None = None):
         from azure.ai.ml.entities import Model
+        from azure.ai.ml.exceptions import (
+            ErrorCategory,
+            ErrorTarget,
+            ValidationErrorType,
+            ValidationException,
+        )
 
         self._enter("get")
         if version and label:
@@ -478,7 +492,11 @@ class FakeMLClient:
         self.workspaces = Workspaces(self)
 
     def fail(self, operation: str, error: BaseException, times: int = 1) -> None:
-        self.faults[operation].extend(copy.copy(error) for _ in range(times))
+        try:
+            errors = [copy.copy(error) for _ in range(times)]
+        except TypeError:  # MlException cannot be copied; raising the same one again is as good
+            errors = [error] * times
+        self.faults[operation].extend(errors)
 
 
 # ---------------------------------------------------------------------------------------------
