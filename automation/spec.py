@@ -286,15 +286,18 @@ class Experiment(_Strict):
 
     @model_validator(mode="after")
     def _component_rules(self) -> Experiment:
-        """Rules across sections that chat_completion_finetune enforces at run time, after the GPU is paid."""
-        problems = []
-        if self.optimization.apply_deepspeed and self.training.auto_find_batch_size:
-            # setup_and_validate_deepspeed: "Deep Speed cannot be coupled with auto_find_batch_size"
-            problems.append(("training.auto_find_batch_size",
-                             "does not work with optimization.apply_deepspeed (the component fails the run); "
-                             "turn one off"))
-        _cross_field(problems)
+        _cross_field(component_rule_problems(self.training, self.optimization))
         return self
+
+
+def component_rule_problems(t: TrainingSpec, o: OptimizationSpec) -> list[tuple[str, str]]:
+    """Rules across sections that chat_completion_finetune enforces at run time, after the GPU is paid."""
+    problems = []
+    if o.apply_deepspeed and t.auto_find_batch_size:
+        # setup_and_validate_deepspeed: "Deep Speed cannot be coupled with auto_find_batch_size"
+        problems.append(("training.auto_find_batch_size",
+                         "does not work with optimization.apply_deepspeed (the component fails the run); turn one off"))
+    return problems
 
 
 def _azure_compute_problems(c: ComputeSpec) -> list[tuple[str, str]]:
@@ -466,10 +469,12 @@ def apply_model_specific_defaults(experiment: Experiment, tag: str | None) -> tu
             "training": TrainingSpec.model_validate(explicit["training"]),
             "optimization": OptimizationSpec.model_validate(explicit["optimization"]),
         })
-        Experiment.model_validate(merged.model_dump())  # the rules across sections, on the merged values
     except ValidationError as err:
         raise ExperimentInvalid([Issue("model_specific_defaults", None, ".".join(map(str, e["loc"])), e["msg"])
                                  for e in err.errors()]) from None
+    problems = component_rule_problems(merged.training, merged.optimization)
+    if problems:
+        raise ExperimentInvalid([Issue("model_specific_defaults", None, path, msg) for path, msg in problems])
     for warning in warnings:
         log.warning(warning)
     return merged, warnings

@@ -353,3 +353,33 @@ def test_mlflow_metrics_reads_the_pipeline_runs_and_the_loss_curve(tmp_path):
     found = mlflow_metrics(uri, "job-1")
     assert found["eval_loss"] == 1.5 and found["train_loss"] == 1.7
     assert found[LOSS_CURVE] == [(10, 2.0), (20, 1.6), (30, 1.4)]
+
+
+# -- automation models -----------------------------------------------------------------------
+
+
+def test_catalog_lists_current_chat_models_with_compute_and_dates(clients, capsys):
+    import argparse
+
+    from automation.backends.azure.catalog import cmd_models, finetunable_chat_models
+
+    _, registry = clients
+    (phi4,) = finetunable_chat_models(registry, today=date(2026, 12, 1))  # Phi-3-mini is archived: not listed
+    assert (phi4.name, phi4.version, phi4.status) == ("Phi-4", "8", "current")
+    assert A100 in phi4.finetune_sizes and "Standard_NC40ads_H100_v5" in phi4.finetune_sizes
+    assert phi4.life.finetune_retirement is None
+    everything = finetunable_chat_models(registry, include_archived=True, today=date(2026, 12, 1))
+    assert [(e.name, e.status, str(e.life.finetune_retirement)) for e in everything] == [
+        ("Phi-4", "current", "None"), (PHI3, "retired", "2025-08-30")]
+    assert cmd_models(argparse.Namespace(registry="azureml", all=True, name="phi-3"), lambda name: registry) == 0
+    out = capsys.readouterr().out
+    assert PHI3 in out and "2025-08-30" in out and "Phi-4 " not in out
+
+
+def test_catalog_reads_the_tag_era(component):
+    from automation.backends.azure.catalog import finetunable_chat_models
+
+    _, registry = reference_clients(component, models=[(PHI3, "15", "2025-08-18")])
+    (entry,) = finetunable_chat_models(registry, today=date(2025, 7, 1))
+    assert entry.status == "deprecated" and str(entry.life.finetune_deprecation) == "2025-06-30"
+    assert entry.finetune_sizes[0] == A100 and "Standard_NC6s_v3" in entry.inference_sizes

@@ -63,13 +63,13 @@ def finetunable_chat_models(registry_client, *, include_archived: bool = False, 
     return sorted(entries, key=lambda e: (e.status != "current", e.name.lower()))
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+def cmd_models(args: argparse.Namespace, client_for: Callable | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from automation.backends.azure.connection import registry_client
 
-    entries = finetunable_chat_models(registry_client(args.registry), include_archived=args.all,
+    entries = finetunable_chat_models((client_for or registry_client)(args.registry), include_archived=args.all,
                                       name_contains=args.name or "")
     if not entries:
         print(f"no chat models for fine-tuning in registry {args.registry}" + ("" if args.all else " (try --all)"))
