@@ -96,8 +96,9 @@ def is_already_exists(err: BaseException) -> bool:
 
 def is_plain_text_answer(err: BaseException) -> bool:
     """An error answer whose body is not JSON. The SDK's `validate_response` (azure/ai/ml/_utils/
-    _endpoint_utils.py) turns it into a bare MlException from the JSON ValueError and drops the status:
-    what a scoring endpoint's gateway sends for 502/503/504. Refusals (401/403/404) come as JSON."""
+    _endpoint_utils.py) turns it into a bare MlException from the JSON ValueError and drops the
+    status: what a scoring endpoint's gateway sends for 502/503/504. With the status gone, a text
+    that reads as a refusal (unauthorized, forbidden, not found, quota) is not taken for one."""
     from azure.ai.ml.exceptions import MlException
 
     if not isinstance(err, MlException) or not isinstance(err.__cause__, ValueError):
