@@ -201,7 +201,8 @@ class OptimizationSpec(_Strict):
     merge_lora_weights: bool = True
     apply_deepspeed: bool = False
     deepspeed_stage: Literal[2, 3] = 2
-    apply_ort: bool = False
+    apply_ort: bool = Field(False, description="ONNX Runtime training. chat_completion_pipeline 0.0.82's finetune "
+                            "step turns it off for every task (can_apply_ort), so it has no effect there.")
 
     @model_validator(mode="after")
     def _needs_switch(self) -> OptimizationSpec:
