@@ -327,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only endpoints with this tag")
     p.set_defaults(handler=cmd_endpoints)
 
+    from automation.backends.azure import catalog  # models: the registry's fine-tunable chat models
+
+    catalog.add_commands(commands)
+
     from automation import gitops  # changed, comment, cleanup, sweep: the GitHub side
 
     gitops.add_commands(commands)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 from automation.errors import ExperimentInvalid, Issue
+from automation.vm_sizes import DEFAULT_INFERENCE_SIZE, retirement_of
 from automation.yamlfile import (
     LoadedYaml,
     YamlProblem,
@@ -89,13 +90,32 @@ class DataSpec(_Strict):
         return self
 
 
+def _retired_size_problem(field: str, size: str | None) -> list[tuple[str, str]]:
+    retired = retirement_of(size)
+    return [(field, f"{size} was retired on {retired}; choose a current size, e.g. {DEFAULT_INFERENCE_SIZE}")] \
+        if retired else []
+
+
 class ComputeSpec(_Strict):
     cluster: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9-]{1,31}$", description="Azure ML cluster.")
     size: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$", description="VM size, e.g. Standard_NC24ads_A100_v4.")
     nodes: Annotated[int, Field(ge=1, le=64)] = 1
     gpus_per_node: Literal["auto"] | Annotated[int, Field(ge=1, le=16)] = "auto"
     create_if_missing: bool = Field(False, description="Create the cluster (min 0 nodes) when it does not exist.")
+    serverless: bool = Field(
+        False, description="Azure: run on serverless compute (no cluster): the fine-tune on `size`, model import "
+        "and preprocessing on `preprocess_size` (the component's instance_type_* inputs).")
+    preprocess_size: str = Field(
+        "Standard_D12_v2", pattern=r"^[A-Za-z0-9_]+$",
+        description="Azure serverless: VM size of the model import and preprocess steps (a CPU size is enough).")
+    shm_size: str = Field("5g", pattern=r"^[1-9][0-9]*[kmg]$",
+                          description="Shared memory of the fine-tune step (the component's shm_size_finetune).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Local backend device.")
+
+    @model_validator(mode="after")
+    def _current_size(self) -> ComputeSpec:
+        _cross_field(_retired_size_problem("size", self.size))
+        return self
 
 
 SchedulerName = Literal[
@@ -104,7 +124,12 @@ SchedulerName = Literal[
 
 
 class TrainingSpec(_Strict):
-    """The chat_completion_pipeline's training inputs, with its ranges and enums."""
+    """The chat_completion_pipeline's training inputs (0.0.82), with its ranges, enums and defaults."""
+
+    component_version: str | None = Field(
+        None, pattern=r"^\d+\.\d+\.\d+$",
+        description="Azure: the chat_completion_pipeline version this experiment was checked against (pinned); "
+        "unset: the registry's latest.")
 
     num_train_epochs: Annotated[int, Field(ge=1, le=100)] = 1
     max_steps: Annotated[int, Field(ge=-1, description="-1: run num_train_epochs; >0 overrides it.")] = -1
@@ -120,13 +145,18 @@ class TrainingSpec(_Strict):
     adam_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
     adam_epsilon: Annotated[float, Field(gt=0, le=1e-3)] = 1e-8
     max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
-    optim: Literal["adamw_hf", "adamw_torch", "adafactor"] = "adamw_torch"
+    optim: Literal["adamw_torch", "adafactor"] = "adamw_torch"
     precision: Literal[32, 16] = 32
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     max_seq_length: Annotated[int, Field(ge=-1, le=131072)] = -1
     pad_to_max_length: bool = False
     evaluation_strategy: Literal["epoch", "steps", "disable"] = "epoch"
+    evaluation_steps_interval: Annotated[float, Field(
+        ge=0, le=1, description="Evaluate every this fraction of an epoch (evaluation_strategy: steps); "
+        "0: use eval_steps.")] = 0.0
     eval_steps: Annotated[int, Field(ge=1)] = 500
+    eval_accumulation_steps: Annotated[int, Field(ge=-1, description="-1: never move predictions to the CPU early.")] = -1
+    logging_strategy: Literal["epoch", "steps"] = "steps"
     logging_steps: Annotated[int, Field(ge=1)] = 10
     save_total_limit: Annotated[int, Field(ge=-1)] = -1
     apply_early_stopping: bool = False
@@ -136,6 +166,9 @@ class TrainingSpec(_Strict):
     resume_from_checkpoint: bool = False
     enable_full_determinism: bool = False
     dataloader_num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    ignore_mismatched_sizes: bool = False
+    batch_size: Annotated[int, Field(
+        ge=1, description="Conversations per tokenization batch in the preprocess step (not the training batch).")] = 1000
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:
@@ -153,8 +186,9 @@ class TrainingSpec(_Strict):
                 problems.append((key, "only applies with apply_early_stopping: true"))
         if self.apply_early_stopping and self.evaluation_strategy == "disable":
             problems.append(("apply_early_stopping", "needs evaluation (evaluation_strategy epoch or steps)"))
-        if self.changed_from_default("eval_steps") and self.evaluation_strategy != "steps":
-            problems.append(("eval_steps", "only applies with evaluation_strategy: steps"))
+        for key in self.changed_from_default("eval_steps", "evaluation_steps_interval"):
+            if self.evaluation_strategy != "steps":
+                problems.append((key, "only applies with evaluation_strategy: steps"))
         _cross_field(problems)
         return self
 
@@ -167,7 +201,8 @@ class OptimizationSpec(_Strict):
     merge_lora_weights: bool = True
     apply_deepspeed: bool = False
     deepspeed_stage: Literal[2, 3] = 2
-    apply_ort: bool = False
+    apply_ort: bool = Field(False, description="ONNX Runtime training. chat_completion_pipeline 0.0.82's finetune "
+                            "step turns it off for every task (can_apply_ort), so it has no effect there.")
 
     @model_validator(mode="after")
     def _needs_switch(self) -> OptimizationSpec:
@@ -177,12 +212,15 @@ class OptimizationSpec(_Strict):
                 problems.append((key, "only applies with apply_lora: true"))
         if self.changed_from_default("deepspeed_stage") and not self.apply_deepspeed:
             problems.append(("deepspeed_stage", "only applies with apply_deepspeed: true"))
+        if self.apply_deepspeed and self.deepspeed_stage == 3 and self.apply_ort:
+            # chat_completion_finetune's check_for_invalid_ds_zero3_settings fails the run on this pair.
+            problems.append(("apply_ort", "DeepSpeed stage 3 does not work with ORT (the component fails the run)"))
         _cross_field(problems)
         return self
 
 
 class DeploymentSpec(_Strict):
-    instance_type: str = Field("Standard_NC6s_v3", pattern=r"^[A-Za-z0-9_]+$")
+    instance_type: str = Field(DEFAULT_INFERENCE_SIZE, pattern=r"^[A-Za-z0-9_]+$")
     instance_count: Annotated[int, Field(ge=1, le=20)] = 1
     request_timeout_ms: Annotated[int, Field(ge=1000, le=180_000)] = 90_000
     liveness_initial_delay_s: Annotated[int, Field(ge=0, le=3600)] = 600
@@ -190,6 +228,11 @@ class DeploymentSpec(_Strict):
     max_concurrent_requests_per_instance: Annotated[int, Field(ge=1, le=1000)] = 1
     max_new_tokens_cap: Annotated[int, Field(ge=1, le=8192, description="Largest max_new_tokens a request may ask.")] = 512
     ttl_hours: Annotated[float, Field(gt=0, le=720)] = 48
+
+    @model_validator(mode="after")
+    def _current_size(self) -> DeploymentSpec:
+        _cross_field(_retired_size_problem("instance_type", self.instance_type))
+        return self
 
 
 class SampleParameters(_Strict):
@@ -226,13 +269,9 @@ class Experiment(_Strict):
         problems = []
         model_sources = [k for k in ("package", "path", "hub_id") if getattr(self.model, k)]
         if self.backend == "azure":
-            for key in ("cluster", "size"):
-                if getattr(self.compute, key) is None:
-                    problems.append((f"compute.{key}", "is required for backend: azure"))
+            problems += _azure_compute_problems(self.compute)
             if model_sources:
                 problems.append((f"model.{model_sources[0]}", "applies to backend: local; azure models come from a registry"))
-            if self.training.evaluation_strategy == "disable":
-                problems.append(("training.evaluation_strategy", "chat_completion_pipeline accepts epoch or steps"))
         else:
             if len(model_sources) != 1:
                 problems.append(("model", "backend: local needs exactly one of package, path or hub_id"))
@@ -245,6 +284,34 @@ class Experiment(_Strict):
                              f"must not exceed deployment.max_new_tokens_cap ({self.deployment.max_new_tokens_cap})"))
         _cross_field(problems)
         return self
+
+    @model_validator(mode="after")
+    def _component_rules(self) -> Experiment:
+        _cross_field(component_rule_problems(self.training, self.optimization))
+        return self
+
+
+def component_rule_problems(t: TrainingSpec, o: OptimizationSpec) -> list[tuple[str, str]]:
+    """Rules across sections that chat_completion_finetune enforces at run time, after the GPU is paid."""
+    problems = []
+    if o.apply_deepspeed and t.auto_find_batch_size:
+        # setup_and_validate_deepspeed: "Deep Speed cannot be coupled with auto_find_batch_size"
+        problems.append(("training.auto_find_batch_size",
+                         "does not work with optimization.apply_deepspeed (the component fails the run); turn one off"))
+    return problems
+
+
+def _azure_compute_problems(c: ComputeSpec) -> list[tuple[str, str]]:
+    problems = []
+    if c.size is None:
+        problems.append(("compute.size", "is required for backend: azure"))
+    if c.serverless:
+        for key in ("cluster", "create_if_missing"):
+            if c.changed_from_default(key):
+                problems.append((f"compute.{key}", "does not apply with compute.serverless: true"))
+    elif c.cluster is None:
+        problems.append(("compute.cluster", "is required for backend: azure (or set compute.serverless: true)"))
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,11 +422,22 @@ def find_experiment_files(targets: list[str]) -> list[Path]:
 # The two rules of the reference flow that act on the parameters
 
 
+def component_parameters() -> dict[str, str]:
+    """Every training and optimization field that is a chat_completion_pipeline input: name -> section."""
+    found = {name: "training" for name in TrainingSpec.model_fields if name not in NOT_COMPONENT_INPUTS}
+    found.update({name: "optimization" for name in OptimizationSpec.model_fields})
+    return found
+
+
+NOT_COMPONENT_INPUTS = frozenset({"component_version"})
+
+
 def apply_model_specific_defaults(experiment: Experiment, tag: str | None) -> tuple[Experiment, list[str]]:
     """Merge the model's `model_specific_defaults` tag (a Python-literal dict) over the experiment.
 
-    Returns the new experiment and one warning per overridden key, as the reference does; a key that
-    is neither a training nor an optimization field is an error, not silently dropped.
+    Keys that are component inputs override the experiment's value with one warning each, as the
+    reference does. Keys that are not (Phi-3-mini-4k-instruct's tag holds `learning_rate_min` and
+    `learning_rate_max`, which the component refuses) are named in one warning and not passed.
     """
     if not tag:
         return experiment, []
@@ -371,17 +449,22 @@ def apply_model_specific_defaults(experiment: Experiment, tag: str | None) -> tu
         raise ExperimentInvalid([Issue("model_specific_defaults", None, "", "must be a dict")])
     models = {"training": experiment.training, "optimization": experiment.optimization}
     explicit = {name: m.model_dump() for name, m in models.items()}
-    warnings = []
+    sections = component_parameters()
+    warnings, ignored = [], []
     for key, raw in defaults.items():
-        section = next((name for name, m in models.items() if key in type(m).model_fields), None)
+        section = sections.get(str(key))
         if section is None:
-            raise ExperimentInvalid([Issue("model_specific_defaults", None, str(key),
-                                           "is not a training or optimization parameter")])
+            ignored.append(str(key))
+            continue
         current = getattr(models[section], key)
         value = _from_component_value(raw, current)
         if value != current:
             warnings.append(f"model_specific_defaults overrides {section}.{key}: {current!r} -> {value!r}")
             explicit[section][key] = value
+    if ignored:
+        warnings.append(f"model_specific_defaults holds {', '.join(ignored)}, which "
+                        f"{'are not inputs' if len(ignored) > 1 else 'is not an input'} of chat_completion_pipeline; "
+                        "not passed")
     try:
         merged = experiment.model_copy(update={
             "training": TrainingSpec.model_validate(explicit["training"]),
@@ -390,6 +473,9 @@ def apply_model_specific_defaults(experiment: Experiment, tag: str | None) -> tu
     except ValidationError as err:
         raise ExperimentInvalid([Issue("model_specific_defaults", None, ".".join(map(str, e["loc"])), e["msg"])
                                  for e in err.errors()]) from None
+    problems = component_rule_problems(merged.training, merged.optimization)
+    if problems:
+        raise ExperimentInvalid([Issue("model_specific_defaults", None, path, msg) for path, msg in problems])
     for warning in warnings:
         log.warning(warning)
     return merged, warnings

@@ -275,7 +275,7 @@ def preflight_experiment(experiment: Experiment, steps: int, stand_in: str | Non
         "per_device_eval_batch_size": min(t.per_device_eval_batch_size, 2), "gradient_accumulation_steps": 1,
         "max_seq_length": 256 if t.max_seq_length == -1 else min(t.max_seq_length, 256),
         "evaluation_strategy": "disable", "logging_steps": 1, "save_total_limit": 1, "precision": 32,
-        "pad_to_max_length": False, "apply_early_stopping": False, "eval_steps": 500,
+        "pad_to_max_length": False, "apply_early_stopping": False, "eval_steps": 500, "evaluation_steps_interval": 0.0,
         "early_stopping_patience": 1, "early_stopping_threshold": 0.0,
     })
     optimization = experiment.optimization.model_copy(update={"apply_deepspeed": False, "deepspeed_stage": 2})

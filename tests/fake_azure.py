@@ -1,9 +1,14 @@
 """An in-memory MLClient: the operations the Azure backend calls, with Azure's behaviour.
 
-Real SDK entities go in and come out; missing things raise ResourceNotFoundError, name conflicts
-ResourceExistsError, long-running operations return pollers, and faults can be queued per
-operation (`fail("online_endpoints.begin_create_or_update", error, times=2)`) to play transient
-429/503 answers, dropped connections or quota refusals.
+Real SDK entities go in and come out, built by the SDK's own code where it builds them (registry
+models from their REST payloads through `Model._from_rest_object`; plain-text scoring errors
+through `validate_response`). Errors are the types azure-ai-ml 1.35 raises, read from its source:
+a lookup by version raises ResourceNotFoundError, by label "latest" ValidationException
+(RESOURCE_NOT_FOUND, after listing the active versions only); a share into a registry that holds
+the version ValidationException("A model with this name and version already exists in registry");
+a job name that exists HttpResponseError 400. Long-running operations return pollers, and faults
+can be queued per operation (`fail("online_endpoints.begin_create_or_update", error, times=2)`) to
+play transient 429/503 answers, dropped connections, quota refusals or a gateway's plain text.
 """
 
 from __future__ import annotations
@@ -52,12 +57,60 @@ def unavailable() -> HttpResponseError:
 
 
 def quota_error() -> HttpResponseError:
-    return http_error(400, "QuotaExceeded", "Not enough quota available for Standard_NC6s_v3 in "
-                      "subscription; requested 6 cores, available 0")
+    return http_error(400, "OutOfQuota", "Not enough quota available for Standard_NC24ads_A100_v4 in "
+                      "SubscriptionId; current usage/limit: 0/0, additional needed: 24")
 
 
 def not_found(kind: str, name: str) -> ResourceNotFoundError:
     return ResourceNotFoundError(f"{kind} {name} not found")
+
+
+def no_latest_version(name: str, scope: str):
+    """What `get(name, label="latest")` raises when no active version exists (azure/ai/ml/_utils/
+    _asset_utils.py `_get_latest`): a ValidationException."""
+    from azure.ai.ml.exceptions import (
+        ErrorCategory,
+        ErrorTarget,
+        ValidationErrorType,
+        ValidationException,
+    )
+
+    return ValidationException(
+        message=f"Asset {name} does not exist in {scope}.",
+        no_personal_data_message="Asset {asset_name} does not exist in {scope}.",
+        target=ErrorTarget.ASSET, error_category=ErrorCategory.USER_ERROR,
+        error_type=ValidationErrorType.RESOURCE_NOT_FOUND)
+
+
+def already_in_registry():
+    """What `models.share` raises when the registry holds the version (operations/_model_operations.py)."""
+    from azure.ai.ml.exceptions import ErrorCategory, ErrorTarget, ValidationException
+
+    msg = "A model with this name and version already exists in registry"
+    return ValidationException(message=msg, no_personal_data_message=msg, target=ErrorTarget.MODEL,
+                               error_category=ErrorCategory.USER_ERROR)
+
+
+class _TextResponse:
+    """An HTTP answer with a plain-text body, as a scoring endpoint's gateway sends it."""
+
+    def __init__(self, status: int, text: str):
+        self.status_code, self.content = status, text.encode()
+
+    def json(self):
+        return json.loads(self.content)
+
+
+def plain_text_answer(status: int, text: str) -> Exception:
+    """The exception `online_endpoints.invoke` raises for a non-JSON error answer, made by the SDK's
+    own `validate_response`: an MlException carrying the body, the status dropped."""
+    from azure.ai.ml._utils._endpoint_utils import validate_response
+
+    try:
+        validate_response(_TextResponse(status, text))
+    except Exception as err:  # whatever the SDK raises is the point
+        return err
+    raise AssertionError(f"validate_response accepted a {status} answer")
 
 
 class Poller:
@@ -91,34 +144,108 @@ class _Ops:
 
 
 class Models(_Ops):
+    """Workspace models are the entities our code registered; registry models are REST payloads
+    (see `publish`), returned through the SDK's own `Model._from_rest_object`, as `get` does."""
+
     def __init__(self, client, registry: str | None = None):
         super().__init__(client, "models")
         self.registry = registry
         self.versions: dict[str, dict[str, Any]] = defaultdict(dict)
+        self.payloads: dict[str, dict[str, dict]] = defaultdict(dict)
         self.labels: dict[str, str] = {}
-        self.shared: list[tuple[str, str, str]] = []
+
+    @property
+    def _scope(self) -> str:
+        return f"registry {self.registry}" if self.registry else f"workspace {self._client.workspace_name}"
 
     def add(self, model) -> Any:
         scope = f"registries/{self.registry}" if self.registry else "workspaces/ws"
         model._id = f"azureml://{scope}/models/{model.name}/versions/{model.version}"
         self.versions[model.name][str(model.version)] = model
-        self.labels.setdefault(model.name, str(model.version))
+        self.labels[model.name] = str(model.version)
         return model
 
+    def publish(self, spec: dict[str, Any]) -> None:
+        """A registry model from an entry of tests/fixtures/azureml/models.yaml: tags stored as the SDK
+        writes them (`Model._to_rest_object` turns every value into str(value))."""
+        from azure.ai.ml.entities import Model
+
+        name, version = spec["name"], str(spec["version"])
+        tags = dict(Model(name=name, version=version, tags=spec.get("tags") or {})._to_rest_object().properties.tags)
+        self.payloads[name][version] = {
+            "id": f"azureml://registries/{self.registry}/models/{name}/versions/{version}", "name": version,
+            "properties": {"modelUri": f"azureml://registries/{self.registry}/models/{name}/versions/{version}",
+                           "modelType": "mlflow_model", "tags": tags, "isArchived": bool(spec.get("is_archived")),
+                           "flavors": {"python_function": {"data": {"loader_module": "mlflow.transformers"}}},
+                           **({"systemMetadata": spec["system_metadata"]} if spec.get("system_metadata") else {})},
+            "systemData": {"createdAt": "2025-01-21T00:00:00Z"}}
+
+    def _active_versions(self, name: str, include_archived: bool = False) -> list[str]:
+        published = [v for v, p in self.payloads.get(name, {}).items()
+                     if include_archived or not p["properties"]["isArchived"]]
+        return published + list(self.versions.get(name, {}))
+
+    def _get(self, name: str, version: str | None = None):
+        """ModelOperations._get: the REST object (registry: ArmModelVersion) of one version."""
+        from azure.ai.ml._restclient.arm_ml_service.models import ModelVersion
+
+        self._enter("_get")
+        payload = self.payloads.get(name, {}).get(str(version))
+        if payload is None:
+            if str(version) in self.versions.get(name, {}):
+                return self.versions[name][str(version)]._to_rest_object()
+            raise not_found("model", f"{name}:{version}")
+        return ModelVersion._deserialize(copy.deepcopy(payload), [])
+
     def get(self, name: str, version: str | None = None, label: str | None = None):
+        from azure.ai.ml.entities import Model
+        from azure.ai.ml.exceptions import (
+            ErrorCategory,
+            ErrorTarget,
+            ValidationErrorType,
+            ValidationException,
+        )
+
         self._enter("get")
-        versions = self.versions.get(name, {})
-        key = self.labels.get(name) if label == "latest" else version
-        if key not in versions:
-            raise not_found("model", f"{name}:{version or label}")
-        return versions[key]
+        if version and label:
+            raise ValidationException(message="Cannot specify both version and label.",
+                                      no_personal_data_message="Cannot specify both version and label.",
+                                      target=ErrorTarget.MODEL, error_category=ErrorCategory.USER_ERROR,
+                                      error_type=ValidationErrorType.INVALID_VALUE)
+        if label:
+            if label != "latest":
+                raise ValidationException(
+                    message=f"Asset {name} with version label {label} does not exist in {self._scope.split()[0]}.",
+                    no_personal_data_message="Asset [name] with version label [label] does not exist in [scope].",
+                    target=ErrorTarget.ASSET, error_type=ValidationErrorType.RESOURCE_NOT_FOUND)
+            active = self._active_versions(name)
+            if not active:
+                raise no_latest_version(name, self._scope)
+            version = active[-1]
+        if str(version) in self.versions.get(name, {}):
+            return self.versions[name][str(version)]
+        return Model._from_rest_object(self._get(name, version))
 
     def list(self, name: str | None = None, stage: str | None = None, *, list_view_type=None):
+        from azure.ai.ml._restclient.arm_ml_service.models import ModelContainer
+        from azure.ai.ml.constants import ListViewType
+        from azure.ai.ml.entities import Model
+
         self._enter("list")
-        if name is not None and name not in self.versions:
-            raise not_found("model", name)
-        names = [name] if name else list(self.versions)
-        return iter([m for n in names for m in self.versions[n].values()])
+        everything = list_view_type == ListViewType.ALL
+        if name is not None:
+            if name not in self.versions and name not in self.payloads:
+                raise not_found("model", name)
+            return iter([self.get(name, version=v) for v in self._active_versions(name, everything)])
+        containers = []
+        for model_name in dict.fromkeys([*self.payloads, *self.versions]):
+            versions = self._active_versions(model_name, everything)
+            if versions:
+                containers.append(Model._from_container_rest_object(ModelContainer._deserialize({
+                    "id": f"azureml://registries/{self.registry}/models/{model_name}", "name": model_name,
+                    "properties": {"latestVersion": versions[-1]},
+                    "systemData": {"createdAt": "2025-01-21T00:00:00Z"}}, [])))
+        return iter(containers)
 
     def create_or_update(self, model):
         self._enter("create_or_update")
@@ -129,10 +256,15 @@ class Models(_Ops):
 
     def share(self, name: str, version: str, *, share_with_name: str, share_with_version: str, registry_name: str):
         self._enter("share")
-        if (registry_name, share_with_name, share_with_version) in self.shared:
-            raise ResourceExistsError(f"{share_with_name}:{share_with_version} exists in {registry_name}")
-        self.shared.append((registry_name, share_with_name, share_with_version))
-        return self.get(name, version=version)
+        registry = self._client.registries.get(registry_name)
+        if registry is None:
+            raise not_found("registry", registry_name)
+        if str(share_with_version) in registry.models.versions.get(share_with_name, {}):
+            raise already_in_registry()
+        source = self.get(name, version=version)
+        shared = copy.copy(source)
+        shared.name, shared.version = share_with_name, str(share_with_version)
+        return registry.models.add(shared)
 
 
 class Components(_Ops):
@@ -147,10 +279,13 @@ class Components(_Ops):
 
     def get(self, name: str, version: str | None = None, label: str | None = None):
         self._enter("get")
-        key = (name, self.latest.get(name) if label == "latest" else str(version))
-        if key not in self.items:
+        if label == "latest":
+            if name not in self.latest:  # _get_latest_version lists the versions: none is a ValidationException
+                raise no_latest_version(name, f"registry {self._client.registry_name}")
+            version = self.latest[name]
+        if (name, str(version)) not in self.items:
             raise not_found("component", f"{name}:{version or label}")
-        return self.items[key]
+        return self.items[(name, str(version))]
 
 
 class Compute(_Ops):
@@ -193,8 +328,8 @@ class Jobs(_Ops):
         from azure.ai.ml.entities import JobService
 
         self._enter("create_or_update")
-        if job.name in self.items:
-            raise ResourceExistsError(f"job {job.name} already exists")
+        if job.name in self.items:  # the service answers 400 UserError; map_error does not map 400
+            raise http_error(400, "UserError", "A job with this ID already exists.")
         job.experiment_name = experiment_name or job.experiment_name
         job._status = "NotStarted"
         job.services = {"Studio": JobService(endpoint=f"https://ml.azure.com/runs/{job.name}?wsid=ws")}
@@ -343,6 +478,8 @@ class FakeMLClient:
 
     def __init__(self, *, workspace_name: str = "ws", registry_name: str | None = None):
         self.workspace_name = workspace_name
+        self.registry_name = registry_name
+        self.registries: dict[str, FakeMLClient] = {}  # what `models.share(registry_name=...)` can reach
         self.calls: list[str] = []
         self.faults: dict[str, list[BaseException]] = defaultdict(list)
         self.rest_payloads: list[dict] = []
@@ -355,39 +492,28 @@ class FakeMLClient:
         self.workspaces = Workspaces(self)
 
     def fail(self, operation: str, error: BaseException, times: int = 1) -> None:
-        self.faults[operation].extend(copy.copy(error) for _ in range(times))
+        try:
+            errors = [copy.copy(error) for _ in range(times)]
+        except TypeError:  # MlException cannot be copied; raising the same one again is as good
+            errors = [error] * times
+        self.faults[operation].extend(errors)
 
 
 # ---------------------------------------------------------------------------------------------
-# An experiment, a component spec mirroring chat_completion_pipeline, and a data folder
+# An experiment, the real component spec and model specs (tests/fixtures/azureml), a data folder
+
+FIXTURES = Path(__file__).parent / "fixtures" / "azureml"
+COMPONENT_SPEC = FIXTURES / "chat_completion_pipeline-0.0.82.yaml"
 
 EXPERIMENT = {
-    "name": "phi3-ultrachat",
+    "name": "phi4-ultrachat",
     "backend": "azure",
-    "model": {"name": "Phi-3-mini-4k-instruct", "registry": "azureml"},
+    "model": {"name": "Phi-4", "registry": "azureml"},
     "data": {"dataset": "HuggingFaceH4/ultrachat_200k"},
     "compute": {"cluster": "gpu-a100", "size": "Standard_NC24ads_A100_v4"},
     "training": {"num_train_epochs": 3, "learning_rate": 5.0e-6, "lr_scheduler_type": "cosine",
                  "max_seq_length": 2048, "save_total_limit": 1},
     "optimization": {"apply_lora": True, "apply_deepspeed": True, "deepspeed_stage": 2},
-}
-
-# The inputs of azureml://registries/azureml/components/chat_completion_pipeline (a subset of its
-# optional knobs is left out on purpose, to exercise the "input not declared" path).
-COMPONENT_INPUTS = {
-    "mlflow_model_path": "mlflow_model", "compute_model_import": "string", "compute_preprocess": "string",
-    "compute_finetune": "string", "compute_model_evaluation": "string", "train_file_path": "uri_file",
-    "test_file_path": "uri_file", "number_of_gpu_to_use_finetuning": "integer", "num_nodes_finetune": "integer",
-    "num_train_epochs": "integer", "max_steps": "integer", "per_device_train_batch_size": "integer",
-    "per_device_eval_batch_size": "integer", "gradient_accumulation_steps": "integer",
-    "auto_find_batch_size": "string", "learning_rate": "number", "lr_scheduler_type": "string",
-    "warmup_steps": "integer", "weight_decay": "number", "optim": "string", "precision": "string",
-    "seed": "integer", "max_seq_length": "integer", "pad_to_max_length": "string",
-    "evaluation_strategy": "string", "eval_steps": "integer", "logging_steps": "integer",
-    "save_total_limit": "integer", "apply_early_stopping": "string", "early_stopping_patience": "integer",
-    "resume_from_checkpoint": "string", "apply_lora": "string", "lora_r": "integer", "lora_alpha": "integer",
-    "lora_dropout": "number", "merge_lora_weights": "string", "apply_deepspeed": "string",
-    "deepspeed_stage": "string", "apply_ort": "string",
 }
 
 
@@ -402,29 +528,29 @@ def experiment(**changes) -> Experiment:
     return Experiment.model_validate(data)
 
 
-def write_component(folder: Path, version: str = "0.0.62") -> Path:
-    inputs = {}
-    for name, kind in COMPONENT_INPUTS.items():
-        spec: dict = {"type": kind}
-        if name in ("mlflow_model_path",):
-            spec["optional"] = True
-        inputs[name] = spec
-    document = {
-        "$schema": "https://azuremlschemas.azureedge.net/latest/pipelineComponent.schema.json",
-        "type": "pipeline", "name": "chat_completion_pipeline", "version": version,
-        "inputs": inputs, "outputs": {"mlflow_model_folder": {"type": "mlflow_model"}},
-        "jobs": {"finetune_step": {
-            "type": "command",
-            "component": {"command": "echo finetune", "environment": "azureml:acft-hf-nlp-gpu:1",
-                          "inputs": {"compute": {"type": "string"}},
-                          "outputs": {"model": {"type": "mlflow_model"}}},
-            "inputs": {"compute": "${{parent.inputs.compute_finetune}}"},
-            "outputs": {"model": "${{parent.outputs.mlflow_model_folder}}"},
-        }},
-    }
+def write_component(folder: Path, version: str = "0.0.82") -> Path:
+    """The real chat_completion_pipeline 0.0.82 spec, under another version number when asked."""
+    text = COMPONENT_SPEC.read_text(encoding="utf-8")
     path = folder / f"chat_completion_pipeline-{version}.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    path.write_text(text.replace("\nversion: 0.0.82\n", f"\nversion: {version}\n", 1), encoding="utf-8")
     return path
+
+
+def model_specs() -> list[dict[str, Any]]:
+    return yaml.safe_load((FIXTURES / "models.yaml").read_text(encoding="utf-8"))
+
+
+def model_spec(name: str, version: str, source_date: str | None = None) -> dict[str, Any]:
+    """One real model spec; `source_date` picks the state of a version that changed over time."""
+    found = [m for m in model_specs() if m["name"] == name and m["version"] == version
+             and (source_date is None or f"({source_date})" in m["source"])]
+    if not found:
+        raise KeyError(f"no fixture for {name}:{version} {source_date or ''}")
+    return copy.deepcopy(found[-1])
+
+
+# What the azureml registry holds now (Azure/azureml-assets, 2026-07-01): Phi-3-mini archived, Phi-4 current.
+CURRENT_MODELS = (("Phi-3-mini-4k-instruct", "15", "2026-07-01"), ("Phi-4", "8", "2026-07-01"))
 
 
 def data_dir(folder: Path) -> Path:
@@ -434,20 +560,17 @@ def data_dir(folder: Path) -> Path:
     return out
 
 
-def reference_clients(component) -> tuple[FakeMLClient, FakeMLClient]:
-    """A workspace and an `azureml` registry as in the reference flow: Phi-3-mini with its
-    allow-list and defaults tags, the pipeline component, an A100 cluster and the VM sizes."""
-    from azure.ai.ml.entities import AmlCompute, Model, VmSize
+def reference_clients(component, models=CURRENT_MODELS) -> tuple[FakeMLClient, FakeMLClient]:
+    """A workspace and an `azureml` registry as in the reference flow: the models of the real
+    registry with their real tags, the pipeline component, an A100 cluster and the VM sizes."""
+    from azure.ai.ml.entities import AmlCompute, VmSize
 
     a100 = "Standard_NC24ads_A100_v4"
     workspace, registry = FakeMLClient(), FakeMLClient(registry_name="azureml")
-    registry.models.add(Model(name="Phi-3-mini-4k-instruct", version="10", type="mlflow_model", path="x", tags={
-        "finetune_compute_allow_list": "['Standard_NC24ads_A100_v4', 'Standard_NC24rs_v3']",
-        "inference_compute_allow_list": "['Standard_NC6s_v3', 'Standard_NC24ads_A100_v4']",
-        "model_specific_defaults": "{'apply_deepspeed': 'true', 'deepspeed_stage': '3'}",
-    }))
+    for name, version, when in models:
+        registry.models.publish(model_spec(name, version, when))
     registry.components.add(component)
     workspace.compute.clusters["gpu-a100"] = AmlCompute(name="gpu-a100", size=a100, min_instances=0, max_instances=2)
     workspace.compute.sizes = [VmSize(name="Standard_NC24rs_v3", gpus=4), VmSize(name=a100, gpus=1),
-                               VmSize(name="Standard_D4s_v3", gpus=0)]
+                               VmSize(name="Standard_NC48ads_A100_v4", gpus=2), VmSize(name="Standard_D4s_v3", gpus=0)]
     return workspace, registry

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import date
 
 import pytest
 from azure.ai.ml import load_component
@@ -18,21 +19,30 @@ from automation.backends.azure.backend import AzureBackend
 from automation.errors import BackendError, ConfigError
 from tests.conftest import REPO
 from tests.fake_azure import (
+    COMPONENT_SPEC,
     experiment,
+    plain_text_answer,
     quota_error,
     reference_clients,
     throttled,
     unavailable,
-    write_component,
 )
 
-MODEL_ID = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/10"
 A100 = "Standard_NC24ads_A100_v4"
+PHI3 = "Phi-3-mini-4k-instruct"
 
 
 @pytest.fixture(scope="module")
-def component(tmp_path_factory):
-    return load_component(write_component(tmp_path_factory.mktemp("component")))
+def component():
+    return load_component(COMPONENT_SPEC)
+
+
+def retag(registry, tags: dict[str, str], name: str = "Phi-4", version: str = "8") -> None:
+    """Replace a registry model's tags (as the registry stores them: strings) and drop its system
+    metadata, so only these tags speak."""
+    properties = registry.models.payloads[name][version]["properties"]
+    properties["tags"] = dict(tags)
+    properties.pop("systemMetadata", None)
 
 
 @pytest.fixture
@@ -91,9 +101,11 @@ def test_registered_by_name_and_lazy():
 # -- validate --------------------------------------------------------------------------------
 
 
-def test_validate_returns_model_specific_default_warnings(backend):
+def test_validate_merges_the_real_phi4_defaults_with_a_warning_each(backend):
     warnings = backend.validate_compute(experiment())
-    assert warnings == ["model_specific_defaults overrides optimization.deepspeed_stage: 2 -> 3"]
+    assert warnings == ["model_specific_defaults overrides optimization.deepspeed_stage: 2 -> 3",
+                        "model_specific_defaults overrides training.precision: 32 -> 16",
+                        "model_specific_defaults overrides training.num_train_epochs: 3 -> 1"]
 
 
 @pytest.mark.parametrize("tags, size, message", [
@@ -101,21 +113,35 @@ def test_validate_returns_model_specific_default_warnings(backend):
     ({"compute_allow_list": "['standard_nc24rs_v3']"}, A100, "compute_allow_list: standard_nc24rs_v3"),
     ({}, "Standard_NC24", "K80 size"),
     ({"finetune_compute_allow_list": "[oops"}, A100, "not a Python-literal list"),
-    ({"inference_compute_allow_list": "['Standard_NC24ads_A100_v4']"}, A100,
-     "deployment.instance_type Standard_NC6s_v3 is not in the model's inference_compute_allow_list"),
+    ({"inference_compute_allow_list": "['Standard_NC48ads_A100_v4']"}, A100,
+     "deployment.instance_type Standard_NC24ads_A100_v4 is not in the model's inference_compute_allow_list"),
 ])
 def test_validate_refuses_sizes_outside_the_model_tags(backend, clients, tags, size, message):
     workspace, registry = clients
-    registry.models.versions["Phi-3-mini-4k-instruct"]["10"].tags = tags
+    retag(registry, tags)
     workspace.compute.clusters["gpu-a100"].size = size
     workspace.compute.sizes.append(VmSize(name="Standard_NC24", gpus=4))
     with pytest.raises(ConfigError, match=message):
-        backend.validate_compute(experiment(compute__size=size))
+        backend.validate_compute(experiment().model_copy(update={
+            "compute": experiment().compute.model_copy(update={"size": size})}))
+
+
+def test_allow_lists_from_system_metadata(backend, clients):
+    """Phi-4's allow-lists live in its system metadata, which SDK 1.35 leaves out of the Model entity;
+    the check reads them from the registry's answer (ModelOperations._get)."""
+    workspace, registry = clients
+    assert registry.models.get("Phi-4", version="8")._system_metadata is None  # as the real SDK gives it
+    workspace.compute.clusters["gpu-a100"].size = "Standard_NC24rs_v3"
+    with pytest.raises(ConfigError, match="Standard_NC24rs_v3 is not in the model's supportedComputes.finetuneComputes"):
+        backend.validate_compute(experiment(compute__size="Standard_NC24rs_v3"))
+    workspace.compute.clusters["gpu-a100"].size = A100
+    with pytest.raises(ConfigError, match="Standard_NC12ads_A10_v4 is not in the model's "
+                                          "supportedComputes.inferenceComputes"):
+        backend.validate_compute(experiment(deployment__instance_type="Standard_NC12ads_A10_v4"))
 
 
 def test_allow_list_is_case_insensitive(backend, clients):
-    clients[1].models.versions["Phi-3-mini-4k-instruct"]["10"].tags = {
-        "finetune_compute_allow_list": "['standard_nc24ads_a100_v4']"}
+    retag(clients[1], {"finetune_compute_allow_list": "['standard_nc24ads_a100_v4']"})
     assert backend.validate_compute(experiment()) == []
 
 
@@ -134,10 +160,73 @@ def test_validate_cluster_state_and_gpus(backend, clients):
         backend.validate_compute(experiment())
 
 
-def test_model_not_found_and_pinned_version(backend):
-    with pytest.raises(ConfigError, match="Phi-3-mini-4k-instruct version 7 not found in registry azureml"):
+def test_serverless_needs_no_cluster(backend, clients):
+    workspace, _ = clients
+    del workspace.compute.clusters["gpu-a100"]
+    exp = experiment(compute={"serverless": True, "size": "Standard_NC48ads_A100_v4"})
+    assert len(backend.validate_compute(exp)) == 3
+    assert "compute.get" not in workspace.calls
+    with pytest.raises(ConfigError, match="Standard_NC24rs_v3 is not in the model's"):
+        backend.validate_compute(experiment(compute={"serverless": True, "size": "Standard_NC24rs_v3"}))
+
+
+def test_model_not_found_by_version_and_by_latest(backend, clients):
+    from azure.ai.ml.exceptions import ValidationException
+    from azure.core.exceptions import ResourceNotFoundError
+
+    _, registry = clients
+    with pytest.raises(ResourceNotFoundError):  # what the SDK raises for a version ...
+        registry.models.get("Phi-4", version="7")
+    with pytest.raises(ValidationException):  # ... and for label="latest" of a model with no active version
+        registry.models.get(PHI3, label="latest")
+    with pytest.raises(ConfigError, match="Phi-4 version 7 not found in registry azureml"):
         backend.validate_compute(experiment(model__version="7"))
-    assert backend.validate_compute(experiment(model__version="10"))
+    with pytest.raises(ConfigError, match=f"model {PHI3} has no active version in registry azureml "
+                                          r"\(retired models are archived\); pin model.version"):
+        backend.validate_compute(experiment(model__name=PHI3))
+    assert backend.validate_compute(experiment(model__version="8"))
+
+
+@pytest.mark.parametrize("state", ["2025-08-18", "2026-07-01"])
+def test_a_model_retired_for_fine_tuning_is_refused_with_its_date(component, state):
+    """Phi-3-mini-4k-instruct version 15: its retirement date in the tags (2025-08) or, since 2026-06, in
+    the system metadata, with the version archived."""
+    clients = reference_clients(component, models=[(PHI3, "15", state)])
+    backend = AzureBackend(*clients, sleep=lambda s: None)
+    with pytest.raises(ConfigError, match=f"model {PHI3} version 15 was retired for fine-tuning on 2025-08-30; "
+                                          "`automation models` lists"):
+        backend.validate_compute(experiment(model__name=PHI3, model__version="15"))
+
+
+def test_an_archived_model_without_dates_is_refused(component):
+    clients = reference_clients(component, models=[(PHI3, "15", "2026-07-01")])
+    properties = clients[1].models.payloads[PHI3]["15"]["properties"]
+    properties.pop("systemMetadata")
+    backend = AzureBackend(*clients, sleep=lambda s: None)
+    with pytest.raises(ConfigError, match="version 15 is archived in its registry"):
+        backend.validate_compute(experiment(model__name=PHI3, model__version="15"))
+
+
+@pytest.mark.parametrize("today, expected", [
+    (date(2025, 5, 1), "will be deprecated for fine-tuning on 2025-06-30; fine-tuning retires on 2025-08-30"),
+    (date(2025, 7, 15), "is deprecated for fine-tuning since 2025-06-30; fine-tuning retires on 2025-08-30"),
+])
+def test_a_warning_before_retirement(component, today, expected):
+    clients = reference_clients(component, models=[(PHI3, "15", "2025-08-18")])
+    backend = AzureBackend(*clients, sleep=lambda s: None, today=lambda: today)
+    warnings = backend.validate_compute(experiment(model__name=PHI3, model__version="15"))
+    assert warnings[0] == f"model {PHI3} version 15 {expected}"
+
+
+def test_real_phi3_defaults_of_2025_pass_inputs_and_name_the_rest(component):
+    """Version 15 as of 2025-02: `learning_rate_min`/`learning_rate_max` are not component inputs; they
+    are named in one warning and not passed; `ignore_mismatched_sizes`/`logging_strategy` are inputs."""
+    clients = reference_clients(component, models=[(PHI3, "15", "2025-02-15")])
+    backend = AzureBackend(*clients, sleep=lambda s: None, today=lambda: date(2025, 3, 1))
+    warnings = backend.validate_compute(experiment(model__name=PHI3, model__version="15"))
+    assert warnings[-1] == ("model_specific_defaults holds learning_rate_min, learning_rate_max, which are not "
+                            "inputs of chat_completion_pipeline; not passed")
+    assert "model_specific_defaults overrides training.precision: 32 -> 16" in warnings
 
 
 def test_cluster_created_when_asked_falling_back_to_low_priority(backend, clients):
@@ -179,7 +268,60 @@ def test_quota_errors_are_not_retried_and_read_in_one_sentence(sleeps):
         retry.call("creating deployment demo", refuse, sleep=sleeps.append)
     assert len(calls) == 1 and sleeps == []
     assert "\n" not in str(err.value)
-    assert str(err.value).startswith("creating deployment demo refused for lack of quota: (QuotaExceeded) Not enough")
+    assert str(err.value).startswith("creating deployment demo refused for lack of quota: (OutOfQuota) Not enough")
+
+
+@pytest.mark.parametrize("status, body", [
+    (502, "upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
+    (503, "no healthy upstream"),
+    (504, "upstream request timeout"),
+])
+def test_plain_text_gateway_answers_are_retried(sleeps, status, body):
+    """The SDK turns a non-JSON error answer into a bare MlException (validate_response); a scoring
+    endpoint's gateway answers 502/503/504 so, and they pass."""
+    from azure.ai.ml.exceptions import MlException
+
+    error = plain_text_answer(status, body)
+    assert type(error) is MlException and str(error) == body
+    answers = [error, error, '{"output": "hi"}']
+
+    def flaky():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert retry.call("scoring ep", flaky, sleep=sleeps.append, base_delay=2) == '{"output": "hi"}'
+    assert sleeps == [2.0, 4.0]
+
+
+def test_plain_text_refusals_and_sdk_validation_are_not_retried(sleeps):
+    from azure.ai.ml.exceptions import ValidationException
+
+    for error in (plain_text_answer(401, "Unauthorized"),
+                  ValidationException(message="Cannot specify both version and label.", no_personal_data_message="x")):
+        with pytest.raises(BackendError, match="^scoring ep failed: "):
+            retry.call("scoring ep", lambda e=error: (_ for _ in ()).throw(e), sleep=sleeps.append)
+    assert sleeps == []
+
+
+def test_not_found_and_already_exists_pass_through_in_the_sdk_types(component):
+    """What the callers catch is what the SDK raises: they are not wrapped, whatever their type."""
+    from azure.ai.ml.exceptions import ValidationException
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+    from tests.fake_azure import already_in_registry, http_error, no_latest_version
+
+    passing = [no_latest_version("x", "registry azureml"), already_in_registry(), ResourceNotFoundError("gone"),
+               http_error(400, "UserError", "A job with this ID already exists.")]
+    for error in passing:
+        with pytest.raises(type(error)):
+            retry.call("reading", lambda e=error: (_ for _ in ()).throw(e), sleep=lambda s: None)
+    assert retry.is_not_found(passing[0]) and retry.is_not_found(passing[2])
+    assert retry.is_already_exists(passing[1]) and retry.is_already_exists(passing[3])
+    other = ValidationException(message="Cannot specify both version and label.", no_personal_data_message="x")
+    assert not retry.is_not_found(other) and not retry.is_already_exists(other)
+    assert isinstance(passing[3], HttpResponseError) and not retry.is_already_exists(http_error(400, "X", "bad"))
 
 
 def test_retries_give_up_with_the_count(sleeps):
@@ -211,3 +353,33 @@ def test_mlflow_metrics_reads_the_pipeline_runs_and_the_loss_curve(tmp_path):
     found = mlflow_metrics(uri, "job-1")
     assert found["eval_loss"] == 1.5 and found["train_loss"] == 1.7
     assert found[LOSS_CURVE] == [(10, 2.0), (20, 1.6), (30, 1.4)]
+
+
+# -- automation models -----------------------------------------------------------------------
+
+
+def test_catalog_lists_current_chat_models_with_compute_and_dates(clients, capsys):
+    import argparse
+
+    from automation.backends.azure.catalog import cmd_models, finetunable_chat_models
+
+    _, registry = clients
+    (phi4,) = finetunable_chat_models(registry, today=date(2026, 12, 1))  # Phi-3-mini is archived: not listed
+    assert (phi4.name, phi4.version, phi4.status) == ("Phi-4", "8", "current")
+    assert A100 in phi4.finetune_sizes and "Standard_NC40ads_H100_v5" in phi4.finetune_sizes
+    assert phi4.life.finetune_retirement is None
+    everything = finetunable_chat_models(registry, include_archived=True, today=date(2026, 12, 1))
+    assert [(e.name, e.status, str(e.life.finetune_retirement)) for e in everything] == [
+        ("Phi-4", "current", "None"), (PHI3, "retired", "2025-08-30")]
+    assert cmd_models(argparse.Namespace(registry="azureml", all=True, name="phi-3"), lambda name: registry) == 0
+    out = capsys.readouterr().out
+    assert PHI3 in out and "2025-08-30" in out and "Phi-4 " not in out
+
+
+def test_catalog_reads_the_tag_era(component):
+    from automation.backends.azure.catalog import finetunable_chat_models
+
+    _, registry = reference_clients(component, models=[(PHI3, "15", "2025-08-18")])
+    (entry,) = finetunable_chat_models(registry, today=date(2025, 7, 1))
+    assert entry.status == "deprecated" and str(entry.life.finetune_deprecation) == "2025-06-30"
+    assert entry.finetune_sizes[0] == A100 and "Standard_NC6s_v3" in entry.inference_sizes

@@ -45,13 +45,13 @@ def test_live_flow_end_to_end(tmp_path, monkeypatch):
 
     repo = Path(__file__).resolve().parent.parent
     monkeypatch.setenv("AUTOMATION_HOME", str(tmp_path / "ws"))
-    body = yaml.safe_load((repo / "experiments" / "phi3-mini-ultrachat.yaml").read_text())
+    body = yaml.safe_load((repo / "experiments" / "phi4-ultrachat.yaml").read_text())
     body["data"] = {"dataset": str(repo / "data" / "ultrachat-sample"), "sample_percent": 100}
     body["compute"].update(cluster=os.environ.get("AZURE_ML_TEST_CLUSTER", "gpu-a100"),
                            size=os.environ.get("AZURE_ML_TEST_SIZE", "Standard_NC24ads_A100_v4"))
     body["training"].update(num_train_epochs=1, max_steps=5, max_seq_length=512)
     body["deployment"]["ttl_hours"] = 2
-    path = tmp_path / "experiments" / "phi3-mini-ultrachat.yaml"
+    path = tmp_path / "experiments" / "phi4-ultrachat.yaml"
     path.parent.mkdir()
     path.write_text(yaml.safe_dump(body))
     run = stages.open_run(path)

@@ -21,13 +21,14 @@ def test_azure_plan_lists_every_operation_with_its_payload():
     assert [o["stage"] for o in ops] == ["validate", "data", "finetune", "register", "deploy", "deploy", "deploy",
                                         "score", "teardown"]
     job = ops[2]
-    assert job["name"].startswith("phi3-ultrachat-abc1234-")
-    assert job["display_name"] == "Phi-3-mini-4k-instruct-ultrachat-bs1-cosine-ds2-lora-save_limit1-seqlen2048"
+    assert job["name"].startswith("phi4-ultrachat-abc1234-")
+    assert job["display_name"] == "Phi-4-ultrachat-bs1-cosine-ds2-lora-save_limit1-seqlen2048"
     assert job["component"] == {"registry": "azureml", "name": "chat_completion_pipeline", "label": "latest"}
     assert job["settings"] == {"force_rerun": True, "continue_on_step_failure": False, "default_compute": "gpu-a100"}
     inputs = job["inputs"]
-    assert inputs["mlflow_model_path"] == "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/labels/latest"
+    assert inputs["mlflow_model_path"] == "azureml://registries/azureml/models/Phi-4/labels/latest"
     assert inputs["train_file_path"]["type"] == "uri_file" and inputs["train_file_path"]["path"].endswith("train_sft.jsonl")
+    assert inputs["validation_file_path"]["path"].endswith("test_sft.jsonl")  # the eval loss is on the test split
     assert inputs["apply_lora"] == "true" and inputs["deepspeed_stage"] == "2" and inputs["number_of_gpu_to_use_finetuning"] == 1
     assert job["tags"]["pr"] == "7" and job["tags"]["stage"] == "finetune"
     model = ops[3]["model"]
@@ -36,7 +37,7 @@ def test_azure_plan_lists_every_operation_with_its_payload():
     assert endpoint["auth_mode"] == "key" and endpoint["name"].startswith("spr7-") and len(endpoint["name"]) <= 32
     assert deployment["request_settings"]["request_timeout_ms"] == 90000
     assert deployment["liveness_probe"]["initial_delay"] == 600 and traffic == {"demo": 100}
-    assert ops[8]["endpoints_with_tags"] == {"repo": "org/repo", "pr": "7", "experiment": "phi3-ultrachat",
+    assert ops[8]["endpoints_with_tags"] == {"repo": "org/repo", "pr": "7", "experiment": "phi4-ultrachat",
                                              "stage": "staging"}
 
 
@@ -51,6 +52,18 @@ def test_unknown_size_and_experiment_defaults(monkeypatch):
     assert job["model_specific_defaults"] == ["model_specific_defaults overrides training.learning_rate: 5e-06 -> 1e-05"]
     validate = _operations(plan_run(exp, repo="o/r", pr=None, sha=""))[0]
     assert validate["create_if_missing"]["cluster"]["min_instances"] == 0
+
+
+def test_plan_shows_the_pinned_component_and_serverless_compute(monkeypatch):
+    monkeypatch.setenv("AZURE_ML_COMPONENT_VERSION", "0.0.80")  # the experiment's pin wins
+    exp = experiment(training__component_version="0.0.82",
+                     compute={"serverless": True, "size": "Standard_NC48ads_A100_v4"})
+    validate, _, job = _operations(plan_run(exp, repo="o/r", pr=1, sha="abc"))[:3]
+    assert job["component"] == {"registry": "azureml", "name": "chat_completion_pipeline", "version": "0.0.82"}
+    assert validate["serverless"]["size"] == "Standard_NC48ads_A100_v4" and "cluster" not in validate
+    assert job["compute"] == "serverless" and job["settings"]["default_compute"] == "serverless"
+    assert job["inputs"]["compute_finetune"] == "serverless" and job["inputs"]["number_of_gpu_to_use_finetuning"] == 2
+    assert job["inputs"]["instance_type_finetune"] == "Standard_NC48ads_A100_v4"
 
 
 def test_local_plan():

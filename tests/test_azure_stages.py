@@ -11,12 +11,15 @@ from azure.ai.ml import load_component
 
 from automation import naming
 from automation.backends.azure.backend import AzureBackend
-from automation.errors import BackendError
+from automation.errors import BackendError, ConfigError
 from automation.record import DataPart, FinetunePart
 from automation.stages import teardown
 from tests.fake_azure import (
+    COMPONENT_SPEC,
+    FakeMLClient,
     data_dir,
     experiment,
+    plain_text_answer,
     quota_error,
     reference_clients,
     throttled,
@@ -24,14 +27,14 @@ from tests.fake_azure import (
 )
 
 A100 = "Standard_NC24ads_A100_v4"
-MODEL_ID = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/10"
+MODEL_ID = "azureml://registries/azureml/models/Phi-4/versions/8"
 TAGS = naming.resource_tags(repo="org/repo", pr=7, experiment="phi3-ultrachat", sha="abc1234def",
                             stage="staging", ttl_hours=48)
 
 
 @pytest.fixture(scope="module")
-def component(tmp_path_factory):
-    return load_component(write_component(tmp_path_factory.mktemp("component")))
+def component():
+    return load_component(COMPONENT_SPEC)  # the real chat_completion_pipeline 0.0.82
 
 
 @pytest.fixture
@@ -61,13 +64,14 @@ def _job_rest(job) -> dict:
 
 def test_pipeline_job_payload(backend, clients, data):
     workspace, _ = clients
-    name = backend.submit_finetune(experiment(), data, job_name="phi3-ultrachat-abc1234-cfg1234", tags=TAGS)
-    assert name == "phi3-ultrachat-abc1234-cfg1234"
+    name = backend.submit_finetune(experiment(), data, job_name="phi4-ultrachat-abc1234-cfg1234", tags=TAGS)
+    assert name == "phi4-ultrachat-abc1234-cfg1234"
     (job,) = workspace.jobs.submitted
+    assert job._validate().passed  # the SDK's own validation against the real component spec
     rest = _job_rest(job)
     props = rest["properties"]
-    assert rest["name"] == name and props["experimentName"] == "phi3-ultrachat"
-    assert props["displayName"] == ("Phi-3-mini-4k-instruct-ultrachat-bs1-cosine-ds3-lora-save_limit1-seqlen2048")
+    assert rest["name"] == name and props["experimentName"] == "phi4-ultrachat"
+    assert props["displayName"] == "Phi-4-ultrachat-bs1-cosine-ds3-lora-save_limit1-seqlen2048"
     assert props["settings"]["force_rerun"] is True and props["settings"]["continue_on_step_failure"] is False
     assert props["settings"]["default_compute"] == "gpu-a100"
     assert props["tags"]["pr"] == "7" and props["outputs"]["trained_model"]["jobOutputType"] == "mlflow_model"
@@ -76,24 +80,85 @@ def test_pipeline_job_payload(backend, clients, data):
     assert node["inputs"]["mlflow_model_path"] == {"uri": MODEL_ID, "job_input_type": "mlflow_model"}
     for key in ("compute_model_import", "compute_preprocess", "compute_finetune", "compute_model_evaluation"):
         assert inputs[key] == "gpu-a100"
-    for key, split in (("train_file_path", "train_sft"), ("test_file_path", "test_sft")):
+    assert not any(key.startswith("instance_type_") for key in inputs)  # a cluster: the component ignores them
+    for key, split in (("train_file_path", "train_sft"), ("validation_file_path", "test_sft"),
+                       ("test_file_path", "test_sft")):
         assert node["inputs"][key]["job_input_type"] == "uri_file"
         assert inputs[key].endswith(f"data/{split}.jsonl")
     assert inputs["number_of_gpu_to_use_finetuning"] == "1" and inputs["num_nodes_finetune"] == "1"
     assert inputs["apply_lora"] == "true" and inputs["apply_deepspeed"] == "true"
-    assert inputs["deepspeed_stage"] == "3"  # model_specific_defaults won over the experiment's 2
+    # Phi-4's model_specific_defaults won over the experiment: stage 3, 16-bit, one epoch
+    assert (inputs["deepspeed_stage"], inputs["precision"], inputs["num_train_epochs"]) == ("3", "16", "1")
     assert inputs["learning_rate"] == "5e-06" and inputs["lr_scheduler_type"] == "cosine"
-    assert inputs["num_train_epochs"] == "3" and inputs["precision"] == "32"
-    assert "adam_beta1" not in inputs  # not an input of this component version: left out
+    assert inputs["optim"] == "adamw_torch" and inputs["logging_strategy"] == "steps"
+    assert inputs["ignore_mismatched_sizes"] == "false" and inputs["shm_size_finetune"] == "5g"
     assert node["outputs"]["mlflow_model_folder"]["value"] == "${{parent.outputs.trained_model}}"
+
+
+def test_every_parameter_input_of_the_real_component_is_passed(backend, clients, data, component):
+    """The experiment covers chat_completion_pipeline 0.0.82: each input is passed or named in NOT_PASSED."""
+    from automation.backends.azure import pipeline
+
+    workspace, _ = clients
+    backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS)
+    (node,) = _job_rest(workspace.jobs.submitted[0])["properties"]["jobs"].values()
+    declared = set(component.inputs)
+    passed = set(node["inputs"])
+    assert len(declared) == 69
+    assert passed <= declared
+    assert declared - passed == set(pipeline.NOT_PASSED) | {f"instance_type_{s}" for s in
+                                                             ("model_import", "preprocess", "finetune")}
+
+
+def test_real_phi3_defaults_are_merged_and_the_non_inputs_left_out(clients, data, component, caplog):
+    """Phi-3-mini-4k-instruct version 15 as of 2025-02: forwarding learning_rate_min would fail the
+    pipeline call (the component has no such input); it is named in a warning and not passed."""
+    from datetime import date
+
+    from azure.ai.ml.exceptions import UnexpectedKeywordError
+
+    with pytest.raises(UnexpectedKeywordError, match="unexpected keyword argument 'learning_rate_min'"):
+        component(learning_rate_min=5e-7)
+    clients = reference_clients(component, models=[("Phi-3-mini-4k-instruct", "15", "2025-02-15")])
+    backend = AzureBackend(*clients, sleep=lambda s: None, today=lambda: date(2025, 3, 1))
+    phi3 = experiment(model__name="Phi-3-mini-4k-instruct", model__version="15")
+    backend.submit_finetune(phi3, data, job_name="job-1", tags=TAGS)
+    job = clients[0].jobs.submitted[0]
+    assert job._validate().passed
+    (node,) = _job_rest(job)["properties"]["jobs"].values()
+    assert not {"learning_rate_min", "learning_rate_max"} & set(node["inputs"])
+    assert node["inputs"]["logging_strategy"]["value"] == "steps"
+    assert node["inputs"]["ignore_mismatched_sizes"]["value"] == "false"
+    assert "model_specific_defaults holds learning_rate_min, learning_rate_max" in caplog.text
+
+
+def test_serverless_job(backend, clients, data):
+    workspace, _ = clients
+    exp = experiment(compute={"serverless": True, "size": "Standard_NC48ads_A100_v4"})
+    backend.submit_finetune(exp, data, job_name="job-1", tags=TAGS)
+    job = workspace.jobs.submitted[0]
+    assert job._validate().passed
+    rest = _job_rest(job)["properties"]
+    (node,) = rest["jobs"].values()
+    inputs = {k: v.get("value") for k, v in node["inputs"].items()}
+    assert rest["settings"]["default_compute"] == "serverless"
+    assert {inputs[f"compute_{s}"] for s in ("model_import", "preprocess", "finetune", "model_evaluation")} == {
+        "serverless"}
+    assert inputs["instance_type_finetune"] == "Standard_NC48ads_A100_v4"
+    assert inputs["instance_type_model_import"] == inputs["instance_type_preprocess"] == "Standard_D12_v2"
+    assert inputs["number_of_gpu_to_use_finetuning"] == "2"
 
 
 def test_pinned_component_version(clients, data, tmp_path):
     workspace, registry = clients
-    registry.components.add(load_component(write_component(tmp_path, version="0.0.70")))
-    backend = AzureBackend(*clients, component_version="0.0.62", sleep=lambda s: None)
-    backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS)
-    assert "0.0.62" in str(_job_rest(workspace.jobs.submitted[0])["properties"]["jobs"])
+    registry.components.add(load_component(write_component(tmp_path, version="0.0.83")))
+    backend = AzureBackend(*clients, sleep=lambda s: None)
+    backend.submit_finetune(experiment(training__component_version="0.0.82"), data, job_name="job-1", tags=TAGS)
+    assert workspace.jobs.submitted[0].jobs["finetune"].component.version == "0.0.82"
+    backend.submit_finetune(experiment(), data, job_name="job-2", tags=TAGS)  # unpinned: the latest
+    assert workspace.jobs.submitted[1].jobs["finetune"].component.version == "0.0.83"
+    with pytest.raises(ConfigError, match=r"chat_completion_pipeline \(0.0.70\) not found in registry azureml"):
+        backend.submit_finetune(experiment(training__component_version="0.0.70"), data, job_name="job-3", tags=TAGS)
 
 
 def test_rerun_finds_the_existing_job(backend, clients, data):
@@ -101,6 +166,29 @@ def test_rerun_finds_the_existing_job(backend, clients, data):
     for _ in range(2):
         assert backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS) == "job-1"
     assert workspace.calls.count("jobs.create_or_update") == 1
+
+
+def test_a_job_submitted_in_between_is_found(backend, clients, data):
+    """Another run submits the same name between our get and create: the service refuses the name
+    with a 400, and the job it names is reused."""
+    workspace, _ = clients
+    real_get = workspace.jobs.get
+    seen = []
+
+    def get_then_race(name):
+        job = real_get(name) if seen else None
+        seen.append(name)
+        if job is None:
+            other = AzureBackend(*clients, sleep=lambda s: None)
+            workspace.jobs.get = real_get
+            other.submit_finetune(experiment(), data, job_name=name, tags=TAGS)
+            from tests.fake_azure import not_found
+            raise not_found("job", name)
+        return job
+
+    workspace.jobs.get = get_then_race
+    assert backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS) == "job-1"
+    assert len(workspace.jobs.submitted) == 1
 
 
 def test_wait_streams_and_reads_metrics(backend, clients, data):
@@ -153,8 +241,7 @@ def test_register_payload_and_rerun(backend, clients):
     stored = workspace.models.versions["Phi-3-mini-4k-instruct-ultrachat-200k"]["1732400000"]
     rest = stored._to_rest_object().as_dict()["properties"]
     assert rest["modelType"] == "mlflow_model" and rest["modelUri"] == "azureml://jobs/job-1/outputs/trained_model"
-    assert rest["description"] == ("Phi-3-mini-4k-instruct fine tuned model for HuggingFaceH4/ultrachat_200k "
-                                   "chat-completion")
+    assert rest["description"] == "Phi-4 fine tuned model for HuggingFaceH4/ultrachat_200k chat-completion"
     assert rest["tags"]["job_name"] == "job-1" and rest["tags"]["repo"] == "org/repo"
     again = backend.register(experiment(), finetune, model_name="Phi-3-mini-4k-instruct-ultrachat-200k",
                              timestamp_version="1732409999", tags=TAGS)
@@ -176,7 +263,7 @@ def test_deploy_payloads(backend, clients):
     endpoint, deployment, traffic = workspace.rest_payloads
     assert endpoint["properties"]["authMode"] == "Key" and endpoint["tags"]["experiment"] == "phi3-ultrachat"
     props = deployment["properties"]
-    assert props["model"] == "azureml:phi3-uc:1732400000" and props["instanceType"] == "Standard_NC6s_v3"
+    assert props["model"] == "azureml:phi3-uc:1732400000" and props["instanceType"] == A100
     assert deployment["sku"]["capacity"] == 1
     assert props["requestSettings"]["requestTimeout"] == "PT1M30S"  # 90000 ms
     assert props["livenessProbe"] == {"failureThreshold": 30, "initialDelay": "PT10M"}  # 600 s
@@ -259,19 +346,66 @@ def test_failed_smoke_score_keeps_the_old_deployment(backend, clients):
     assert workspace.online_endpoints.items["prod-phi3"].traffic == {"v1732400000": 100}
 
 
-def test_promote_shares_into_a_production_registry(clients):
+def _with_production_registry(clients) -> tuple[AzureBackend, FakeMLClient]:
+    workspace, registry = clients
+    production = FakeMLClient(registry_name="prod-registry")
+    workspace.registries["prod-registry"] = production
+    return AzureBackend(workspace, registry, sleep=lambda s: None, production_registry="prod-registry",
+                        registry_clients={"prod-registry": production}), production
+
+
+def test_promote_shares_into_a_production_registry_once(clients):
     workspace, _ = clients
-    backend = AzureBackend(*clients, sleep=lambda s: None, production_registry="prod-registry")
+    backend, production = _with_production_registry(clients)
     backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)
-    backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)  # rerun: exists
-    assert workspace.models.shared == [("prod-registry", "phi3-uc", "1732400000")]
+    assert production.models.get("phi3-uc", version="1732400000").name == "phi3-uc"
+    backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)  # rerun: finds it
+    assert workspace.calls.count("models.share") == 1
+    assert workspace.calls.count("online_deployments.begin_create_or_update") == 1
+
+
+def test_promote_shared_in_between_is_success(clients):
+    """The version appears in the registry between our look and the share: the SDK's
+    ValidationException("... already exists in registry") means done."""
+    workspace, _ = clients
+    backend, production = _with_production_registry(clients)
+    model = _registered(backend)
+    real_share = workspace.models.share
+
+    def share_twice(*args, **kwargs):
+        real_share(*args, **kwargs)
+        return real_share(*args, **kwargs)
+
+    workspace.models.share = share_twice
+    part = backend.promote(experiment(), model, endpoint_name="prod-phi3", tags=TAGS)
+    assert part.deployment_name == "v1732400000" and "phi3-uc" in production.models.versions
+
+
+def test_promote_smoke_tests_before_sharing(clients):
+    workspace, _ = clients
+    backend, production = _with_production_registry(clients)
+    workspace.online_endpoints.replies["v1732400000"] = json.dumps({"error": "model failed to load"})
+    with pytest.raises(BackendError, match="smoke score"):
+        backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)
+    assert "models.share" not in workspace.calls and not production.models.versions
+    assert workspace.online_deployments.of("prod-phi3") == []
+
+
+def test_transient_plain_text_scoring_failures_are_retried(backend, clients):
+    workspace, _ = clients
+    backend.deploy(experiment(), _registered(backend), endpoint_name="ep-1", tags=TAGS)
+    workspace.fail("online_endpoints.invoke", plain_text_answer(502, "Bad Gateway"))
+    workspace.fail("online_endpoints.invoke", plain_text_answer(503, "no healthy upstream"))
+    request = {"input_data": {"input_string": [{"role": "user", "content": "Hi"}], "parameters": {}}, "params": {}}
+    assert backend.invoke("ep-1", request, deployment="demo") == {"output": "Hello from Azure."}
+    assert workspace.calls.count("online_endpoints.invoke") == 3
 
 
 def test_dry_run_plan_matches_the_submitted_job(backend, clients, data):
     from automation.backends.azure.plan import plan_azure
 
     workspace, registry = clients
-    registry.models.versions["Phi-3-mini-4k-instruct"]["10"].tags = {}
+    registry.models.payloads["Phi-4"]["8"]["properties"]["tags"] = {}  # no defaults: the plan cannot know them
     backend.submit_finetune(experiment(), data, job_name="job-1", tags=TAGS)
     (node,) = _job_rest(workspace.jobs.submitted[0])["properties"]["jobs"].values()
     submitted = {k: v.get("value") for k, v in node["inputs"].items() if "value" in v}

@@ -156,7 +156,7 @@ def test_run_dry_run_prints_the_plan_without_network(workspace, capsys):
     plan = capsys.readouterr().out
     for expected in ("chat_completion_pipeline", "force_rerun: true", "continue_on_step_failure: false",
                      "Phi-3-mini-4k-instruct-ultrachat-bs1-cosine-ds2-lora-save_limit-1-seqlen2048",
-                     "auth_mode: key", "request_timeout_ms: 90000"):
+                     "auth_mode: key", "request_timeout_ms: 90000", "version: 0.0.82"):
         assert expected in plan, expected
     assert not (workspace / "runs" / "phi3-mini-ultrachat" / "data").exists(), "a plan runs nothing"
 

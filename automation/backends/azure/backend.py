@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,12 @@ class AzureBackend(Backend):
     def __init__(self, workspace_client=None, registry_client=None, *,
                  metrics_reader: Callable[[str, str], dict[str, Any]] | None = None,
                  sleep: Callable[[float], None] = time.sleep, poll_s: float = 30,
-                 component_version: str | None = None, production_registry: str | None = None):
+                 component_version: str | None = None, production_registry: str | None = None,
+                 registry_clients: dict[str, Any] | None = None, today: Callable[[], date] = compute.today_utc):
         self._workspace = workspace_client
+        self._today = today
         self._registry = registry_client
-        self._registries: dict[str, Any] = {}
+        self._registries: dict[str, Any] = dict(registry_clients or {})
         self._metrics_reader = metrics_reader or mlflow_metrics
         self._sleep = sleep
         self._poll_s = poll_s
@@ -87,11 +90,13 @@ class AzureBackend(Backend):
         return self._workspace
 
     def registry(self, name: str | None = None):
-        if self._registry is not None:
-            return self._registry
         from automation.backends.azure.connection import DEFAULT_REGISTRY, registry_client
 
         key = name or DEFAULT_REGISTRY
+        if key in self._registries:
+            return self._registries[key]
+        if self._registry is not None:
+            return self._registry
         if key not in self._registries:
             self._registries[key] = registry_client(key)
         return self._registries[key]
@@ -102,7 +107,7 @@ class AzureBackend(Backend):
     # -- validate ---------------------------------------------------------------------------
     def validate_compute(self, experiment: Experiment) -> list[str]:
         _, _, warnings = compute.validate(self.workspace, self.registry(experiment.model.registry), experiment,
-                                          self._call)
+                                          self._call, today=self._today())
         return warnings
 
     # -- fine-tune --------------------------------------------------------------------------
@@ -111,28 +116,35 @@ class AzureBackend(Backend):
 
         try:
             return self._call(f"reading job {job_name}", lambda: self.workspace.jobs.get(job_name))
-        except ResourceNotFoundError:
+        except ResourceNotFoundError:  # jobs.get: "Raised if no job with the given name can be found"
             return None
 
-    def component(self, registry_name: str | None):
+    def component_version_for(self, experiment: Experiment) -> str | None:
+        """The experiment's pin (training.component_version), else $AZURE_ML_COMPONENT_VERSION, else latest."""
+        return experiment.training.component_version or self.component_version
+
+    def component(self, registry_name: str | None, version: str | None = None):
+        from azure.ai.ml.exceptions import MlException
         from azure.core.exceptions import ResourceNotFoundError
 
         reg = self.registry(registry_name)
-        version = self.component_version
+        version = version or self.component_version
         try:
             if version:
                 return self._call(f"reading component {pipeline.COMPONENT_NAME}:{version}",
                                   lambda: reg.components.get(name=pipeline.COMPONENT_NAME, version=version))
             return self._call(f"reading component {pipeline.COMPONENT_NAME}",
                               lambda: reg.components.get(name=pipeline.COMPONENT_NAME, label="latest"))
-        except ResourceNotFoundError:
+        except (ResourceNotFoundError, MlException) as err:
+            if not retry.is_not_found(err):  # by version: ResourceNotFoundError; latest: ValidationException
+                raise
             raise ConfigError(f"component {pipeline.COMPONENT_NAME} ({version or 'latest'}) not found in "
                               f"registry {registry_name or 'azureml'}") from None
 
     def build_job(self, experiment: Experiment, data: DataPart, *, job_name: str, tags: dict[str, str]):
         """The pipeline job this experiment submits (after the workspace checks)."""
         check, model, _ = compute.validate(self.workspace, self.registry(experiment.model.registry), experiment,
-                                           self._call)
+                                           self._call, today=self._today())
         tags_of_model = dict(getattr(model, "tags", None) or {})
         merged, _ = apply_model_specific_defaults(
             experiment, tags_of_model.get("model_specific_defaults") or experiment.model.model_specific_defaults)
@@ -140,13 +152,14 @@ class AzureBackend(Backend):
             if not path.is_file():
                 raise ConfigError(f"data file {path} is missing; run `automation data` first")
         return pipeline.build_pipeline_job(
-            self.component(experiment.model.registry), merged, model_id=model.id,
+            self.component(experiment.model.registry, self.component_version_for(experiment)), merged,
+            model_id=model.id,
             gpus_per_node=check.gpus_per_node, data_dir=data.out_dir, job_name=job_name,
             display_name=run_display_name(merged, check.gpus_per_node), tags=tags)
 
     def submit_finetune(self, experiment: Experiment, data: DataPart, *, job_name: str,
                         tags: dict[str, str]) -> str:
-        from azure.core.exceptions import ResourceExistsError
+        from azure.core.exceptions import AzureError
 
         if self._existing_job(job_name) is not None:
             log.info("fine-tune job %s exists; reusing it", job_name)
@@ -155,8 +168,11 @@ class AzureBackend(Backend):
         try:
             created = self._call(f"submitting job {job_name}", lambda: self.workspace.jobs.create_or_update(
                 job, experiment_name=experiment.name))
-        except ResourceExistsError:  # another run submitted it between our get and create
-            return job_name
+        except AzureError as err:
+            # another run submitted it between our get and create: the service refuses the name (400)
+            if retry.is_already_exists(err) and self._existing_job(job_name) is not None:
+                return job_name
+            raise BackendError(f"submitting job {job_name} failed: {retry.one_sentence(err)}") from err
         log.info("submitted %s: %s", created.name, getattr(created, "studio_url", None) or "")
         return created.name
 
@@ -331,50 +347,76 @@ class AzureBackend(Backend):
         return True
 
     # -- promotion --------------------------------------------------------------------------
+    def _shared_version(self, model: RegisterPart):
+        """The version in the production registry, or None: a rerun finds what a previous one shared."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        registry = self.registry(self.production_registry)
+        try:
+            return self._call(f"reading {model.model_name}:{model.version} in {self.production_registry}",
+                              lambda: registry.models.get(model.model_name, version=model.version))
+        except ResourceNotFoundError:
+            return None
+
     def _mark_for_production(self, model: RegisterPart) -> None:
-        from azure.core.exceptions import ResourceExistsError
+        """Share the version into the production registry (when one is set), else tag it `stage: production`."""
+        from azure.ai.ml.exceptions import MlException
 
         models = self.workspace.models
         if self.production_registry:
+            if self._shared_version(model) is not None:
+                log.info("%s:%s is already in %s", model.model_name, model.version, self.production_registry)
+                return
             try:
                 self._call(f"sharing {model.model_name}:{model.version} into {self.production_registry}",
                            lambda: models.share(model.model_name, model.version, share_with_name=model.model_name,
                                                 share_with_version=model.version,
                                                 registry_name=self.production_registry))
-            except ResourceExistsError:
+            except MlException as err:  # shared in between: ValidationException "already exists in registry"
+                if not retry.is_already_exists(err):
+                    raise
                 log.info("%s:%s is already in %s", model.model_name, model.version, self.production_registry)
             return
         entity = self._call(f"reading {model.model_name}:{model.version}",
                             lambda: models.get(model.model_name, version=model.version))
+        if (entity.tags or {}).get("stage") == "production":
+            return
         entity.tags = {**(entity.tags or {}), "stage": "production"}
         self._call(f"tagging {model.model_name}:{model.version} for production",
                    lambda: models.create_or_update(entity))
 
     def promote(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
                 tags: dict[str, str]) -> PromotePart:
-        """Blue/green: the new deployment (named after the version) is created beside the old one,
-        smoke-scored, given all traffic, and only then is the old one deleted."""
+        """Blue/green: the new deployment (named after the version) is created beside the old one and
+        smoke-scored; only then is the version shared into the production registry (or tagged), given
+        all traffic, and the old deployment deleted. A rerun finds each step done and goes on."""
         from azure.core.exceptions import ResourceNotFoundError
 
-        self._mark_for_production(model)
         endpoint = self._ensure_endpoint(endpoint_name, tags)
         new = endpoints.deployment_name_for_version(model.version)
         ops = self.workspace.online_deployments
-        old = [d.name for d in self._call(f"listing deployments of {endpoint_name}",
-                                          lambda: list(ops.list(endpoint_name=endpoint_name))) if d.name != new]
-        self._create_deployment(endpoints.deployment_spec(
-            experiment, endpoint_name=endpoint_name, deployment_name=new, model_id=model.model_uri,
-            tags={**tags, "model": model.model_name, "model_version": model.version}))
-        try:
-            reply = self.invoke(endpoint_name, SMOKE_REQUEST, deployment=new)
-            if not isinstance(reply.get("output"), str):
-                raise BackendError(f"smoke score of deployment {new} returned {reply!r}")
-        except BackendError:  # the old version keeps serving; the broken one would only cost money
-            with contextlib.suppress(ResourceNotFoundError, BackendError):
-                self._call(f"deleting deployment {new}",
-                           lambda: ops.begin_delete(name=new, endpoint_name=endpoint_name).result())
-            raise
-        endpoint = self._set_traffic(endpoint_name, {new: 100})
+        deployed = self._call(f"listing deployments of {endpoint_name}",
+                              lambda: list(ops.list(endpoint_name=endpoint_name)))
+        old = [d.name for d in deployed if d.name != new]
+        serving = (endpoint.traffic or {}).get(new) == 100 and any(
+            d.name == new and _same_model(d.model, model.model_uri) for d in deployed)
+        if not serving:
+            self._create_deployment(endpoints.deployment_spec(
+                experiment, endpoint_name=endpoint_name, deployment_name=new, model_id=model.model_uri,
+                tags={**tags, "model": model.model_name, "model_version": model.version}))
+            try:
+                reply = self.invoke(endpoint_name, SMOKE_REQUEST, deployment=new)
+                if not isinstance(reply.get("output"), str):
+                    raise BackendError(f"smoke score of deployment {new} returned {reply!r}")
+                self._mark_for_production(model)
+            except BackendError:  # the old version keeps serving; the broken one would only cost money
+                with contextlib.suppress(ResourceNotFoundError, BackendError):
+                    self._call(f"deleting deployment {new}",
+                               lambda: ops.begin_delete(name=new, endpoint_name=endpoint_name).result())
+                raise
+            endpoint = self._set_traffic(endpoint_name, {new: 100})
+        else:
+            self._mark_for_production(model)
         for name in old:
             try:
                 self._endpoint(endpoint_name)

@@ -1,28 +1,27 @@
 """Validation against the workspace: the model, the GPU cluster, its size and GPU count.
 
 The rules are the reference's (REFERENCE.md step 3): the model's `finetune_compute_allow_list`
-tag (older models: `compute_allow_list`) when present, else no K80 size; GPUs per node from
-`compute.list_sizes()`; and, stricter than the reference, a deployment instance type outside
-`inference_compute_allow_list` is refused.
+(older models: `compute_allow_list`; since 2026 also the system metadata's finetuneComputes) when
+present, else no K80 size; GPUs per node from `compute.list_sizes()`; and, stricter than the
+reference, a deployment instance type outside the inference allow-list is refused, and so is a
+model retired for fine-tuning.
 """
 
 from __future__ import annotations
 
-import ast
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import Any
 
-from automation.backends.azure import retry
+from automation.backends.azure import lifecycle, retry
 from automation.errors import ConfigError
 from automation.spec import Experiment
 
 log = logging.getLogger(__name__)
 
 K80_SIZES = frozenset({"standard_nc6", "standard_nc12", "standard_nc24", "standard_nc24r"})
-FINETUNE_ALLOW_TAGS = ("finetune_compute_allow_list", "compute_allow_list")
-INFERENCE_ALLOW_TAG = "inference_compute_allow_list"
 
 
 @dataclass(frozen=True)
@@ -33,40 +32,26 @@ class ComputeCheck:
     created: bool = False
 
 
-def parse_allow_list(tags: dict[str, str] | None, *keys: str) -> tuple[str, list[str]] | None:
-    """(tag name, sizes) of the first tag present, parsed with ast.literal_eval; None when absent."""
-    for key in keys:
-        raw = (tags or {}).get(key)
-        if raw is None:
-            continue
-        try:
-            value = ast.literal_eval(raw) if isinstance(raw, str) else raw
-        except (ValueError, SyntaxError) as err:
-            raise ConfigError(f"model tag {key} is not a Python-literal list: {err}") from None
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple, set)):
-            raise ConfigError(f"model tag {key} must be a list of VM sizes, got {raw!r}")
-        return key, [str(v) for v in value]
-    return None
+def today_utc() -> date:
+    return datetime.now(UTC).date()
 
 
-def check_finetune_size(size: str, model_tags: dict[str, str] | None) -> None:
-    allow = parse_allow_list(model_tags, *FINETUNE_ALLOW_TAGS)
+def check_finetune_size(size: str, model: Any) -> None:
+    allow = lifecycle.finetune_allow_list(model)
     if allow is not None:
-        tag, sizes = allow
+        where, sizes = allow
         if size.lower() not in {s.lower() for s in sizes}:
-            raise ConfigError(f"compute size {size} is not in the model's {tag}: {', '.join(sizes)}")
+            raise ConfigError(f"compute size {size} is not in the model's {where}: {', '.join(sizes)}")
     elif size.lower() in K80_SIZES:
         raise ConfigError(f"compute size {size} is a K80 size, which cannot fine-tune this model; "
                           "choose a V100 or A100 size")
 
 
-def check_inference_size(instance_type: str, model_tags: dict[str, str] | None) -> None:
-    allow = parse_allow_list(model_tags, INFERENCE_ALLOW_TAG)
+def check_inference_size(instance_type: str, model: Any) -> None:
+    allow = lifecycle.inference_allow_list(model)
     if allow is not None and instance_type.lower() not in {s.lower() for s in allow[1]}:
         raise ConfigError(f"deployment.instance_type {instance_type} is not in the model's "
-                          f"{INFERENCE_ALLOW_TAG}: {', '.join(allow[1])}")
+                          f"{allow[0]}: {', '.join(allow[1])}")
 
 
 def gpus_of_size(sizes: list[Any], size: str) -> int:
@@ -83,7 +68,12 @@ def gpus_of_size(sizes: list[Any], size: str) -> int:
 
 
 def lookup_model(registry_client, experiment: Experiment, call: Callable = retry.call):
-    """The registry model by version, or by label `latest`."""
+    """The registry model by version, or by label `latest`.
+
+    Not found comes as ResourceNotFoundError for a version and as ValidationException for `latest`
+    (see retry.is_not_found). `latest` lists the active versions only, so a model whose versions are
+    all archived, as retired models are, has none."""
+    from azure.ai.ml.exceptions import MlException
     from azure.core.exceptions import ResourceNotFoundError
 
     m = experiment.model
@@ -94,7 +84,12 @@ def lookup_model(registry_client, experiment: Experiment, call: Callable = retry
                         lambda: registry_client.models.get(m.name, label="latest"))
         return call(f"looking up model {m.name}:{m.version}",
                     lambda: registry_client.models.get(m.name, version=m.version))
-    except ResourceNotFoundError:
+    except (ResourceNotFoundError, MlException) as err:
+        if not retry.is_not_found(err):
+            raise
+        if m.version == "latest":
+            raise ConfigError(f"model {m.name} has no active version in {where} (retired models are archived); "
+                              f"pin model.version to read its dates, or see {lifecycle.FIND_CURRENT}") from None
         raise ConfigError(f"model {m.name} version {m.version} not found in {where}") from None
 
 
@@ -115,7 +110,7 @@ def ensure_cluster(client, experiment: Experiment, call: Callable = retry.call):
     name = experiment.compute.cluster
     try:
         return call(f"reading cluster {name}", lambda: client.compute.get(name)), False
-    except ResourceNotFoundError:
+    except ResourceNotFoundError:  # compute.get reads ARM directly: a 404 maps to ResourceNotFoundError
         if not experiment.compute.create_if_missing:
             raise ConfigError(f"compute cluster {name} does not exist in the workspace; create it or set "
                               "compute.create_if_missing: true") from None
@@ -135,27 +130,36 @@ def ensure_cluster(client, experiment: Experiment, call: Callable = retry.call):
 
 
 def validate(workspace_client, registry_client, experiment: Experiment,
-             call: Callable = retry.call) -> tuple[ComputeCheck, Any, list[str]]:
+             call: Callable = retry.call, today: date | None = None) -> tuple[ComputeCheck, Any, list[str]]:
     """Every workspace check of `validate`; returns the compute, the model and the warnings."""
     from automation.spec import apply_model_specific_defaults
 
     model = lookup_model(registry_client, experiment, call)
     tags = dict(getattr(model, "tags", None) or {})
-    cluster, created = ensure_cluster(workspace_client, experiment, call)
-    state = str(getattr(cluster, "provisioning_state", "") or "")
-    if state.lower() == "failed":
-        raise ConfigError(f"compute cluster {experiment.compute.cluster} is in a failed state; fix or recreate it")
-    size = getattr(cluster, "size", None) or experiment.compute.size
-    if experiment.compute.size and size.lower() != experiment.compute.size.lower():
-        raise ConfigError(f"compute cluster {experiment.compute.cluster} has size {size}, "
-                          f"but the experiment says compute.size {experiment.compute.size}")
-    check_finetune_size(size, tags)
+    archived = lifecycle.read_registry_metadata(registry_client, model)
+    warnings = lifecycle.check_finetune_lifecycle(model, today or today_utc(), archived)
+    created = False
+    if experiment.compute.serverless:
+        size = str(experiment.compute.size)  # no cluster: the component asks for this size per step
+    else:
+        cluster, created = ensure_cluster(workspace_client, experiment, call)
+        state = str(getattr(cluster, "provisioning_state", "") or "")
+        if state.lower() == "failed":
+            raise ConfigError(f"compute cluster {experiment.compute.cluster} is in a failed state; fix or recreate it")
+        size = getattr(cluster, "size", None) or experiment.compute.size
+        if experiment.compute.size and size.lower() != experiment.compute.size.lower():
+            raise ConfigError(f"compute cluster {experiment.compute.cluster} has size {size}, "
+                              f"but the experiment says compute.size {experiment.compute.size}")
+    check_finetune_size(size, model)
     sizes = list(call("listing VM sizes", lambda: workspace_client.compute.list_sizes()))
     gpus = gpus_of_size(sizes, size)
     wanted = experiment.compute.gpus_per_node
     if wanted != "auto" and wanted != gpus:
         raise ConfigError(f"compute.gpus_per_node is {wanted}, but {size} has {gpus} GPU(s) per node")
-    check_inference_size(experiment.deployment.instance_type, tags)
-    _, warnings = apply_model_specific_defaults(
+    check_inference_size(experiment.deployment.instance_type, model)
+    _, merged = apply_model_specific_defaults(
         experiment, tags.get("model_specific_defaults") or experiment.model.model_specific_defaults)
-    return ComputeCheck(experiment.compute.cluster, size, gpus, created), model, warnings
+    for warning in warnings:
+        log.warning(warning)
+    cluster_name = "serverless" if experiment.compute.serverless else str(experiment.compute.cluster)
+    return ComputeCheck(cluster_name, size, gpus, created), model, warnings + merged

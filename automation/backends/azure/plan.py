@@ -67,10 +67,14 @@ def plan_azure(experiment: Experiment, *, repo: str, pr: int | None, sha: str,
                                        gpus_per_node=gpus, data_dir=names["data_dir"])
     for key in pipeline.data_files(merged, names["data_dir"]):
         inputs[key] = {"type": "uri_file", "path": inputs[key]}
-    validate = {"stage": "validate", "operation": "registry.models.get + compute.get + compute.list_sizes",
+    compute_check = ({"serverless": True, "size": c.size, "preprocess_size": c.preprocess_size, "gpus_per_node": gpus}
+                     if c.serverless else {"name": c.cluster, "size": c.size, "gpus_per_node": gpus})
+    validate = {"stage": "validate",
+                "operation": "registry.models.get + " + ("" if c.serverless else "compute.get + ") + "compute.list_sizes",
                 "model": {"registry": registry, "name": m.name, "version": m.version},
-                "cluster": {"name": c.cluster, "size": c.size, "gpus_per_node": gpus},
-                "checks": ["cluster exists and is not failed",
+                "serverless" if c.serverless else "cluster": compute_check,
+                "checks": ["the model is not retired for fine-tuning (a warning before its deprecation date)",
+                           *([] if c.serverless else ["cluster exists and is not failed"]),
                            "size in the model's finetune_compute_allow_list (or compute_allow_list), else not K80",
                            "deployment.instance_type in the model's inference_compute_allow_list when tagged",
                            "the model's model_specific_defaults tag, merged with a warning per key"]}
@@ -78,15 +82,17 @@ def plan_azure(experiment: Experiment, *, repo: str, pr: int | None, sha: str,
         validate["create_if_missing"] = {"operation": "compute.begin_create_or_update",
                                          "cluster": compute.cluster_spec(experiment),
                                          "fallback_tier": "low_priority"}
+    version = experiment.training.component_version or component_version
     job = {
         "stage": "finetune", "operation": "jobs.create_or_update (after jobs.get finds no job of this name)",
         "name": names["job"], "experiment_name": experiment.name,
         "display_name": run_display_name(merged, gpus) if isinstance(gpus, int) else "<after list_sizes>",
         "component": {"registry": registry, "name": pipeline.COMPONENT_NAME,
-                      **({"version": component_version} if component_version else {"label": "latest"})},
-        "compute": c.cluster, "nodes": c.nodes, "inputs": inputs,
+                      **({"version": version} if version else {"label": "latest"})},
+        "compute": pipeline.default_compute(experiment), "nodes": c.nodes, "inputs": inputs,
         "outputs": {pipeline.OUTPUT_NAME: {"type": "mlflow_model", "from": pipeline.COMPONENT_OUTPUT}},
-        "settings": {**pipeline.job_settings(), "default_compute": c.cluster}, "tags": names["tags"]("finetune"),
+        "settings": {**pipeline.job_settings(), "default_compute": pipeline.default_compute(experiment)},
+        "tags": names["tags"]("finetune"),
     }
     if overrides:
         job["model_specific_defaults"] = overrides
