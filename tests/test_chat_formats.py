@@ -338,3 +338,79 @@ def test_files_handed_to_azure_pass_its_preprocess_checks(tmp_path):
             assert any(r["messages"][0]["role"] == "system" for r in rows)
     assert azure_preprocess_problems([{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}],
                                      "test") != []  # the checker is not a rubber stamp
+
+
+# ---------------------------------------------------------------------------------------------
+# Downstream: training, evaluation, the sample request, serving
+
+
+SYSTEM_ROW = {"messages": [
+    {"role": "system", "content": "You are a terse kitchen assistant."},
+    {"role": "user", "content": "What is a kettle?"},
+    {"role": "assistant", "content": "A pot for boiling water."},
+    {"role": "user", "content": "And a whisk?"},
+    {"role": "assistant", "content": "A tool for beating eggs."}]}
+
+
+def test_training_and_evaluation_supervise_assistant_tokens_only(tmp_path, tiny_model_dir):
+    """The loss of a system-prompted row is on the assistant replies (and their end-of-turn), never
+    on the system prompt or the user turns; in the train batches and the eval batches alike."""
+    from automation.backends.local.train import build_trainer
+    from automation.spec import Experiment
+    from tests.conftest import TINY_EXPERIMENT
+
+    folder = tmp_path / "d"
+    write_jsonl(folder / "train.jsonl", [SYSTEM_ROW])
+    write_jsonl(folder / "validation.jsonl", [SYSTEM_ROW])
+    run(folder, tmp_path / "out")
+    body = json.loads(json.dumps(TINY_EXPERIMENT))
+    body["model"]["path"] = str(tiny_model_dir)
+    body["training"]["max_seq_length"] = 1024
+    trainer, tokenizer, _, _ = build_trainer(
+        Experiment.model_validate(body), base_model=tiny_model_dir, train_file=tmp_path / "out" / "train.jsonl",
+        test_file=tmp_path / "out" / "validation.jsonl", output_dir=tmp_path / "ckpt")
+    for batch in (next(iter(trainer.get_train_dataloader())), next(iter(trainer.get_eval_dataloader()))):
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        assert tokenizer.decode(ids).startswith("<|im_start|>system\nYou are a terse kitchen assistant.<|im_end|>\n"
+                                                "<|im_start|>user\nWhat is a kettle?<|im_end|>")
+        assert tokenizer.decode(ids[labels != -100]) == "A pot for boiling water.<|im_end|>A tool for beating eggs.<|im_end|>"
+
+
+def test_local_flow_with_system_prompts(workspace, tiny_model_dir, tmp_path):
+    """OpenAI-format data with system prompts through the whole local flow: the sample request
+    carries the row's system prompt, the endpoint answers it, the report shows it."""
+    from automation.cli import main
+    from automation.record import RunRecord
+    from automation.serving import process
+    from tests.conftest import TINY_EXPERIMENT, write_experiment
+
+    system = "You are a terse kitchen assistant."
+    rows = [{"messages": [{"role": "system", "content": system}, *r["messages"][1 if r["messages"][0]["role"] == "system" else 0:]]}
+            for r in ROWS[:60]]
+    folder = tmp_path / "chat"
+    write_jsonl(folder / "train.jsonl", rows[:48])
+    write_jsonl(folder / "validation.jsonl", rows[48:])
+    body = json.loads(json.dumps(TINY_EXPERIMENT))
+    body["model"]["path"] = str(tiny_model_dir)
+    body["data"] = {"dataset": str(folder), "format": "openai", "train_split": "train", "test_split": "validation",
+                    "sample_split": "validation", "sample_percent": 100}
+    body["training"]["max_steps"] = 2
+    assert main(["run", str(write_experiment(tmp_path / "experiments", body)), "--keep-endpoint"]) == 0
+    record = RunRecord.load(workspace / "runs" / "tiny-local" / "record.json")
+    assert record.finetune.base_eval_loss is not None and record.finetune.eval_loss is not None
+    assert record.score.messages[0] == {"role": "system", "content": system}
+    request = json.loads(Path(record.score.request_file).read_text())
+    assert request["input_data"]["input_string"][0] == {"role": "system", "content": system}
+    assert record.score.prompt_id == hashlib.sha256(record.score.messages[1]["content"].encode()).hexdigest()
+    assert isinstance(record.score.reply, str)
+    assert f"[system] {system}" in Path(record.report_file).read_text()
+    # The served model formats the system prompt as training did (the template saved with it).
+    from transformers import AutoTokenizer
+
+    served = process.get_endpoint(record.deploy.endpoint_name)
+    assert served is not None
+    tokenizer = AutoTokenizer.from_pretrained(served.model_dir)  # the folder the server loaded
+    prompt = tokenizer.apply_chat_template(request["input_data"]["input_string"], add_generation_prompt=True,
+                                           tokenize=False)
+    assert prompt.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
+    assert prompt.endswith("<|im_start|>assistant\n")
