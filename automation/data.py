@@ -30,7 +30,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from automation.chat_rows import DETECT_ROWS, ChatFormat, ChatOptions, canonical, check, check_row
+from automation.chat_rows import (
+    DETECT_ROWS,
+    ChatFormat,
+    ChatOptions,
+    canonical,
+    check,
+    check_row,
+    check_written,
+)
 from automation.errors import ConfigError, DataError
 from automation.workspace import write_text_atomic
 
@@ -389,6 +397,8 @@ def _write_split(rows: Iterator[tuple[Any, str | None]], split: str, limit: int,
         for index, (row, text) in enumerate(rows):
             if isinstance(row, Exception):
                 problems, chars, turns, system_text = [str(row)], 0, 0, None
+            elif as_read:
+                problems, chars, turns, system_text = check_written(row, sft)
             else:
                 problems, chars, turns, system_text = check(row, fmt, sft=sft)
             if problems:
