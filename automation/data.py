@@ -396,22 +396,22 @@ def _write_split(rows: Iterator[tuple[Any, str | None]], split: str, limit: int,
     with tmp.open("w", encoding="utf-8") as out, bar as advance:
         for index, (row, text) in enumerate(rows):
             if isinstance(row, Exception):
-                problems, chars, turns, system_text = [str(row)], 0, 0, None
+                problems = [str(row)]
             elif as_read:
-                problems, chars, turns, system_text = check_written(row, sft)
+                problems, chars, turns, has_system = check_written(row, sft)
             else:
                 problems, chars, turns, system_text = check(row, fmt, sft=sft)
             if problems:
                 bad.append((index, problems))
             else:
                 if as_read:
-                    written = row
                     out.write((text if text is not None else json.dumps(row, ensure_ascii=False)) + "\n")
                 else:
                     written = canonical(row, fmt, system_text)
                     out.write(json.dumps(written, ensure_ascii=False) + "\n")
                     chars = sum(len(m["content"]) for m in written["messages"])  # with data.system_message
-                system_rows += written["messages"][0]["role"] == "system"
+                    has_system = written["messages"][0]["role"] == "system"
+                system_rows += has_system
                 kept.append((turns, chars))
             advance()
     return kept, bad, system_rows
