@@ -105,6 +105,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    from automation.chat_rows import ChatOptions
     from automation.data import prepare_data
     from automation.spec import load_experiment
     from automation.workspace import run_dir
@@ -120,6 +121,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         out_dir=out_dir,
         search_from=_search_roots(args.experiment),
         drop_invalid=args.drop_invalid,
+        chat=ChatOptions.of(d),
     )
     _print_data_stats(result)
     return EXIT_OK
@@ -136,10 +138,11 @@ def _print_data_stats(result) -> None:
     from rich.table import Table
 
     table = Table(title=f"data: {result.source} -> {result.out_dir}" + (" (reused)" if result.reused else ""))
-    for column in ("split", "rows", "of", "dropped", "user turns (mean/max)", "chars p50", "p90", "p99"):
-        table.add_column(column, justify="left" if column == "split" else "right")
+    for column in ("split", "format", "rows", "of", "dropped", "with system", "user turns (mean/max)",
+                   "chars p50", "p90", "p99"):
+        table.add_column(column, justify="left" if column in ("split", "format") else "right")
     for s in result.splits.values():
-        table.add_row(s.split, str(s.rows), str(s.source_rows), str(s.dropped),
+        table.add_row(s.split, s.format, str(s.rows), str(s.source_rows), str(s.dropped), str(s.system_rows),
                       f"{s.user_turns_mean:.2f}/{s.user_turns_max}", str(s.chars_p50), str(s.chars_p90), str(s.chars_p99))
     Console(width=120).print(table)
 

@@ -8,8 +8,10 @@ This is the reference flow's download step (`load_dataset(id, split="train_sft[0
   (`data/{split}-00000-of-00001.parquet`), or one sub-folder per split;
 - memory is bounded by the sample: row counts come from file metadata (parquet) or a byte scan
   (JSONL), and only the first rows are parsed;
-- every row is checked against the ultrachat_200k schema; bad rows are reported with split and
-  row number and fail the stage unless `drop_invalid`;
+- rows in the ultrachat_200k, OpenAI or ShareGPT format (chat_rows.py; detected, or as
+  `data.format` says) are checked and written in one form, ultrachat_200k's with an optional
+  system message first; bad rows are reported with split, row number and what is wrong, and fail
+  the stage unless `drop_invalid`;
 - outputs are written atomically next to a manifest; a rerun with the same inputs reuses them.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -27,14 +30,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from automation.chat_rows import (
+    DETECT_ROWS,
+    ChatFormat,
+    ChatOptions,
+    canonical,
+    check,
+    check_row,
+    check_written,
+)
 from automation.errors import ConfigError, DataError
 from automation.workspace import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: data.format, columns, roles and system_message; the format in the stats
 SUFFIXES = (".jsonl", ".json", ".parquet")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+__all__ = ["check_row", "prepare_data", "read_jsonl", "sample_size"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_REPORTED_BAD_ROWS = 20
 PROGRESS_MIN_ROWS = 20_000  # splits sampled to fewer rows get no progress bar
@@ -48,48 +60,6 @@ PROGRESS_MIN_ROWS = 20_000  # splits sampled to fewer rows get no progress bar
 # sample (~1 MB) stays in-process; a 2 GB dataset at 5 % or more goes to the pool.
 POOL_MIN_BYTES = 64 << 20
 SCAN_COST = 1 / 14
-
-
-# ---------------------------------------------------------------------------------------------
-# Row schema
-
-
-def check_row(row: Any, *, sft: bool) -> list[str]:
-    """Problems of one row against the ultrachat_200k schema (empty list: the row is fine)."""
-    return _check_row(row, sft=sft)[0]
-
-
-def _check_row(row: Any, *, sft: bool) -> tuple[list[str], int]:
-    """`check_row`'s problems, and the characters of the row's message contents (counted in the
-    same pass over the messages; meaningful only when there are no problems)."""
-    if not isinstance(row, dict):
-        return [f"row is a {type(row).__name__}, expected an object with prompt, prompt_id, messages"], 0
-    problems = []
-    prompt, prompt_id, messages = row.get("prompt"), row.get("prompt_id"), row.get("messages")
-    if not isinstance(prompt, str) or not prompt.strip():
-        problems.append("prompt must be a non-empty string")
-    if not isinstance(prompt_id, str) or not _HEX64.match(prompt_id):
-        problems.append("prompt_id must be a 64-character lowercase hex sha256")
-    if not isinstance(messages, list) or not messages:
-        problems.append("messages must be a non-empty list")
-        return problems, 0
-    chars = 0
-    for index, message in enumerate(messages):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if not isinstance(message, dict):
-            problems.append(f"messages[{index}] must be an object with role and content")
-            continue
-        role, content = message.get("role"), message.get("content")
-        if role != expected:
-            problems.append(f"messages[{index}].role is {role!r}, expected {expected!r} "
-                            "(turns alternate, starting with the user)")
-        if not isinstance(content, str) or not content.strip():
-            problems.append(f"messages[{index}].content must be a non-empty string")
-        else:
-            chars += len(content)
-    if sft and len(messages) % 2 == 1 and not problems:
-        problems.append("SFT rows must end with an assistant message")
-    return problems, chars
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,14 +225,18 @@ class SplitStats:
     chars_p90: int = 0
     chars_p99: int = 0
     sha256: str = ""
+    format: str = ""  # the format the rows were read in (chat_rows.FORMATS)
+    system_rows: int = 0  # kept rows with a system message
 
     @classmethod
-    def of(cls, split: str, shapes: list[tuple[int, int]], source_rows: int, dropped: int) -> SplitStats:
+    def of(cls, split: str, shapes: list[tuple[int, int]], source_rows: int, dropped: int, *, format: str = "",
+           system_rows: int = 0) -> SplitStats:
         """`shapes`: (user turns, characters) of each kept row."""
         turns = [t for t, _ in shapes]
         lengths = sorted(c for _, c in shapes)
         return cls(
-            split=split, rows=len(shapes), source_rows=source_rows, dropped=dropped,
+            split=split, rows=len(shapes), source_rows=source_rows, dropped=dropped, format=format,
+            system_rows=system_rows,
             user_turns_mean=round(sum(turns) / len(turns), 2) if turns else 0.0,
             user_turns_max=max(turns, default=0),
             chars_p50=_percentile(lengths, 50), chars_p90=_percentile(lengths, 90),
@@ -296,8 +270,10 @@ def prepare_data(
     drop_invalid: bool = False,
     progress: bool = True,
     pool_min_bytes: int | None = None,
+    chat: ChatOptions | None = None,
 ) -> DataResult:
-    """Sample, check and write every split. `required_splits` maps role (train_split, ...) to name.
+    """Sample, check and write every split. `required_splits` maps role (train_split, ...) to name;
+    `chat` says the rows' format and names (default: detected, the usual names).
 
     The splits are processed in parallel worker processes when the input is large (see
     `POOL_MIN_BYTES`, which `pool_min_bytes` overrides); the outputs are the same either way."""
@@ -308,7 +284,8 @@ def prepare_data(
         listing = ", ".join(f"data.{role}={name!r}" for role, name in missing.items())
         raise ConfigError(f"{listing} not found in {source.description}; it has: {', '.join(available)}")
 
-    fingerprint = _fingerprint(source, sample_percent, drop_invalid, sft_splits)
+    chat = chat or ChatOptions()
+    fingerprint = _fingerprint(source, sample_percent, drop_invalid, sft_splits, chat)
     manifest_path = out_dir / "manifest.json"
     reused = _reusable(manifest_path, fingerprint, out_dir)
     if reused is not None:
@@ -318,7 +295,7 @@ def prepare_data(
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [_SplitJob(source=source, split=split, percent=sample_percent, tmp=out_dir / f".{split}.jsonl.tmp",
                       sft=split in sft_splits, required=split in required_splits.values(),
-                      drop_invalid=drop_invalid, progress=progress, slot=slot)
+                      drop_invalid=drop_invalid, progress=progress, slot=slot, chat=chat)
             for slot, split in enumerate(available)]
     stats: dict[str, SplitStats] = {}
     failures: list[str] = []
@@ -329,11 +306,13 @@ def prepare_data(
         # the failures and the warnings are those of a run that does the splits one by one.
         with contextlib.closing(results):
             for split, done in results:
+                log.info("data: split %r read in the %s format (%s)", split, done.stats.format, done.format_reason)
                 if done.bad_count and not drop_invalid:
                     shown = "\n".join(f"  {split} row {index}: {'; '.join(p)}" for index, p in done.bad_shown)
                     more = (f"\n  ... and {done.bad_count - MAX_REPORTED_BAD_ROWS} more"
                             if done.bad_count > MAX_REPORTED_BAD_ROWS else "")
-                    failures.append(f"{done.bad_count} invalid row(s) in split {split!r}:\n{shown}{more}")
+                    failures.append(f"{done.bad_count} invalid row(s) in split {split!r} ({done.stats.format} "
+                                    f"format, {done.format_reason}):\n{shown}{more}")
                 if done.bad_count and drop_invalid:
                     log.warning("dropped %d invalid row(s) of split %r", done.bad_count, split)
                 stats[split] = done.stats
@@ -368,6 +347,7 @@ class _SplitJob:
     drop_invalid: bool
     progress: bool
     slot: int  # the split's index: its place in the shared progress counters of a pool
+    chat: ChatOptions = ChatOptions()
 
 
 @dataclass
@@ -375,6 +355,7 @@ class _SplitDone:
     stats: SplitStats
     bad_count: int
     bad_shown: list[tuple[int, list[str]]]  # the first MAX_REPORTED_BAD_ROWS bad rows
+    format_reason: str = ""  # why the split was read in its format
 
 
 def _run_split(job: _SplitJob) -> _SplitDone:
@@ -387,35 +368,53 @@ def _run_split(job: _SplitJob) -> _SplitDone:
         reporter = _shared_progress(_worker_counters, job.slot, limit, enabled=job.progress)
     else:
         reporter = None
-    kept, bad = _write_split(job.source, job.split, limit, job.tmp, sft=job.sft, progress=job.progress,
-                             reporter=reporter)
-    stats = SplitStats.of(job.split, kept, source_rows=total, dropped=len(bad) if job.drop_invalid else 0)
+    rows = iter_rows(job.source, job.split, limit)
+    # The format is told from the first rows, which are then processed with the rest.
+    head = list(itertools.islice(rows, DETECT_ROWS))
+    fmt, reason = job.chat.detect(row for row, _ in head if not isinstance(row, Exception))
+    kept, bad, system_rows = _write_split(itertools.chain(head, rows), job.split, limit, job.tmp, fmt,
+                                          sft=job.sft, progress=job.progress, reporter=reporter)
+    stats = SplitStats.of(job.split, kept, source_rows=total, dropped=len(bad) if job.drop_invalid else 0,
+                          format=fmt.name, system_rows=system_rows)
     stats.sha256 = _sha256(job.tmp)
-    return _SplitDone(stats, len(bad), bad[:MAX_REPORTED_BAD_ROWS])
+    return _SplitDone(stats, len(bad), bad[:MAX_REPORTED_BAD_ROWS], reason)
 
 
-def _write_split(source: Source, split: str, limit: int, tmp: Path, *, sft: bool, progress: bool,
-                 reporter=None) -> tuple[list[tuple[int, int]], list[tuple[int, list[str]]]]:
-    """Write the split's first `limit` valid rows to `tmp`; (user turns, characters) of each kept
-    row, and (row number, problems) of each bad one."""
+def _write_split(rows: Iterator[tuple[Any, str | None]], split: str, limit: int, tmp: Path, fmt: ChatFormat, *,
+                 sft: bool, progress: bool, reporter=None
+                 ) -> tuple[list[tuple[int, int]], list[tuple[int, list[str]]], int]:
+    """Write the split's valid rows (of its first `limit`) to `tmp` in the written form;
+    (user turns, characters) of each kept row, (row number, problems) of each bad one, and how
+    many kept rows have a system message."""
     kept: list[tuple[int, int]] = []
     bad: list[tuple[int, list[str]]] = []
+    system_rows = 0
+    # Rows already in the written form go out as the very line they came in (when the source is
+    # JSONL): re-serialising them was a third of the stage's time at full scale.
+    as_read = fmt.is_canonical
     bar = reporter if reporter is not None else _progress(f"{split}", limit, enabled=progress)
     with tmp.open("w", encoding="utf-8") as out, bar as advance:
-        for index, (row, text) in enumerate(iter_rows(source, split, limit)):
+        for index, (row, text) in enumerate(rows):
             if isinstance(row, Exception):
-                problems, chars = [str(row)], 0
+                problems = [str(row)]
+            elif as_read:
+                problems, chars, turns, has_system = check_written(row, sft)
             else:
-                problems, chars = _check_row(row, sft=sft)
+                problems, chars, turns, system_text = check(row, fmt, sft=sft)
             if problems:
                 bad.append((index, problems))
             else:
-                out.write((text if text is not None else json.dumps(row, ensure_ascii=False)) + "\n")
-                # A valid row's turns alternate starting with the user: its user turns are the
-                # even-numbered messages.
-                kept.append(((len(row["messages"]) + 1) // 2, chars))
+                if as_read:
+                    out.write((text if text is not None else json.dumps(row, ensure_ascii=False)) + "\n")
+                else:
+                    written = canonical(row, fmt, system_text)
+                    out.write(json.dumps(written, ensure_ascii=False) + "\n")
+                    chars = sum(len(m["content"]) for m in written["messages"])  # with data.system_message
+                    has_system = written["messages"][0]["role"] == "system"
+                system_rows += has_system
+                kept.append((turns, chars))
             advance()
-    return kept, bad
+    return kept, bad, system_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,9 +620,9 @@ class _PoolProgress:
             self._bar = None
 
 
-def _fingerprint(source: Source, percent: float, drop_invalid: bool, sft: set[str]) -> str:
+def _fingerprint(source: Source, percent: float, drop_invalid: bool, sft: set[str], chat: ChatOptions) -> str:
     payload = {"format": FORMAT_VERSION, "source": source.fingerprint(), "percent": percent,
-               "drop_invalid": drop_invalid, "sft": sorted(sft)}
+               "drop_invalid": drop_invalid, "sft": sorted(sft), "chat": chat.fingerprint()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -72,12 +72,35 @@ class ModelSpec(_Strict):
     )
 
 
+ColumnName = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class DataColumns(_Strict):
+    """The dataset's names for the parts of a row, where they differ from its format's."""
+
+    messages: ColumnName | None = Field(None, description="Column with the list of turns "
+                                        "(default: messages; sharegpt: conversations).")
+    role: ColumnName | None = Field(None, description="Key of a turn's speaker (default: role; sharegpt: from).")
+    content: ColumnName | None = Field(None, description="Key of a turn's text (default: content; sharegpt: value).")
+    system: ColumnName | None = Field(None, description="Column with the row's system prompt, kept apart from "
+                                      "the turns (sharegpt default: system).")
+    prompt: ColumnName | None = Field(None, description="Column with the first user turn (ultrachat format).")
+    prompt_id: ColumnName | None = Field(None, description="Column with the prompt's sha256 (ultrachat format).")
+
+
 class DataSpec(_Strict):
     dataset: Annotated[str, Field(min_length=1, description="Hub id (org/name) or a local folder.")]
     train_split: str = "train_sft"
     test_split: str = "test_sft"
     sample_split: str = "test_gen"
     sample_percent: Annotated[float, Field(gt=0, le=100)] = 5
+    format: Literal["auto", "ultrachat", "openai", "sharegpt"] = Field(
+        "auto", description="The rows' format; auto detects it from each split's first rows.")
+    columns: DataColumns = DataColumns()
+    roles: dict[Annotated[str, Field(min_length=1)], Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict, description="More speaker names of the dataset, e.g. {bot: assistant}.")
+    system_message: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="A system prompt put first in every row that has none.")
 
     @model_validator(mode="after")
     def _splits_differ(self) -> DataSpec:
@@ -86,6 +109,13 @@ class DataSpec(_Strict):
             problems.append(("test_split", f"must differ from train_split ({self.train_split!r})"))
         if self.sample_split == self.train_split:
             problems.append(("sample_split", "must differ from train_split: score on data the model did not see"))
+        if self.format in ("openai", "sharegpt"):
+            for key in ("prompt", "prompt_id"):
+                if getattr(self.columns, key) is not None:
+                    problems.append((f"columns.{key}", f"only applies with format ultrachat or auto; "
+                                     f"{self.format} rows get prompt and prompt_id derived"))
+        if self.system_message is not None and not self.system_message.strip():
+            problems.append(("system_message", "must not be blank"))
         _cross_field(problems)
         return self
 

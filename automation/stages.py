@@ -115,6 +115,7 @@ def stage_validate(run: Run) -> list[str]:
 
 
 def stage_data(run: Run, *, drop_invalid: bool = False, out_dir: Path | None = None) -> DataPart:
+    from automation.chat_rows import ChatOptions
     from automation.data import prepare_data
 
     d = run.experiment.data
@@ -124,6 +125,7 @@ def stage_data(run: Run, *, drop_invalid: bool = False, out_dir: Path | None = N
             required_splits={"train_split": d.train_split, "test_split": d.test_split, "sample_split": d.sample_split},
             sft_splits={d.train_split, d.test_split}, out_dir=out_dir or run.dir / "data",
             search_from=[Path.cwd(), run.file.resolve().parent.parent], drop_invalid=drop_invalid,
+            chat=ChatOptions.of(d),
         )
         run.record.data = DataPart(out_dir=str(result.out_dir), source=result.source, reused=result.reused,
                                    rows={s: st.rows for s, st in result.splits.items()})

@@ -2,6 +2,11 @@
 
     python bench/make_ultrachat_like.py /tmp/uc200k          # once: ~2 GB, ~30 s
     python bench/bench_data.py /tmp/uc200k [--percent 5 100] [--reps 3]
+    python bench/bench_data.py /tmp/uc200k --baseline /tmp/old   # against another version's code
+
+`--baseline DIR` compares ours with the `automation` package under DIR (e.g. `git archive <commit>
+automation | tar -x -C DIR`) instead of pandas, alternating the same way: a change's cost measured
+in the same minutes on the same machine.
 
 The reference's approach, per split: `pandas.read_json(path, lines=True)`, the first N % of the
 rows, `to_json(out, orient="records", lines=True)`. Ours: `prepare_data(...)` on the same folder
@@ -34,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def child(kind: str, dataset: Path, percent: float, out: Path) -> None:
     """Run one stage in this (fresh) process and print {"seconds", "rows"} as JSON."""
-    if kind == "ours":
+    if kind in ("ours", "base"):  # the same code path; PYTHONPATH says which version is imported
         from automation.data import prepare_data
 
         start = time.perf_counter()
@@ -92,12 +97,13 @@ class _TreeMemory:
         self._thread.join()
 
 
-def run_once(kind: str, dataset: Path, percent: float) -> dict:
+def run_once(kind: str, dataset: Path, percent: float, baseline: Path | None = None) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"bench-data-{kind}-"))
+    env = {**os.environ, "PYTHONPATH": str(baseline if kind == "base" else REPO)}
     try:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--child", kind, str(dataset), "--percent", str(percent), "--out", str(out / "o")],
-            stdout=subprocess.PIPE, cwd=REPO)
+            stdout=subprocess.PIPE, cwd=REPO, env=env)
         tree = _TreeMemory(proc.pid)
         stdout = proc.stdout.read()
         tree.stop()
@@ -109,6 +115,9 @@ def run_once(kind: str, dataset: Path, percent: float) -> dict:
         # (ours may run worker processes; their memory adds up while they run together).
         result["peak_mib"] = max(usage.ru_maxrss / 1024, tree.peak_mib)
         result["largest_process_mib"] = usage.ru_maxrss / 1024
+        # CPU seconds of the child and its worker processes (waited for, so counted in the child's
+        # usage), imports included: on a busy machine this moves far less than the wall time.
+        result["cpu_s"] = usage.ru_utime + usage.ru_stime
         result["rows_per_s"] = result["rows"] / result["seconds"]
         return result
     finally:
@@ -120,7 +129,8 @@ def main() -> None:
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--percent", type=float, nargs="+", default=[5.0, 100.0])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--child", choices=["ours", "ref"])
+    parser.add_argument("--baseline", type=Path, help="a folder holding another version's automation package")
+    parser.add_argument("--child", choices=["ours", "ref", "base"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     dataset = args.dataset.resolve()
@@ -130,21 +140,31 @@ def main() -> None:
 
     size = sum((dataset / f"{s}.jsonl").stat().st_size for s in SPLITS)
     print(f"dataset {dataset}: {size / 1e9:.2f} GB in {len(SPLITS)} splits; {args.reps} repetitions each")
+    if args.baseline and not (args.baseline / "automation" / "data.py").is_file():
+        raise SystemExit(f"--baseline {args.baseline}: no automation/data.py there")
+    other = "base" if args.baseline else "ref"
     summary = {}
     for percent in args.percent:
-        runs: dict[str, list[dict]] = {"ours": [], "ref": []}
+        runs: dict[str, list[dict]] = {"ours": [], other: []}
         for rep in range(args.reps):
-            order = ("ours", "ref") if rep % 2 == 0 else ("ref", "ours")
+            order = ("ours", other) if rep % 2 == 0 else (other, "ours")
             for kind in order:
-                r = run_once(kind, dataset, percent)
+                r = run_once(kind, dataset, percent, args.baseline)
                 runs[kind].append(r)
                 print(f"  {percent:g} % rep {rep + 1} {kind:4}: {r['rows']} rows in {r['seconds']:.2f} s = "
-                      f"{r['rows_per_s']:,.0f} rows/s, peak {r['peak_mib']:,.0f} MiB", flush=True)
-        med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "rows_per_s", "peak_mib")}
+                      f"{r['rows_per_s']:,.0f} rows/s, {r['cpu_s']:.2f} CPU s, peak {r['peak_mib']:,.0f} MiB",
+                      flush=True)
+        med = {k: {m: statistics.median(r[m] for r in v) for m in ("seconds", "rows_per_s", "peak_mib", "cpu_s")}
                for k, v in runs.items()}
-        speed = med["ours"]["rows_per_s"] / med["ref"]["rows_per_s"]
-        memory = med["ours"]["peak_mib"] / med["ref"]["peak_mib"]
+        speed = med["ours"]["rows_per_s"] / med[other]["rows_per_s"]
+        memory = med["ours"]["peak_mib"] / med[other]["peak_mib"]
         summary[percent] = (med, speed, memory)
+        if args.baseline:
+            print(f"{percent:g} %: ours {med['ours']['rows_per_s']:,.0f} rows/s, {med['ours']['peak_mib']:,.0f} MiB | "
+                  f"baseline {med['base']['rows_per_s']:,.0f} rows/s, {med['base']['peak_mib']:,.0f} MiB | "
+                  f"ours/baseline: {speed:.3f}x rows/s, {memory:.3f}x memory, "
+                  f"{med['ours']['cpu_s'] / med['base']['cpu_s']:.3f}x CPU seconds", flush=True)
+            continue
         print(f"{percent:g} %: ours {med['ours']['rows_per_s']:,.0f} rows/s, {med['ours']['peak_mib']:,.0f} MiB | "
               f"pandas {med['ref']['rows_per_s']:,.0f} rows/s, {med['ref']['peak_mib']:,.0f} MiB | "
               f"speed {speed:.2f}x (target >= 3x: {'met' if speed >= 3 else 'MISSED'}), "

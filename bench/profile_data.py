@@ -21,7 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from automation.data import Source, _write_split, check_row
+from automation.chat_rows import CANONICAL
+from automation.data import Source, _write_split, check_row, iter_rows
+
+
+def write_split(source: Source, limit: int, out: Path) -> None:
+    """The data stage's work on one split of ultrachat rows (read, check, write as read)."""
+    _write_split(iter_rows(source, "train_sft", limit), "train_sft", limit, out, CANONICAL, sft=True, progress=False)
 
 
 def verbatim(path: Path, limit: int, out: Path) -> int:
@@ -50,7 +56,7 @@ def main() -> None:
         out = Path(tmp) / "out.jsonl"
         profiler = cProfile.Profile()
         profiler.enable()
-        _write_split(source, "train_sft", args.rows, out, sft=True, progress=False)
+        write_split(source, args.rows, out)
         profiler.disable()
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(8)
@@ -61,7 +67,7 @@ def main() -> None:
             for kind in (("now", "alt") if rep % 2 == 0 else ("alt", "now")):
                 start = time.perf_counter()
                 if kind == "now":
-                    _write_split(source, "train_sft", args.rows, out, sft=True, progress=False)
+                    write_split(source, args.rows, out)
                     now.append(time.perf_counter() - start)
                 else:
                     verbatim(path, args.rows, out)
