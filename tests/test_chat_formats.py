@@ -331,7 +331,8 @@ def test_files_handed_to_azure_pass_its_preprocess_checks(tmp_path):
         out = tmp_path / format / "out"
         run(write_format(tmp_path / format / "d", format), out)
         handed = data_files(exp, out)
-        assert set(handed) == {"train_file_path", "test_file_path"}
+        # the test split goes in as the validation file too (so the component trains on all of train)
+        assert set(handed) == {"train_file_path", "validation_file_path", "test_file_path"}
         for key, path in handed.items():
             rows = read_jsonl(path)
             assert azure_preprocess_problems(rows, "train" if key == "train_file_path" else "test") == []
