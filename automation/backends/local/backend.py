@@ -331,7 +331,7 @@ def _run_description(experiment: Experiment, job_name: str) -> str:
 
 def _log_datasets(mlflow, experiment: Experiment, data_dir: Path, files: dict[str, Path]) -> None:
     """Each split the run reads as an MLflow run input, with the data manifest's digest of the file."""
-    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     try:
@@ -340,8 +340,8 @@ def _log_datasets(mlflow, experiment: Experiment, data_dir: Path, files: dict[st
         splits = {}
     for context, file in files.items():
         digest = (splits.get(file.stem) or {}).get("sha256") or _sha256(file)
-        dataset = MetaDataset(FileSystemDatasetSource(file.resolve().as_uri()), name=f"{experiment.data.dataset}:{file.stem}",
-                              digest=digest[:36])
+        dataset = MetaDataset(resolve_dataset_source(file.resolve().as_uri()),  # a local file source
+                              name=f"{experiment.data.dataset}:{file.stem}", digest=digest[:36])
         mlflow.log_input(dataset, context=context, tags={"split": file.stem, "sha256": digest})
 
 

@@ -6,10 +6,11 @@ reads that folder in place. The logged model has a signature (`SIGNATURE`): one 
 settings as params. So `mlflow models serve -m models:/<name>/<version> --env-manager local`
 takes its documented request:
 
-    {"inputs": {"messages": [[{"role": "user", "content": "Hi"}]]}, "params": {"max_new_tokens": 40}}
+    {"inputs": [{"messages": [{"role": "user", "content": "Hi"}]}], "params": {"max_new_tokens": 40}}
 
-and `mlflow.pyfunc.load_model(uri).predict({"messages": [conversation, ...]}, params={...})`
-answers the same way in a notebook.
+(one record per conversation; `dataframe_records` works the same), and
+`mlflow.pyfunc.load_model(uri).predict([{"messages": conversation}, ...], params={...})` answers
+the same way in a notebook.
 """
 
 from __future__ import annotations
