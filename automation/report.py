@@ -30,7 +30,9 @@ from automation.spec import Experiment
 MARKER = "<!-- automation:report experiment={name} -->"
 MAX_TEXT = 1500  # characters of one model text in the report
 TEXT_BUDGET = 36_000  # characters for all the per-prompt texts together
-PREVIEW = 90  # characters of a reply in the side-by-side table
+PREVIEW = 90  # characters of a reply in the side-by-side table (fewer when there are many prompts)
+TABLE_BUDGET = 18_000  # characters of all the previews together
+DETAILED_PROMPTS = 16  # prompts whose whole texts are shown; the rest are in the run's evaluation.json
 MAX_PLAN = 20_000
 # Explicit colours: GitHub renders Mermaid with its light or dark theme; these read on both.
 LINE_COLOUR, TEXT_COLOUR = "#1f6feb", "#6e7781"
@@ -255,6 +257,7 @@ def _replies(evaluation: EvaluationPart) -> list[str]:
     models = [k for k in ("base", "candidate", "production") if k in evaluation.models]
     names = {"base": "base model", "candidate": "fine-tuned", "production": "production"}
     n = len(evaluation.prompts)
+    preview = max(30, min(PREVIEW, TABLE_BUDGET // (n * (len(models) + 1))))
     lines = [f"### Replies to the {n} held-out prompts", "",
              "| # | prompt | " + " | ".join(names[m] for m in models) + " |", "|---|---|" + "---|" * len(models)]
     for i, prompt in enumerate(evaluation.prompts):
@@ -264,11 +267,15 @@ def _replies(evaluation: EvaluationPart) -> list[str]:
             ev = evaluation.models[m]
             reply = ev.replies[i] if i < len(ev.replies) else None
             score = f" <sub>{ev.rouge_l_each[i]:.2f}</sub>" if i < len(ev.rouge_l_each) else ""
-            cells.append(cell(reply) + score)
-        lines.append(f"| {i + 1} | {cell(last_user, 70)} | " + " | ".join(cells) + " |")
+            cells.append(cell(reply, preview) + score)
+        lines.append(f"| {i + 1} | {cell(last_user, min(70, preview))} | " + " | ".join(cells) + " |")
     lines += ["", "<sub>Small figures: ROUGE-L of each reply against the reference.</sub>", ""]
-    limit = max(120, min(MAX_TEXT, TEXT_BUDGET // max(1, n * (len(models) + 2))))
-    for i, prompt in enumerate(evaluation.prompts):
+    shown = min(n, DETAILED_PROMPTS)
+    limit = max(120, min(MAX_TEXT, TEXT_BUDGET // (shown * (len(models) + 2))))
+    if shown < n:
+        lines += [f"The whole texts of the first {shown} prompts; all {n} are in `evaluation/evaluation.json` "
+                  "of the fine-tune's MLflow run.", ""]
+    for i, prompt in enumerate(evaluation.prompts[:shown]):
         last_user = prompt.messages[-1]["content"] if prompt.messages else ""
         lines += [f"<details><summary>{i + 1}. {cell(last_user, 80)}</summary>", ""]
         if len(prompt.messages) > 1:
