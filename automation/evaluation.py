@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from automation.errors import AutomationError, ConfigError
-from automation.record import EvalPrompt, EvaluationPart, ModelEval
+from automation.record import EvalPrompt, EvaluationPart, FinetunePart, ModelEval
 from automation.spec import PromotionSpec
 
 MODEL_LABELS = {"base": "base model", "candidate": "fine-tuned", "production": "production"}
@@ -135,8 +135,12 @@ class PolicyCheck:
     limit: float
     passed: bool
 
+    @property
+    def measured(self) -> bool:
+        return self.value is not None
+
     def describe(self) -> str:
-        shown = "not measured" if self.value is None else f"{self.value:+.4f}"
+        shown = "not measured in this run, so not enforced" if self.value is None else f"{self.value:+.4f}"
         sign = "≤" if self.rule.split(".")[-1].startswith("max") else "≥"
         return f"{self.what}: {shown} (needs {sign} {self.limit:g}; {self.rule})"
 
@@ -154,20 +158,24 @@ class PolicyResult:
         return [c for c in self.checks if not c.passed]
 
 
-def check_policy(evaluation: EvaluationPart | None, policy: PromotionSpec) -> PolicyResult:
-    """The experiment's promotion limits against the baseline; a limit that cannot be measured fails."""
+def check_policy(evaluation: EvaluationPart | None, policy: PromotionSpec,
+                 finetune: FinetunePart | None = None) -> PolicyResult:
+    """The experiment's promotion limits against the baseline. Without a held-out evaluation (a
+    backend that does not run one) the eval losses of `finetune` stand in. A figure the run did not
+    measure (no eval split, no prompts) is shown as such and its limit is not enforced."""
     if evaluation is None or "candidate" not in evaluation.models:
-        base = "base"
         evaluation = EvaluationPart(test_split="", prompt_split="", max_new_tokens=0)
-    else:
-        base = baseline_of(evaluation)
+        if finetune is not None:
+            evaluation.models["base"] = ModelEval(model="base", eval_loss=finetune.base_eval_loss)
+            evaluation.models["candidate"] = ModelEval(model="candidate", eval_loss=finetune.eval_loss)
+    base = baseline_of(evaluation)
     candidate = evaluation.models.get("candidate")
     checks = []
 
     def add(rule: str, what: str, value: float | None, limit: float | None, ok) -> None:
         if limit is not None:
             checks.append(PolicyCheck(f"promotion.{rule}", what, value, limit,
-                                      value is not None and ok(value, limit)))
+                                      value is None or ok(value, limit)))
 
     add("max_eval_loss_increase", f"eval loss change vs {MODEL_LABELS[base]}", delta(evaluation, "eval_loss"),
         policy.max_eval_loss_increase, lambda v, lim: v <= lim + 1e-12)

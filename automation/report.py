@@ -171,7 +171,7 @@ def render(record: RunRecord, experiment: Experiment) -> str:
 
 def _policy_line(record: RunRecord, experiment: Experiment) -> list[str]:
     ev = record.finetune.evaluation if record.finetune else None
-    result = check_policy(ev, experiment.promotion)
+    result = check_policy(ev, experiment.promotion, record.finetune)
     if not result.checks:
         return ["**Promotion policy:** no limits set (`promotion:` in the experiment file).", ""]
     against = MODEL_LABELS[result.baseline]
@@ -184,7 +184,8 @@ def _policy_line(record: RunRecord, experiment: Experiment) -> list[str]:
         sign = "≤" if c.rule.split(".")[-1].startswith("max") else "≥"
         value = _pct(c.value) if c.rule.endswith("_rate") else _signed(c.value)
         limit = _pct(c.limit) if c.rule.endswith("_rate") else f"{c.limit:g}"
-        rows.append(f"| {c.what} (`{c.rule.split('.')[-1]}`) | {value} | {sign} {limit} | {'✅' if c.passed else '❌'} |")
+        mark = "not measured" if not c.measured else ("✅" if c.passed else "❌")
+        rows.append(f"| {c.what} (`{c.rule.split('.')[-1]}`) | {value} | {sign} {limit} | {mark} |")
     return [head, "", *rows, ""]
 
 
@@ -342,7 +343,7 @@ def terminal_summary(record: RunRecord, experiment: Experiment, total_seconds: f
         if "production" in ev.models:
             lines.append(f"vs production v{ev.production_version}: eval loss {_plain_delta(delta(ev, 'eval_loss'))}")
     if ft:
-        policy = check_policy(ev, experiment.promotion)
+        policy = check_policy(ev, experiment.promotion, ft)
         if policy.checks:
             lines.append("policy:     " + ("passes" if policy.passed else "NOT MET: " + "; ".join(
                 c.describe() for c in policy.failures())))

@@ -239,7 +239,7 @@ def stage_promote(run: Run, *, override: str | None = None) -> None:
     model = _require(run, "registration", "register")
     name = naming.production_endpoint_name(run.record.repo, run.experiment.name)
     finetune = run.record.finetune
-    policy = check_policy(finetune.evaluation if finetune else None, run.experiment.promotion)
+    policy = check_policy(finetune.evaluation if finetune else None, run.experiment.promotion, finetune)
     if override is not None and not override.strip():
         raise ConfigError("--override-policy needs a reason, e.g. --override-policy 'loss rose on a new test split'")
     if not policy.passed and override is None:
