@@ -338,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "httpcore"):  # one line per readiness poll otherwise
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if not args.verbose:
+        from automation.quiet import quiet_libraries
+
+        quiet_libraries()  # progress bars and chatter of the libraries; ours stays (one line per httpx poll, too)
     try:
         return args.handler(args)
     except ExperimentInvalid as err:

@@ -49,9 +49,9 @@ def test_run_keep_endpoint_list_teardown(workspace, tiny_experiment, capsys):
     assert files == {"run/report.md", "run/sample_score.json", "run/tiny-local.yaml"}
     local = client.download_artifacts(record.finetune.run_id, "evaluation/evaluation.json", str(workspace.parent))
     assert json.loads(Path(local).read_text())["prompt_split"] == "test_gen"
-    version = client.get_model_version("tiny-ultrachat-sample", "1")
-    assert version.model_id and client.get_logged_model(version.model_id).model_id == version.model_id, \
-        "the version is linked to its logged model"
+    logged = client.get_logged_model(record.finetune.model_uri.removeprefix("models:/"))
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny-ultrachat-sample", "version": "1"}], \
+        "the logged model is linked to its registered version"
     os.chdir(workspace.parent)
     assert record.registration.version == "1"
     assert set(record.stages) >= {"validate", "data", "finetune", "register", "deploy", "score", "report"}

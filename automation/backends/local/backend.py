@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 PRODUCTION_ALIAS = "production"
 # Without it MLflow's UI opens an experiment on its (empty) GenAI traces page, not on the runs.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the registered versions made from it
 
 
 def tracking_uri() -> str:
@@ -199,11 +201,15 @@ class LocalBackend(Backend):
                 f"{experiment.model.name} fine tuned model for {experiment.data.dataset} chat-completion"))
         version_tags = {**tags, "timestamp_version": timestamp_version, "job_name": finetune.job_name}
         model_id = finetune.model_uri.removeprefix("models:/") if finetune.model_uri.startswith("models:/m-") else None
-        version = client.create_model_version(  # with the model id, the logged model shows its version
+        version = client.create_model_version(
             name=model_name, source=finetune.model_uri, run_id=finetune.run_id, tags=version_tags, model_id=model_id,
             description=(f"{experiment.model.name} fine tuned on {experiment.data.dataset}; "
                          f"timestamp version {timestamp_version}; job {finetune.job_name}"),
         )
+        if model_id:  # what mlflow.register_model does: the logged model's page then shows its versions
+            linked = client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG)
+            versions = [*(json.loads(linked) if linked else []), {"name": model_name, "version": str(version.version)}]
+            client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(versions)})
         return RegisterPart(model_name=model_name, version=str(version.version),
                             timestamp_version=timestamp_version, model_uri=f"models:/{model_name}/{version.version}")
 
@@ -310,10 +316,14 @@ def _log_chat_model(mlflow, model_dir: Path):
     from automation.backends.local import chat_pyfunc
 
     log.info("logging the model to MLflow (%s)", model_dir)
-    return mlflow.pyfunc.log_model(
-        name="model", python_model=chat_pyfunc.__file__, artifacts={"model": str(model_dir)},
-        pip_requirements=["torch", "transformers", "mlflow"], signature=chat_pyfunc.signature(),
-    )
+    with warnings.catch_warnings():
+        # The signature is given, so MLflow's advice to add type hints or an input example (to infer one,
+        # and by running the model once more) does not apply.
+        warnings.filterwarnings("ignore", message=".*(Add type hints to the `predict`|input example was not provided)")
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=chat_pyfunc.__file__, artifacts={"model": str(model_dir)},
+            pip_requirements=["torch", "transformers", "mlflow"], signature=chat_pyfunc.signature(),
+        )
 
 
 def _run_description(experiment: Experiment, job_name: str) -> str:
@@ -331,8 +341,11 @@ def _run_description(experiment: Experiment, job_name: str) -> str:
 
 def _log_datasets(mlflow, experiment: Experiment, data_dir: Path, files: dict[str, Path]) -> None:
     """Each split the run reads as an MLflow run input, with the data manifest's digest of the file."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.meta_dataset import MetaDataset
+
+    # The local file source class (MLflow registers it once per artifact repository scheme).
+    local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
 
     try:
         splits = json.loads((data_dir / "manifest.json").read_text()).get("splits", {})
@@ -340,7 +353,7 @@ def _log_datasets(mlflow, experiment: Experiment, data_dir: Path, files: dict[st
         splits = {}
     for context, file in files.items():
         digest = (splits.get(file.stem) or {}).get("sha256") or _sha256(file)
-        dataset = MetaDataset(resolve_dataset_source(file.resolve().as_uri()),  # a local file source
+        dataset = MetaDataset(local(file.resolve().as_uri()),
                               name=f"{experiment.data.dataset}:{file.stem}", digest=digest[:36])
         mlflow.log_input(dataset, context=context, tags={"split": file.stem, "sha256": digest})
 

@@ -131,7 +131,7 @@ def sft_config(experiment: Experiment, output_dir: Path, device: str, max_length
         # Per device: fp32 and no checkpointing on CPU (bf16 matmuls are ~100x slower there).
         bf16=on_gpu and t.precision == 16,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # the new name; gradient_checkpointing is a deprecated alias
         use_cpu=not on_gpu,
         include_num_input_tokens_seen="non_padding",
         report_to=[],

@@ -1,0 +1,36 @@
+"""Library noise off for the CLI, so a run's terminal shows the project's own labelled progress.
+
+Set before the libraries are imported (they read these once): Hugging Face progress bars (the
+trainer's own is replaced by one log line per logging step), MLflow's artifact download bar and
+its INFO chatter (database migrations), transformers' advisory messages and tokenizers' fork
+warning. Each is a default: a variable already set in the environment wins, and `-v` skips this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+ENVIRONMENT = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' shard writing/loading bars read this one
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # tokenizing and packing the datasets
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" while logging a local model
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",  # else a warning when the endpoint process forks
+}
+QUIET_LOGGERS = ("mlflow", "alembic", "httpx", "httpcore", "urllib3", "datasets", "transformers")
+
+
+# Deprecations raised inside the libraries by their own calls to each other, not by this project.
+LIBRARY_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+def quiet_libraries() -> None:
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    for message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
