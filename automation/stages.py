@@ -123,6 +123,8 @@ def stage_data(run: Run, *, drop_invalid: bool = False, out_dir: Path | None = N
         )
         run.record.data = DataPart(out_dir=str(result.out_dir), source=result.source, reused=result.reused,
                                    rows={s: st.rows for s, st in result.splits.items()})
+    log.info("data: %s rows in %s%s", ", ".join(f"{s} {n}" for s, n in run.record.data.rows.items()),
+             run.record.data.out_dir, " (reused: the inputs did not change)" if run.record.data.reused else "")
     return run.record.data
 
 

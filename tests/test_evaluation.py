@@ -103,3 +103,21 @@ def test_policy_without_an_evaluation_uses_the_losses_and_says_what_it_did_not_m
     result = check_policy(None, PromotionSpec(), worse)
     assert not result.passed and [c.rule for c in result.failures()] == ["promotion.max_eval_loss_increase"]
     assert result.failures()[0].value == pytest.approx(0.5)
+
+
+def test_the_experiment_file_holds_the_evaluation_and_the_policy(tmp_path):
+    from automation.errors import ExperimentInvalid
+    from automation.spec import load_experiment
+    from tests.conftest import LOCAL_EXPERIMENT, write_experiment
+
+    body = {**LOCAL_EXPERIMENT, "evaluation": {"prompts": 4}, "promotion": {"max_eval_loss_increase": 0.05,
+                                                                            "min_rouge_l_delta": None}}
+    exp = load_experiment(write_experiment(tmp_path, body))
+    assert exp.evaluation.prompts == 4 and exp.evaluation.max_new_tokens == 96
+    assert exp.promotion.max_eval_loss_increase == 0.05 and exp.promotion.min_rouge_l_delta is None
+    bad = {**LOCAL_EXPERIMENT, "promotion": {"min_rouge_l_delta": 2, "max_loss_increase": 0}}
+    with pytest.raises(ExperimentInvalid) as err:
+        load_experiment(write_experiment(tmp_path, bad))
+    text = "\n".join(str(i) for i in err.value.issues)
+    assert "promotion.min_rouge_l_delta" in text and "less than or equal to 1" in text
+    assert "promotion.max_loss_increase" in text and "did you mean promotion.max_eval_loss_increase?" in text

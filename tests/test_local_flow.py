@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import sys
@@ -35,7 +36,8 @@ def test_run_keep_endpoint_list_teardown(workspace, tiny_experiment, capsys):
 
     report = Path(record.report_file).read_text()
     assert "### Evaluation" in report and "```mermaid" in report and "Promotion policy" in report
-    assert record.score.reply.split()[0] in report
+    reply = record.score.reply.replace("\r\n", "\n").replace("\r", "\n").strip()
+    assert html.escape(reply[:60], quote=False).replace("\n", "<br>") in report, "the reply, as escaped prose"
     # The run's record, gathered in one folder for the workflow to upload, opens in MLflow from there.
     bundle = Path(record.bundle_dir)
     assert {"record.json", "report.md", "sample_score.json", "tiny-local.yaml", "mlflow.db"} <= {
