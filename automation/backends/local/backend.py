@@ -168,10 +168,15 @@ class LocalBackend(Backend):
         """Attach the report, the scoring request and the experiment file to the fine-tune's MLflow run."""
         if not finetune.run_id:
             return
+        from mlflow.exceptions import MlflowException
+
         client = _mlflow().MlflowClient()
-        for file in files:
-            if file.is_file():
-                client.log_artifact(finetune.run_id, str(file), artifact_path="run")
+        try:
+            for file in files:
+                if file.is_file():
+                    client.log_artifact(finetune.run_id, str(file), artifact_path="run")
+        except MlflowException as err:  # e.g. a record brought from another machine: the report still stands
+            log.warning("could not attach the report to MLflow run %s: %s", finetune.run_id, err)
 
     def wait_finetune(self, experiment: Experiment, job_name: str, *, stream: bool = True) -> FinetunePart:
         result = self._job_dir(job_name) / "result.json"
@@ -378,16 +383,17 @@ def copy_tracking_store(folder: Path, *, with_weights: bool = False) -> None:
     are left out unless asked (the logged model's MLmodel, config and tokenizer stay)."""
     import shutil
     import sqlite3
+    from contextlib import closing
 
     db = home() / "mlflow.db"
     if not db.is_file():
         return
     copy = folder / "mlflow.db"
-    with sqlite3.connect(db) as source, sqlite3.connect(copy) as target:
+    with closing(sqlite3.connect(db)) as source, closing(sqlite3.connect(copy)) as target:
         source.backup(target)
     artifacts = home() / "mlartifacts"
     prefixes = [artifacts.as_uri(), f"file://{artifacts}", str(artifacts)]
-    with sqlite3.connect(copy) as conn:
+    with closing(sqlite3.connect(copy)) as conn, conn:  # closed, after one committed transaction
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         for table in tables:
             columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')
@@ -396,7 +402,6 @@ def copy_tracking_store(folder: Path, *, with_weights: bool = False) -> None:
                 for prefix in prefixes:
                     conn.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
                                  f'WHERE "{column}" LIKE ?', (prefix, "mlartifacts", prefix + "%"))
-    conn.close()
     if artifacts.is_dir():
         skip = () if with_weights else WEIGHT_SUFFIXES
         shutil.copytree(artifacts, folder / "mlartifacts",
