@@ -187,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _out(plan)
         return EXIT_OK
     stages.run_all(run, keep_endpoint=args.keep_endpoint, drop_invalid=args.drop_invalid,
-                   on_stage=lambda name: log.info("== %s ==", name))
+                   on_stage=lambda name: log.info("── %s", name))
     _out("")
     for line in terminal_summary(run.record, run.experiment, time.monotonic() - started):
         _out(line)
@@ -336,12 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not args.verbose:
-        from automation.quiet import quiet_libraries
+    from automation.quiet import configure_logging
 
-        quiet_libraries()  # progress bars and chatter of the libraries; ours stays (one line per httpx poll, too)
+    configure_logging(args.verbose)  # labelled lines; the libraries' progress bars and chatter off unless -v
     try:
         return args.handler(args)
     except ExperimentInvalid as err:
