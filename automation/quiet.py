@@ -19,6 +19,7 @@ ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",  # else a warning when the endpoint process forks
+    "TQDM_DISABLE": "1",  # plain tqdm bars (GGUF de-quantizing): the project logs a line before and after
 }
 QUIET_LOGGERS = ("mlflow", "alembic", "httpx", "httpcore", "urllib3", "datasets", "transformers")
 
