@@ -16,6 +16,7 @@ ENVIRONMENT = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' shard writing/loading bars read this one
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # tokenizing and packing the datasets
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" while logging a local model
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # MLflow sets its logger's level on import: database migrations
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",  # else a warning when the endpoint process forks
