@@ -322,9 +322,9 @@ def _log_chat_model(mlflow, model_dir: Path):
 
     log.info("logging the model to MLflow (%s)", model_dir)
     with warnings.catch_warnings():
-        # The signature is given, so MLflow's advice to add type hints or an input example (to infer one,
-        # and by running the model once more) does not apply.
-        warnings.filterwarnings("ignore", message=".*(Add type hints to the `predict`|input example was not provided)")
+        # The signature is given, so MLflow's advice to add an input example (to infer one, by running
+        # the model once more) does not apply.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         return mlflow.pyfunc.log_model(
             name="model", python_model=chat_pyfunc.__file__, artifacts={"model": str(model_dir)},
             pip_requirements=["torch", "transformers", "mlflow"], signature=chat_pyfunc.signature(),
