@@ -15,14 +15,8 @@ the same way in a notebook.
 
 from __future__ import annotations
 
-import warnings
-
 import mlflow.models
 import mlflow.pyfunc
-
-# MLflow advises type hints on `predict` (checked when the class below is defined, so wherever this
-# file runs: logging, loading, serving); the model's signature is given explicitly instead.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)  # colour codes first
 
 GENERATION_PARAMS = {"max_new_tokens": 200, "temperature": 0.6, "top_p": 0.9, "do_sample": False}
 
