@@ -35,7 +35,7 @@ def generate_replies(model, tokenizer, prompts: list[EvalPrompt], *, max_new_tok
         return []
     # A whole config, not kwargs over the model's own: its sampling settings would warn with do_sample off.
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
+                              eos_token_id=tokenizer.eos_token_id, use_cache=True)  # whatever training set
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
