@@ -184,16 +184,23 @@ def cmd_stage(args: argparse.Namespace) -> int:
         deleted = stages.stage_teardown(run)
         _out(f"deleted: {', '.join(deleted)}" if deleted else "nothing to delete (already gone)")
     elif verb == "promote":
-        stages.stage_promote(run)
+        stages.stage_promote(run, override=args.override_policy)
         p = run.record.promote
-        _out(f"promoted: version {p.model_version} serves {p.endpoint_name} at {p.url}")
+        _out(f"promoted: version {p.model_version} serves {p.endpoint_name} at {p.url}"
+             + ("" if p.policy_passed else f" (promotion policy overridden: {p.policy_override})"))
+    elif verb == "bundle":
+        folder = stages.stage_bundle(run, Path(args.out) if args.out else None, with_weights=args.with_weights)
+        _out(f"record for upload: {folder}")
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from automation import stages
-    from automation.backends.local.backend import tracking_uri
+    import time
 
+    from automation import stages
+    from automation.report import terminal_summary
+
+    started = time.monotonic()
     run = _open(args)
     if args.dry_run:
         from automation.backends.azure.plan import plan_run
@@ -207,20 +214,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         _out(plan)
         return EXIT_OK
     stages.run_all(run, keep_endpoint=args.keep_endpoint, drop_invalid=args.drop_invalid,
-                   on_stage=lambda name: log.info("== %s ==", name))
-    ft = run.record.finetune
+                   on_stage=lambda name: log.info("── %s", name))
     _out("")
-    _out(f"eval loss: base {ft.base_eval_loss:.4f} -> fine-tuned {ft.eval_loss:.4f}"
-         if ft and ft.base_eval_loss is not None and ft.eval_loss is not None else "eval loss: not measured")
-    _out(f"report:   {run.record.report_file}")
-    _out(f"record:   {run.record_path}")
+    for line in terminal_summary(run.record, run.experiment, time.monotonic() - started):
+        _out(line)
+    _out(f"record:     {run.record_path}")
     if args.keep_endpoint and run.record.deploy:
         d = run.record.deploy
-        _out(f"endpoint: {d.endpoint_name} at {d.url} (key: .automation/endpoints/{d.endpoint_name}.key; "
-             f"stop it with `automation teardown {args.experiment}`)")
+        _out(f"endpoint:   key in .automation/endpoints/{d.endpoint_name}.key; "
+             f"stop it with `automation teardown {args.experiment}`")
     if run.experiment.backend == "local":
-        _out(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri()}")
+        _out(f"MLflow UI:  {_mlflow_ui_command()}")
     return EXIT_OK
+
+
+def _mlflow_ui_command() -> str:
+    """The UI command as it works here: the `mlflow` next to this Python (the venv's), which is not
+    on PATH unless the venv is activated."""
+    import shlex
+
+    from automation.backends.local.backend import tracking_uri
+
+    beside = Path(sys.executable).parent / "mlflow"
+    program = shlex.quote(str(beside)) if beside.is_file() else "mlflow"
+    return f"{program} ui --backend-store-uri {shlex.quote(tracking_uri())}  (then open http://127.0.0.1:5000)"
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
@@ -309,7 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     stage("score", "score a seeded sample of the sample split on the endpoint")
     stage("report", "write the markdown report (and the job summary in GitHub Actions)").add_argument("--out")
     stage("teardown", "delete this experiment's staging endpoints (already gone is success)")
-    stage("promote", "move the registered version to production (blue/green)")
+    p = stage("promote", "move the registered version to production (blue/green) when the promotion policy passes")
+    p.add_argument("--override-policy", metavar="REASON",
+                   help="promote although the experiment's promotion policy is not met; the reason is kept as the "
+                        "promotion_override tag")
+    p = stage("bundle", "one folder with the run's record, report, request and MLflow store, to upload as an artifact")
+    p.add_argument("--out", help="folder to write (default: the workspace's runs/<experiment>/artifact)")
+    p.add_argument("--with-weights", action="store_true", help="include the model weights (large)")
 
     p = stage("run", "every stage in order, on this machine")
     p.add_argument("--keep-endpoint", action="store_true", help="leave the staging endpoint running")
@@ -344,10 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "httpcore"):  # one line per readiness poll otherwise
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    from automation.quiet import configure_logging
+
+    configure_logging(args.verbose)  # labelled lines; the libraries' progress bars and chatter off unless -v
     try:
         return args.handler(args)
     except ExperimentInvalid as err:

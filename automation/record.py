@@ -39,6 +39,41 @@ class LossPoint(_Part):
     loss: float
 
 
+class EvalPrompt(_Part):
+    """One held-out conversation: the messages up to its last user turn, and the answer that followed."""
+
+    prompt_id: str | None = None
+    messages: list[dict[str, str]]
+    reference: str | None = None
+
+
+class ModelEval(_Part):
+    """One model on the held-out evaluation (see automation/evaluation.py for each figure)."""
+
+    model: str  # what was evaluated: the base model's name, the run, or `models:/<name>/<version>`
+    eval_loss: float | None = None
+    perplexity: float | None = None
+    rouge_l: float | None = None
+    mean_words: float | None = None
+    empty_rate: float | None = None
+    repetitive_rate: float | None = None
+    replies: list[str] = Field(default_factory=list)
+    rouge_l_each: list[float] = Field(default_factory=list)
+
+
+class EvaluationPart(_Part):
+    """The base, candidate (fine-tuned) and, when one exists, production model on the same test split
+    (eval loss) and the same prompts of the sample split (replies)."""
+
+    test_split: str
+    prompt_split: str
+    max_new_tokens: int
+    prompts: list[EvalPrompt] = Field(default_factory=list)
+    models: dict[str, ModelEval] = Field(default_factory=dict)  # "base", "candidate", "production"
+    production_version: str | None = None  # the registry version behind "production"
+    seconds: float | None = None
+
+
 class FinetunePart(_Part):
     job_name: str
     status: str = "completed"
@@ -55,6 +90,9 @@ class FinetunePart(_Part):
     wall_seconds: float | None = None
     resumed_from: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    last_train_loss: float | None = None  # train_loss is the mean over the run
+    max_steps: int | None = None
+    evaluation: EvaluationPart | None = None
 
 
 class RegisterPart(_Part):
@@ -86,6 +124,8 @@ class PromotePart(_Part):
     url: str
     model_version: str
     previous_deployment: str | None = None
+    policy_passed: bool | None = None
+    policy_override: str | None = None  # the reason given for promoting against the policy
 
 
 class RunRecord(_Part):
@@ -105,6 +145,7 @@ class RunRecord(_Part):
     score: ScorePart | None = None
     plan_file: str | None = None  # the `run --dry-run` plan (YAML), shown in the report
     report_file: str | None = None
+    bundle_dir: str | None = None  # the folder a workflow uploads as the run's artifact (`automation bundle`)
     promote: PromotePart | None = None
     torn_down: bool = False
 

@@ -1,46 +1,94 @@
 """The markdown report of a run: what a reviewer reads in the PR comment and the job summary.
 
-It renders on GitHub as is: the loss curve is a Mermaid chart (no image hosting), long texts
-sit in <details>, and the endpoint's key never appears (the record does not hold it).
+Written for GitHub's 800 px comment column, light and dark themes:
+
+- the evaluation first (base / fine-tuned / production on the same test split and held-out
+  prompts, the change against the baseline) and whether the promotion policy passes;
+- model text is prose, never a code block (GitHub does not wrap those): HTML-escaped into a
+  one-line `<blockquote>` (an HTML block, so the model's markdown is not rendered as ours) or a
+  table cell with markdown's specials escaped; long texts sit in `<details>`;
+- the loss curve is a Mermaid `xychart-beta` with explicit colours that read on both themes,
+  over the whole step range, ending at the last step;
+- the parameters list only the fields that apply to the run's backend;
+- the body stays well under GitHub's 65,536 characters: each text gets a share of a fixed budget.
+
+The endpoint's key never appears (the record does not hold it).
 """
 
 from __future__ import annotations
 
+import html
+import json
 import math
+import os
 from pathlib import Path
 
-from automation.record import RunRecord
+from automation.evaluation import MODEL_LABELS, baseline_of, check_policy, delta
+from automation.record import EvaluationPart, RunRecord
 from automation.spec import Experiment
 
 MARKER = "<!-- automation:report experiment={name} -->"
-MAX_TEXT = 4000
+MAX_TEXT = 1500  # characters of one model text in the report
+TEXT_BUDGET = 36_000  # characters for all the per-prompt texts together
+PREVIEW = 90  # characters of a reply in the side-by-side table (fewer when there are many prompts)
+TABLE_BUDGET = 18_000  # characters of all the previews together
+DETAILED_PROMPTS = 16  # prompts whose whole texts are shown; the rest are in the run's evaluation.json
 MAX_PLAN = 20_000
+# Explicit colours: GitHub renders Mermaid with its light or dark theme; these read on both.
+LINE_COLOUR, TEXT_COLOUR = "#1f6feb", "#6e7781"
+CHART_STYLE = {"xyChart": {
+    "backgroundColor": "transparent", "plotColorPalette": LINE_COLOUR, "titleColor": TEXT_COLOUR,
+    "xAxisLabelColor": TEXT_COLOUR, "xAxisTitleColor": TEXT_COLOUR, "xAxisTickColor": TEXT_COLOUR,
+    "xAxisLineColor": TEXT_COLOUR, "yAxisLabelColor": TEXT_COLOUR, "yAxisTitleColor": TEXT_COLOUR,
+    "yAxisTickColor": TEXT_COLOUR, "yAxisLineColor": TEXT_COLOUR}}
+# Experiment fields that only one backend reads (the others apply to both).
+AZURE_ONLY = {
+    "compute": {"cluster", "size", "nodes", "gpus_per_node", "create_if_missing"},
+    "training": {"pad_to_max_length", "metric_for_best_model", "resume_from_checkpoint"},
+    "optimization": {"apply_deepspeed", "deepspeed_stage", "apply_ort"},
+    "deployment": {"instance_type", "instance_count", "liveness_initial_delay_s", "liveness_failure_threshold",
+                   "max_concurrent_requests_per_instance"},
+}
+LOCAL_ONLY = {"compute": {"device"}}
+_MARKDOWN_SPECIALS = {c: f"&#{ord(c)};" for c in "\\`*_[]<>|~#!&"}
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _ppl(loss: float | None) -> float | None:
-    return None if loss is None else math.exp(min(loss, 50.0))
+def _signed(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}".replace("-", "−")
 
 
-def _quote(text: str | None) -> str:
-    if not text:
-        return "_(none)_"
-    # Model text may carry bare carriage returns; the report is a text file, so line ends are one kind.
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def _cut(text: str, limit: int) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if len(text) > MAX_TEXT:
-        text = text[:MAX_TEXT] + f"\n\n… (cut: {len(text) - MAX_TEXT} more characters)"
-    # A fenced block keeps the model's markdown from rendering as ours; widen the fence if needed.
-    fence = "```"
-    while fence in text:
-        fence += "`"
-    return f"{fence}text\n{text}\n{fence}"
+    return text if len(text) <= limit else text[:limit].rstrip() + f" … ({len(text) - limit:,} more characters)"
 
 
-def loss_chart(points: list[tuple[int, float]], max_points: int = 60) -> str:
-    """A Mermaid xychart of the training loss (down-sampled to keep the comment small)."""
+def prose(text: str | None, limit: int = MAX_TEXT) -> str:
+    """Model text as a wrapped quote: one line of HTML, so GitHub renders none of its markdown."""
+    if text is None or not text.strip():
+        return "<blockquote><i>(empty)</i></blockquote>"
+    body = html.escape(_cut(text.strip(), limit), quote=False).replace("\n", "<br>")
+    return f"<blockquote>{body}</blockquote>"
+
+
+def cell(text: str | None, limit: int = PREVIEW) -> str:
+    """Text for a table cell: one line, cut, with markdown's and HTML's specials escaped."""
+    if text is None or not text.strip():
+        return "_(empty)_"
+    flat = " ".join(text.split())
+    flat = flat if len(flat) <= limit else flat[:limit].rstrip() + "…"
+    return "".join(_MARKDOWN_SPECIALS.get(c, c) for c in flat)
+
+
+def loss_chart(points: list[tuple[int, float]], max_points: int = 60, last_step: int | None = None) -> str:
+    """A Mermaid xychart of the training loss, down-sampled, always keeping the first and last points."""
     if not points:
         return "_no training loss was logged_"
     if len(points) > max_points:
@@ -50,48 +98,64 @@ def loss_chart(points: list[tuple[int, float]], max_points: int = 60) -> str:
     losses = ", ".join(f"{v:.4f}" for _, v in points)
     low, high = min(v for _, v in points), max(v for _, v in points)
     pad = max((high - low) * 0.1, 0.01)
+    last = points[-1][0]
+    title = f"Training loss, steps {points[0][0]}–{last}" + (f" of {last_step}" if last_step and last_step > last else "")
     return (
-        "```mermaid\nxychart-beta\n"
-        '    title "Training loss"\n'
+        "```mermaid\n"
+        f"%%{{init: {json.dumps({'themeVariables': CHART_STYLE})}}}%%\n"
+        "xychart-beta\n"
+        f'    title "{title}"\n'
         f'    x-axis "step" [{steps}]\n'
         f'    y-axis "loss" {max(low - pad, 0):.3f} --> {high + pad:.3f}\n'
         f"    line [{losses}]\n```"
     )
 
 
+def artifact_link(record: RunRecord) -> str | None:
+    """Where the uploaded record of a GitHub Actions run is: the artifact's own page when its id is
+    known (AUTOMATION_ARTIFACT_ID), else the run's page, which lists its artifacts."""
+    run_id, repo = os.environ.get("GITHUB_RUN_ID"), os.environ.get("GITHUB_REPOSITORY")
+    if not run_id or not repo:
+        return None
+    server = os.environ.get("GITHUB_SERVER_URL", "https://github.com").rstrip("/")
+    url = f"{server}/{repo}/actions/runs/{run_id}"
+    artifact_id = os.environ.get("AUTOMATION_ARTIFACT_ID", "").strip()
+    name = artifact_name(record.experiment)
+    if artifact_id.isdigit():
+        return f"[artifact `{name}`]({url}/artifacts/{artifact_id})"
+    return f"artifact `{name}` of [workflow run {run_id}]({url})"
+
+
+def artifact_name(experiment: str) -> str:
+    return os.environ.get("AUTOMATION_ARTIFACT_NAME") or f"automation-run-{experiment}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def render(record: RunRecord, experiment: Experiment) -> str:
     ft, reg, dep, score = record.finetune, record.registration, record.deploy, record.score
-    lines = [MARKER.format(name=record.experiment), f"## Experiment `{record.experiment}` ({record.backend})", ""]
+    evaluation = ft.evaluation if ft else None
+    title = f"## Experiment `{record.experiment}` ({record.backend})"
+    lines = [MARKER.format(name=record.experiment), title, ""]
     lines.append(f"**Model** {experiment.model.name} · **data** `{experiment.data.dataset}` "
                  f"({experiment.data.sample_percent:g} % of each split) · **config** `{record.config_hash}`"
                  + (f" · **commit** `{record.sha[:7]}`" if record.sha else ""))
     lines.append("")
     if ft:
-        lines += ["### Metrics", "", "| | base model | fine-tuned | change |", "|---|---:|---:|---:|"]
-        change = (None if ft.base_eval_loss is None or ft.eval_loss is None else ft.eval_loss - ft.base_eval_loss)
-        lines.append(f"| eval loss ({experiment.data.test_split}) | {_fmt(ft.base_eval_loss)} | {_fmt(ft.eval_loss)} | "
-                     f"{'–' if change is None else f'{change:+.4f}'} |")
-        lines.append(f"| perplexity | {_fmt(_ppl(ft.base_eval_loss), 2)} | {_fmt(_ppl(ft.eval_loss), 2)} | |")
-        lines += ["", f"Final train loss {_fmt(ft.train_loss)} · {ft.train_tokens or 0:,} tokens at "
-                      f"{_fmt(ft.tokens_per_second, 1)} tokens/s · {_fmt(ft.wall_seconds, 0)} s · job `{ft.job_name}`"
-                      + (f" · resumed from `{ft.resumed_from}`" if ft.resumed_from else ""), ""]
-        lines += [loss_chart([(p.step, p.loss) for p in ft.train_loss_curve]), ""]
-    if reg:
-        lines += [f"**Registered** `{reg.model_name}` version {reg.version} (timestamp version `{reg.timestamp_version}`, "
-                  f"`{reg.model_uri}`)", ""]
-    if dep:
-        state = "torn down" if record.torn_down else "live"
-        lines += [f"**Endpoint** `{dep.endpoint_name}` ({dep.stage}, {state})", ""]
+        lines += _policy_line(record, experiment)
+        lines += _evaluation(ft, evaluation, experiment, record)
+        lines += _training(ft)
+    lines += _where(record, reg, dep)
+    if evaluation and evaluation.prompts:
+        lines += _replies(evaluation)
     if score:
-        lines += ["### Sample", "", f"Reply in {score.latency_seconds:.2f} s"
-                  + (f" · prompt_id `{score.prompt_id[:12]}`" if score.prompt_id else ""), ""]
-        conversation = "\n\n".join(f"[{m['role']}] {m['content']}" for m in score.messages)
-        lines += ["**Prompt**", "", _quote(conversation), "", "**Reference answer**", "", _quote(score.reference), "",
-                  "**Model reply**", "", _quote(score.reply), ""]
+        lines += _sample(score)
     if record.promote:
         p = record.promote
+        how = "" if p.policy_override is None else f"; policy overridden: {cell(p.policy_override, 200)}"
         lines += [f"**Promoted** version {p.model_version} to `{p.endpoint_name}` (deployment `{p.deployment_name}`"
-                  + (f", replacing `{p.previous_deployment}`" if p.previous_deployment else "") + ")", ""]
+                  + (f", replacing `{p.previous_deployment}`" if p.previous_deployment else "") + how + ")", ""]
     if record.stages:
         lines += ["<details><summary>Time per stage</summary>", "", "| stage | seconds | status |", "|---|---:|---|"]
         lines += [f"| {name} | {t.seconds:.1f} | {t.status} |" for name, t in record.stages.items()]
@@ -100,12 +164,205 @@ def render(record: RunRecord, experiment: Experiment) -> str:
         plan = Path(record.plan_file).read_text(encoding="utf-8")
         lines += ["<details><summary>Plan: every operation the run makes (dry run)</summary>", "",
                   "```yaml", plan.rstrip()[:MAX_PLAN], "```", "", "</details>", ""]
-    lines += ["<details><summary>Parameters</summary>", "", "```yaml", _params_yaml(experiment), "```", "", "</details>"]
+    lines += [f"<details><summary>Parameters ({record.backend} backend)</summary>", "", "```yaml",
+              params_yaml(experiment), "```", "", "</details>"]
     return "\n".join(lines) + "\n"
 
 
-def _params_yaml(experiment: Experiment) -> str:
+def _policy_line(record: RunRecord, experiment: Experiment) -> list[str]:
+    ev = record.finetune.evaluation if record.finetune else None
+    result = check_policy(ev, experiment.promotion, record.finetune)
+    if not result.checks:
+        return ["**Promotion policy:** no limits set (`promotion:` in the experiment file).", ""]
+    against = MODEL_LABELS[result.baseline]
+    if result.passed:
+        head = f"**Promotion policy: ✅ passes** against the {against}."
+    else:
+        head = f"**Promotion policy: ❌ not met** against the {against}; `promote` will refuse without an override."
+    rows = ["| rule | value | limit | |", "|---|---:|---:|:-:|"]
+    for c in result.checks:
+        sign = "≤" if c.rule.split(".")[-1].startswith("max") else "≥"
+        value = _pct(c.value) if c.rule.endswith("_rate") else _signed(c.value)
+        limit = _pct(c.limit) if c.rule.endswith("_rate") else f"{c.limit:g}"
+        mark = "not measured" if not c.measured else ("✅" if c.passed else "❌")
+        rows.append(f"| {c.what} (`{c.rule.split('.')[-1]}`) | {value} | {sign} {limit} | {mark} |")
+    return [head, "", *rows, ""]
+
+
+def _evaluation(ft, evaluation: EvaluationPart | None, experiment: Experiment, record: RunRecord) -> list[str]:
+    lines = ["### Evaluation", ""]
+    if evaluation is None:  # a backend or run without the held-out evaluation: the losses alone
+        change = None if ft.base_eval_loss is None or ft.eval_loss is None else ft.eval_loss - ft.base_eval_loss
+        ppl = (None if ft.base_eval_loss is None else math.exp(min(ft.base_eval_loss, 50)),
+               None if ft.eval_loss is None else math.exp(min(ft.eval_loss, 50)))
+        return lines + ["| | base model | fine-tuned | change |", "|---|---:|---:|---:|",
+                        f"| eval loss ({experiment.data.test_split}) | {_fmt(ft.base_eval_loss)} | {_fmt(ft.eval_loss)} "
+                        f"| {_signed(change)} |",
+                        f"| perplexity | {_fmt(ppl[0], 2)} | {_fmt(ppl[1], 2)} | |", ""]
+    models = evaluation.models
+    base = baseline_of(evaluation)
+    columns = [k for k in ("base", "candidate", "production") if k in models]
+    names = {"base": "base model", "candidate": "fine-tuned",
+             "production": f"production v{evaluation.production_version}" if evaluation.production_version
+             else "production"}
+    test_rows = (record.data.rows.get(evaluation.test_split) if record.data else None)
+    lines.append(f"Eval loss on `{evaluation.test_split}`" + (f" ({test_rows} conversations)" if test_rows else "")
+                 + f"; replies to {len(evaluation.prompts)} held-out prompts of `{evaluation.prompt_split}`, "
+                 f"greedy, up to {evaluation.max_new_tokens} new tokens. Change = fine-tuned − {names[base]}.")
+    lines += ["", "| | " + " | ".join(names[c] for c in columns) + " | change |",
+              "|---|" + "---:|" * len(columns) + "---:|"]
+    rows = [("eval loss", "eval_loss", _fmt, _signed), ("perplexity", "perplexity", lambda v: _fmt(v, 2),
+                                                        lambda v: _signed(v, 2)),
+            ("ROUGE-L vs reference", "rouge_l", lambda v: _fmt(v, 3), lambda v: _signed(v, 3)),
+            ("reply length (words)", "mean_words", lambda v: _fmt(v, 1), lambda v: _signed(v, 1)),
+            ("empty replies", "empty_rate", _pct, lambda v: "–" if v is None else f"{v * 100:+.0f} pts"),
+            ("repetitive replies", "repetitive_rate", _pct, lambda v: "–" if v is None else f"{v * 100:+.0f} pts")]
+    for label, metric, show, show_delta in rows:
+        values = [show(getattr(models[c], metric)) for c in columns]
+        lines.append(f"| {label} | " + " | ".join(values) + f" | {show_delta(delta(evaluation, metric))} |")
+    return lines + [""]
+
+
+def _training(ft) -> list[str]:
+    curve = [(p.step, p.loss) for p in ft.train_loss_curve]
+    last_step = ft.max_steps or (curve[-1][0] if curve else None)
+    last = ft.last_train_loss if ft.last_train_loss is not None else (curve[-1][1] if curve else None)
+    facts = [f"last train loss {_fmt(last)}" + (f" at step {curve[-1][0]}" if curve else ""),
+             f"mean over the run {_fmt(ft.train_loss)}",
+             f"{ft.train_tokens or 0:,} tokens at {_fmt(ft.tokens_per_second, 1)} tokens/s",
+             f"{_fmt(ft.wall_seconds, 0)} s", f"job `{ft.job_name}`"]
+    if ft.resumed_from:
+        facts.append(f"resumed from `{Path(ft.resumed_from).name}`")
+    return ["### Training", "", "Training: " + " · ".join(facts), "",
+            loss_chart(curve, last_step=last_step), ""]
+
+
+def _where(record: RunRecord, reg, dep) -> list[str]:
+    lines = []
+    link = artifact_link(record)
+    if reg:
+        store = ("the MLflow store of " + link) if (link and record.backend == "local") else (
+            "`.automation/mlflow.db`" if record.backend == "local" else "the Azure ML workspace")
+        lines += [f"**Registered** `{reg.model_name}` version {reg.version} (timestamp version "
+                  f"`{reg.timestamp_version}`) in {store}", ""]
+    if dep:
+        state = "torn down" if record.torn_down else "live"
+        lines += [f"**Endpoint** `{dep.endpoint_name}` ({dep.stage}, {state})", ""]
+    if link:
+        lines += [f"**Record:** the MLflow store, report, scoring request and run record are in {link} "
+                  "(open it with `mlflow ui --backend-store-uri sqlite:///mlflow.db` inside the unpacked folder).", ""]
+    return lines
+
+
+def _replies(evaluation: EvaluationPart) -> list[str]:
+    models = [k for k in ("base", "candidate", "production") if k in evaluation.models]
+    names = {"base": "base model", "candidate": "fine-tuned", "production": "production"}
+    n = len(evaluation.prompts)
+    preview = max(30, min(PREVIEW, TABLE_BUDGET // (n * (len(models) + 1))))
+    lines = [f"### Replies to the {n} held-out prompts", "",
+             "| # | prompt | " + " | ".join(names[m] for m in models) + " |", "|---|---|" + "---|" * len(models)]
+    for i, prompt in enumerate(evaluation.prompts):
+        last_user = prompt.messages[-1]["content"] if prompt.messages else ""
+        cells = []
+        for m in models:
+            ev = evaluation.models[m]
+            reply = ev.replies[i] if i < len(ev.replies) else None
+            score = f" <sub>{ev.rouge_l_each[i]:.2f}</sub>" if i < len(ev.rouge_l_each) else ""
+            cells.append(cell(reply, preview) + score)
+        lines.append(f"| {i + 1} | {cell(last_user, min(70, preview))} | " + " | ".join(cells) + " |")
+    lines += ["", "<sub>Small figures: ROUGE-L of each reply against the reference.</sub>", ""]
+    shown = min(n, DETAILED_PROMPTS)
+    limit = max(120, min(MAX_TEXT, TEXT_BUDGET // (shown * (len(models) + 2))))
+    if shown < n:
+        lines += [f"The whole texts of the first {shown} prompts; all {n} are in `evaluation/evaluation.json` "
+                  "of the fine-tune's MLflow run.", ""]
+    for i, prompt in enumerate(evaluation.prompts[:shown]):
+        last_user = prompt.messages[-1]["content"] if prompt.messages else ""
+        lines += [f"<details><summary>{i + 1}. {cell(last_user, 80)}</summary>", ""]
+        if len(prompt.messages) > 1:
+            lines += [f"**Conversation** ({len(prompt.messages)} messages, the last shown above)", "",
+                      prose("\n\n".join(f"[{m['role']}] {m['content']}" for m in prompt.messages[:-1]), limit), ""]
+        lines += ["**Prompt**", "", prose(last_user, limit), "", "**Reference**", "", prose(prompt.reference, limit), ""]
+        for m in models:
+            ev = evaluation.models[m]
+            lines += [f"**{names[m].capitalize()}**", "", prose(ev.replies[i] if i < len(ev.replies) else None, limit), ""]
+        lines += ["</details>", ""]
+    return lines
+
+
+def _sample(score) -> list[str]:
+    lines = ["### Sample scored on the staging endpoint", "",
+             f"Reply in {score.latency_seconds:.2f} s to the request in `{Path(score.request_file).name}`"
+             + (f" · prompt_id `{score.prompt_id[:12]}`" if score.prompt_id else ""), ""]
+    earlier, last = score.messages[:-1], score.messages[-1] if score.messages else {"content": ""}
+    if earlier:
+        lines += [f"<details><summary>Conversation before the prompt ({len(earlier)} messages)</summary>", "",
+                  prose("\n\n".join(f"[{m['role']}] {m['content']}" for m in earlier), 3000), "", "</details>", ""]
+    lines += ["**Prompt**", "", prose(last["content"]), ""]
+    lines += _collapsible("Reference answer", score.reference)
+    lines += ["**Reply**", "", prose(score.reply), ""]
+    return lines
+
+
+def _collapsible(title: str, text: str | None, open_below: int = 400) -> list[str]:
+    if text and len(text) > open_below:
+        return [f"<details><summary>{title} ({len(text):,} characters)</summary>", "", prose(text), "", "</details>", ""]
+    return [f"**{title}**", "", prose(text), ""]
+
+
+def params_yaml(experiment: Experiment) -> str:
+    """The run's settings, only the fields its backend reads."""
     import yaml
 
-    data = experiment.model_dump(mode="json", include={"training", "optimization", "compute", "deployment", "sample"})
-    return yaml.safe_dump(data, sort_keys=False).rstrip()
+    sections = ("training", "optimization", "compute", "deployment", "sample", "evaluation", "promotion")
+    data = experiment.model_dump(mode="json", include=set(sections))
+    other = AZURE_ONLY if experiment.backend == "local" else LOCAL_ONLY
+    for section, keys in other.items():
+        for key in keys:
+            data.get(section, {}).pop(key, None)
+    return yaml.safe_dump(data, sort_keys=False, width=88).rstrip()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def terminal_summary(record: RunRecord, experiment: Experiment, total_seconds: float | None = None) -> list[str]:
+    """The lines `automation run` ends with: what a person at the terminal wants to know."""
+    ft, reg, dep, score = record.finetune, record.registration, record.deploy, record.score
+    lines = []
+    ev = ft.evaluation if ft else None
+    if ft and ft.base_eval_loss is not None and ft.eval_loss is not None:
+        lines.append(f"eval loss:  base {ft.base_eval_loss:.4f} -> fine-tuned {ft.eval_loss:.4f} "
+                     f"({ft.eval_loss - ft.base_eval_loss:+.4f})")
+    if ev and "candidate" in ev.models:
+        c = ev.models["candidate"]
+        base = baseline_of(ev)
+        lines.append(f"ROUGE-L:    {c.rouge_l:.3f} on {len(ev.prompts)} held-out prompts "
+                     f"({_plain_delta(delta(ev, 'rouge_l'))} vs {MODEL_LABELS[base]}); "
+                     f"empty {_pct(c.empty_rate)}, repetitive {_pct(c.repetitive_rate)}")
+        if "production" in ev.models:
+            lines.append(f"vs production v{ev.production_version}: eval loss {_plain_delta(delta(ev, 'eval_loss'))}")
+    if ft:
+        policy = check_policy(ev, experiment.promotion, ft)
+        if policy.checks:
+            lines.append("policy:     " + ("passes" if policy.passed else "NOT MET: " + "; ".join(
+                c.describe() for c in policy.failures())))
+    if reg:
+        lines.append(f"registered: {reg.model_name} version {reg.version} (timestamp version {reg.timestamp_version})")
+    if dep:
+        lines.append(f"endpoint:   {dep.endpoint_name} " + ("torn down" if record.torn_down else f"live at {dep.url}"))
+    if score:
+        reply = " ".join(score.reply.split())
+        lines.append(f"reply:      {reply[:160]}{'…' if len(reply) > 160 else ''} ({score.latency_seconds:.1f} s)")
+    if record.report_file:
+        lines.append(f"report:     {record.report_file}")
+    if record.bundle_dir:
+        lines.append(f"artifact:   {record.bundle_dir} (the folder to upload)")
+    if total_seconds is not None:
+        minutes, seconds = divmod(int(round(total_seconds)), 60)
+        lines.append(f"total:      {minutes} min {seconds:02d} s")
+    return lines
+
+
+def _plain_delta(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.4f}"

@@ -280,6 +280,31 @@ class SampleSpec(_Strict):
     seed: Annotated[int, Field(ge=0)] = 42
 
 
+class EvaluationSpec(_Strict):
+    """The held-out evaluation a reviewer decides from: the base, fine-tuned and production models'
+    replies to the same conversations of `data.sample_split`, each beside its reference."""
+
+    prompts: Annotated[int, Field(ge=0, le=64, description="Conversations of sample_split to answer "
+                                  "with every model (0: eval loss only).")] = 8
+    seed: Annotated[int, Field(ge=0, description="Seed of the choice of conversations.")] = 42
+    max_new_tokens: Annotated[int, Field(ge=1, le=1024, description="Reply length cap (greedy decoding, "
+                                         "so replies are comparable).")] = 96
+
+
+class PromotionSpec(_Strict):
+    """What `promote` requires of the candidate against the baseline: the production model when one
+    exists, else the base model. A limit set to null is not checked."""
+
+    max_eval_loss_increase: float | None = Field(
+        0.0, description="Candidate eval loss minus the baseline's may be at most this.")
+    min_rouge_l_delta: Annotated[float, Field(ge=-1, le=1)] | None = Field(
+        -0.01, description="Candidate ROUGE-L minus the baseline's must be at least this.")
+    max_empty_rate: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="Share of the candidate's replies that may be empty.")
+    max_repetitive_rate: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="Share of the candidate's replies that may be repetitive.")
+
+
 class Experiment(_Strict):
     """One experiment file. Precedence: defaults < the YAML file < `--set key=value`."""
 
@@ -293,6 +318,8 @@ class Experiment(_Strict):
     optimization: OptimizationSpec = OptimizationSpec()
     deployment: DeploymentSpec = DeploymentSpec()
     sample: SampleSpec = SampleSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    promotion: PromotionSpec = PromotionSpec()
 
     @model_validator(mode="after")
     def _backend_rules(self) -> Experiment:

@@ -129,6 +129,8 @@ def stage_data(run: Run, *, drop_invalid: bool = False, out_dir: Path | None = N
         )
         run.record.data = DataPart(out_dir=str(result.out_dir), source=result.source, reused=result.reused,
                                    rows={s: st.rows for s, st in result.splits.items()})
+    log.info("data: %s rows in %s%s", ", ".join(f"{s} {n}" for s, n in run.record.data.rows.items()),
+             run.record.data.out_dir, " (reused: the inputs did not change)" if run.record.data.reused else "")
     return run.record.data
 
 
@@ -160,8 +162,11 @@ def stage_deploy(run: Run) -> None:
     model = _require(run, "registration", "register")
     name = naming.staging_endpoint_name(run.record.repo, run.record.pr, run.experiment.name)
     with timed(run, "deploy"):
+        log.info("deploy: starting %s (%s version %s) and waiting until it is ready", name, model.model_name,
+                 model.version)
         run.record.deploy = run.backend.deploy(run.experiment, model, endpoint_name=name, tags=run.tags("staging"))
         run.record.torn_down = False
+    log.info("deploy: %s ready in %.1f s", name, run.record.stages["deploy"].seconds)
 
 
 def sample_request(run: Run) -> tuple[dict, list[dict], str | None, str | None]:
@@ -210,6 +215,9 @@ def stage_report(run: Run, out: Path | None = None) -> Path:
     path.write_text(markdown, encoding="utf-8")
     append_step_summary(markdown)
     run.save()
+    if run.record.finetune:
+        files = [path, run.file] + ([Path(run.record.score.request_file)] if run.record.score else [])
+        run.backend.log_run_files(run.record.finetune, files)
     return path
 
 
@@ -231,12 +239,29 @@ def stage_teardown(run: Run) -> list[str]:
     return deleted
 
 
-def stage_promote(run: Run) -> None:
+def stage_promote(run: Run, *, override: str | None = None) -> None:
+    """Promote when the experiment's promotion policy passes against the baseline; otherwise fail
+    with the numbers, unless `override` gives a reason (kept as the `promotion_override` tag)."""
+    from automation.evaluation import PolicyNotMet, check_policy
+
     model = _require(run, "registration", "register")
     name = naming.production_endpoint_name(run.record.repo, run.experiment.name)
+    finetune = run.record.finetune
+    policy = check_policy(finetune.evaluation if finetune else None, run.experiment.promotion, finetune)
+    if override is not None and not override.strip():
+        raise ConfigError("--override-policy needs a reason, e.g. --override-policy 'loss rose on a new test split'")
+    if not policy.passed and override is None:
+        raise PolicyNotMet(policy)
+    tags = run.tags("production")
+    tags["promotion_policy"] = "passed" if policy.passed else "overridden"
+    if not policy.passed:
+        tags["promotion_override"] = override.strip()[:250]
+        log.warning("promotion policy not met, promoting on override (%s): %s", override.strip(),
+                    "; ".join(c.describe() for c in policy.failures()))
     with timed(run, "promote"):
-        run.record.promote = run.backend.promote(run.experiment, model, endpoint_name=name,
-                                                 tags=run.tags("production"))
+        run.record.promote = run.backend.promote(run.experiment, model, endpoint_name=name, tags=tags)
+        run.record.promote.policy_passed = policy.passed
+        run.record.promote.policy_override = None if policy.passed else override.strip()
 
 
 def run_all(run: Run, *, keep_endpoint: bool = False, drop_invalid: bool = False,
@@ -264,6 +289,38 @@ def run_all(run: Run, *, keep_endpoint: bool = False, drop_invalid: bool = False
         stage_teardown(run)
     say("report")
     stage_report(run)
+    stage_bundle(run)
+
+
+BUNDLE_DIR = "artifact"
+
+
+def stage_bundle(run: Run, out: Path | None = None, *, with_weights: bool = False) -> Path:
+    """One folder that holds the run's whole record, for a workflow to upload as an artifact: the run
+    record, report, scoring request and experiment file, and (local backend) a copy of the MLflow
+    store whose artifact paths are made relative to the folder, without model weights unless asked.
+    Open it with `mlflow ui --backend-store-uri sqlite:///mlflow.db` from inside the folder."""
+    import shutil
+
+    target = out or run.dir / BUNDLE_DIR
+    run.record.bundle_dir = str(target)
+    run.save()
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    files = [run.record_path, run.file]
+    files += [Path(f) for f in (run.record.report_file, run.record.score and run.record.score.request_file) if f]
+    for file in files:
+        if file.is_file():
+            shutil.copy2(file, partial / file.name)
+    if run.experiment.backend == "local":
+        from automation.backends.local.backend import copy_tracking_store
+
+        copy_tracking_store(partial, with_weights=with_weights)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    log.info("record for upload: %s", target)
+    return target
 
 
 def preflight_experiment(experiment: Experiment, steps: int, stand_in: str | None = None) -> Experiment:

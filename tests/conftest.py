@@ -75,6 +75,7 @@ TINY_EXPERIMENT = {
     "optimization": {"apply_lora": True, "lora_r": 4, "lora_alpha": 8},
     "deployment": {"max_new_tokens_cap": 64, "request_timeout_ms": 30000},
     "sample": {"parameters": {"max_new_tokens": 16}},
+    "evaluation": {"prompts": 3, "max_new_tokens": 8},
 }
 
 

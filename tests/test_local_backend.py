@@ -43,14 +43,38 @@ def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment):
     run = mlflow.MlflowClient().get_run(ft.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["training.learning_rate"] == "0.01"
-    for key in ("base_eval_loss", "finetuned_eval_loss", "finetuned_perplexity", "loss", "train_tokens_per_second"):
+    for key in ("base_eval_loss", "finetuned_eval_loss", "finetuned_perplexity", "loss", "tokens_per_second",
+                "base_rouge_l", "finetuned_rouge_l", "delta_rouge_l", "delta_eval_loss", "finetuned_empty_rate",
+                "finetuned_repetitive_rate", "finetuned_mean_words"):
         assert key in run.data.metrics, key
+    assert "train_tokens_per_second" not in run.data.metrics, "one tokens/s figure, under the project's key"
+    assert run.data.metrics["tokens_per_second"] == pytest.approx(ft.tokens_per_second)
     history = mlflow.MlflowClient().get_metric_history(ft.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 4, 6]
-    # The logged MLflow model loads and answers the /score request shape.
+    # The held-out evaluation: the same 3 prompts of test_gen answered by the base and fine-tuned models.
+    ev = ft.evaluation
+    assert len(ev.prompts) == 3 and set(ev.models) == {"base", "candidate"}
+    assert all(len(m.replies) == 3 and len(m.rouge_l_each) == 3 for m in ev.models.values())
+    assert ev.models["candidate"].eval_loss == ft.eval_loss and ev.models["base"].eval_loss == ft.base_eval_loss
+    assert ev.prompts[0].messages[-1]["role"] == "user" and ev.prompts[0].reference
+    # A whole record: description, commit, dataset inputs with the manifest's digest, the evaluation file.
+    assert "Evaluation:" in run.data.tags["mlflow.note.content"]
+    assert "mlflow.source.git.commit" in run.data.tags
+    inputs = {d.dataset.name.rsplit(":", 1)[1]: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train_sft", "test_sft", "test_gen"}
+    manifest = json.loads((workspace / "runs" / "tiny-local" / "data" / "manifest.json").read_text())
+    assert inputs["train_sft"].dataset.digest == manifest["splits"]["train_sft"]["sha256"][:36]
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(ft.run_id, "evaluation")]
+    assert artifacts == ["evaluation/evaluation.json"]
+    # The logged model has a signature, and `mlflow models serve`'s documented request validates and answers.
+    from mlflow.models import Model, validate_serving_input
+
+    assert Model.load(ft.model_uri).signature.inputs.input_names() == ["messages"]
+    request = json.dumps({"inputs": [{"messages": [{"role": "user", "content": "Hi"}]}],
+                          "params": {"max_new_tokens": 4}})
+    assert isinstance(validate_serving_input(ft.model_uri, request)[0], str)
     model = mlflow.pyfunc.load_model(ft.model_uri)
-    reply = model.predict({"input_string": [{"role": "user", "content": "Hi"}],
-                           "parameters": {"max_new_tokens": 4, "do_sample": False}})
+    reply = model.predict([{"messages": [{"role": "user", "content": "Hi"}]}], params={"max_new_tokens": 4})
     assert isinstance(reply[0], str)
     # Again: the finished job is found, not trained a second time.
     mtime = (workspace / "jobs" / ft.job_name / "result.json").stat().st_mtime_ns

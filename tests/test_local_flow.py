@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import html
+import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,13 +28,33 @@ def test_run_keep_endpoint_list_teardown(workspace, tiny_experiment, capsys):
     assert main(["run", str(tiny_experiment), "--keep-endpoint"]) == 0
     out = capsys.readouterr().out
     record = RunRecord.load(workspace / "runs" / "tiny-local" / "record.json")
-    assert "MLflow UI: mlflow ui --backend-store-uri sqlite:///" in out
-    assert f"report:   {record.report_file}" in out and "endpoint: " in out
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    assert f"MLflow UI:  {mlflow_bin} ui --backend-store-uri sqlite:///" in out, "the venv's mlflow, runnable as printed"
+    assert f"report:     {record.report_file}" in out and "endpoint:   " in out
+    assert "registered: tiny-ultrachat-sample version 1" in out and "total:      " in out
+    assert "reply:      " in out and "{'loss'" not in out, "a summary, no raw dicts"
 
     report = Path(record.report_file).read_text()
-    assert "| eval loss (test_sft) |" in report and "```mermaid" in report
-    reply = record.score.reply.replace("\r\n", "\n").replace("\r", "\n")  # the report's line ends
-    assert reply.strip()[:200] in report
+    assert "### Evaluation" in report and "```mermaid" in report and "Promotion policy" in report
+    reply = record.score.reply.replace("\r\n", "\n").replace("\r", "\n").strip()
+    assert html.escape(reply[:60], quote=False).replace("\n", "<br>") in report, "the reply, as escaped prose"
+    # The run's record, gathered in one folder for the workflow to upload, opens in MLflow from there.
+    bundle = Path(record.bundle_dir)
+    assert {"record.json", "report.md", "sample_score.json", "tiny-local.yaml", "mlflow.db"} <= {
+        p.name for p in bundle.iterdir()}
+    assert not list(bundle.rglob("*.safetensors")), "no weights unless asked"
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{bundle / 'mlflow.db'}")
+    os.chdir(bundle)  # artifact paths in the copy are relative to the folder
+    files = {a.path for a in client.list_artifacts(record.finetune.run_id, "run")}
+    assert files == {"run/report.md", "run/sample_score.json", "run/tiny-local.yaml"}
+    local = client.download_artifacts(record.finetune.run_id, "evaluation/evaluation.json", str(workspace.parent))
+    assert json.loads(Path(local).read_text())["prompt_split"] == "test_gen"
+    logged = client.get_logged_model(record.finetune.model_uri.removeprefix("models:/"))
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny-ultrachat-sample", "version": "1"}], \
+        "the logged model is linked to its registered version"
+    os.chdir(workspace.parent)
     assert record.registration.version == "1"
     assert set(record.stages) >= {"validate", "data", "finetune", "register", "deploy", "score", "report"}
     key = process.read_key(process.get_endpoint(record.deploy.endpoint_name))
@@ -67,13 +90,37 @@ def test_run_tears_down_by_default_and_rerun_reuses(workspace, tiny_experiment, 
 
 
 def test_promote_blue_green(workspace, tiny_experiment, capsys):
+    import yaml
+
+    body = yaml.safe_load(tiny_experiment.read_text())
+    body["promotion"] = {"max_eval_loss_increase": -100.0, "min_rouge_l_delta": None}  # cannot pass
+    tiny_experiment.write_text(yaml.safe_dump(body))
     assert main(["run", str(tiny_experiment)]) == 0
-    assert main(["promote", str(tiny_experiment)]) == 0
+    capsys.readouterr()
+    assert main(["promote", str(tiny_experiment)]) == 1, "the policy is checked before anything moves"
+    err = capsys.readouterr().err
+    assert "the promotion policy is not met against the base model:" in err
+    assert "eval loss change vs base model: -" in err and "(needs ≤ -100; promotion.max_eval_loss_increase)" in err
+    assert process.list_endpoints() == []
+    assert main(["promote", str(tiny_experiment), "--override-policy", " "]) == 2, "an override needs a reason"
+    assert main(["promote", str(tiny_experiment), "--override-policy", "first model of this experiment"]) == 0
+    assert "promotion policy overridden: first model of this experiment" in capsys.readouterr().out
     first = RunRecord.load(workspace / "runs" / "tiny-local" / "record.json").promote
+    assert first.policy_passed is False and first.policy_override == "first model of this experiment"
     live = process.list_endpoints({"production_endpoint": first.endpoint_name})
     assert [e.name for e in live] == [f"{first.endpoint_name}-v1"]
     # A second version (another learning rate = another config) replaces the first after its smoke test.
+    body["promotion"] = {"max_eval_loss_increase": None, "min_rouge_l_delta": None}
+    tiny_experiment.write_text(yaml.safe_dump(body))
     assert main(["run", str(tiny_experiment), "--set", "training.learning_rate=0.02"]) == 0
+    # The second candidate was evaluated against the production model (v1) on the same data and prompts.
+    evaluation = RunRecord.load(workspace / "runs" / "tiny-local" / "record.json").finetune.evaluation
+    assert evaluation.production_version == "1" and set(evaluation.models) == {"base", "candidate", "production"}
+    production = evaluation.models["production"]
+    assert production.model == "models:/tiny-ultrachat-sample/1" and len(production.replies) == 3
+    assert production.eval_loss is not None and production.eval_loss != evaluation.models["base"].eval_loss
+    report = Path(RunRecord.load(workspace / "runs" / "tiny-local" / "record.json").report_file).read_text()
+    assert "| | base model | fine-tuned | production v1 | change |" in report
     assert main(["promote", str(tiny_experiment), "--set", "training.learning_rate=0.02"]) == 0
     second = RunRecord.load(workspace / "runs" / "tiny-local" / "record.json").promote
     assert second.model_version == "2" and second.previous_deployment == "v1"
@@ -82,8 +129,12 @@ def test_promote_blue_green(workspace, tiny_experiment, capsys):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
-    alias = mlflow.MlflowClient().get_model_version_by_alias("tiny-ultrachat-sample", "production")
-    assert str(alias.version) == "2"
+    client = mlflow.MlflowClient()
+    alias = client.get_model_version_by_alias("tiny-ultrachat-sample", "production")
+    assert str(alias.version) == "2" and alias.tags["promotion_policy"] == "passed"
+    first_version = client.get_model_version("tiny-ultrachat-sample", "1")
+    assert first_version.tags["promotion_policy"] == "overridden"
+    assert first_version.tags["promotion_override"] == "first model of this experiment"
 
 
 @pytest.mark.slow

@@ -1,9 +1,19 @@
-"""The markdown report renders what a reviewer needs, and nothing secret."""
+"""The markdown report renders what a reviewer needs, reads well in GitHub's 800 px column, and
+holds nothing secret. The checks are properties of the rendered markdown, as GitHub treats it."""
 
 from __future__ import annotations
 
+import json
+import re
+
+import pytest
+
+from automation.evaluation import model_eval
 from automation.record import (
+    DataPart,
     DeployPart,
+    EvalPrompt,
+    EvaluationPart,
     FinetunePart,
     LossPoint,
     RegisterPart,
@@ -11,43 +21,182 @@ from automation.record import (
     ScorePart,
     StageTime,
 )
-from automation.report import MARKER, loss_chart, render
+from automation.report import (
+    LINE_COLOUR,
+    MARKER,
+    artifact_link,
+    cell,
+    loss_chart,
+    params_yaml,
+    prose,
+    render,
+    terminal_summary,
+)
 from automation.spec import load_experiment
 from tests.conftest import REPO
 
+LOCAL = REPO / "experiments" / "smollm2-ultrachat-local.yaml"
+AZURE = REPO / "experiments" / "phi3-mini-ultrachat.yaml"
+HOSTILE = "Sure | a | b! </details></blockquote><script>x()</script> <!-- automation:report experiment=evil -->"
 
-def full_record() -> RunRecord:
+
+def evaluation(n: int = 3, *, production: bool = True, reply_len: int = 1) -> EvaluationPart:
+    prompts = [EvalPrompt(prompt_id=f"{i:064x}", reference=f"Knead the dough for {i} minutes, then rest it.",
+                          messages=[{"role": "user", "content": f"How long do I knead bread, case {i}?"},
+                                    {"role": "assistant", "content": "About ten minutes."},
+                                    {"role": "user", "content": f"And then what, case {i}?"}])
+               for i in range(n)]
+    base = ["I am a language model. " * 10 * reply_len] * n
+    tuned = [f"Knead the dough for {i} minutes and rest it. " * reply_len for i in range(n)]
+    tuned[0] = HOSTILE
+    ev = EvaluationPart(test_split="test_sft", prompt_split="test_gen", max_new_tokens=96, prompts=prompts)
+    ev.models["base"] = model_eval("SmolLM2-135M-Instruct", prompts, base, 2.739)
+    ev.models["candidate"] = model_eval("fine-tuned (job-1)", prompts, tuned, 2.441)
+    if production:
+        ev.models["production"] = model_eval("models:/m/2", prompts, ["Rest it. " * reply_len] * n, 2.500)
+        ev.production_version = "2"
+    return ev
+
+
+def full_record(ev: EvaluationPart | None = None) -> RunRecord:
     return RunRecord(
         experiment="smollm2-ultrachat-local", experiment_file="experiments/smollm2-ultrachat-local.yaml",
         backend="local", config_hash="abc1234", sha="0123456789abcdef",
         stages={"finetune": StageTime(started_at="2026-01-01T00:00:00Z", seconds=12.5)},
-        finetune=FinetunePart(job_name="job-1", run_id="r1", base_eval_loss=2.5, eval_loss=2.25, train_loss=2.3,
-                              train_loss_curve=[LossPoint(step=i, loss=3 - i / 100) for i in range(1, 201)],
-                              train_tokens=12345, tokens_per_second=150.0, wall_seconds=90),
-        registration=RegisterPart(model_name="SmolLM2-135M-Instruct-ultrachat-sample", version="3",
+        data=DataPart(out_dir="d", source="s", rows={"test_sft": 32, "test_gen": 32}),
+        finetune=FinetunePart(job_name="job-1", run_id="r1", base_eval_loss=2.739, eval_loss=2.441, train_loss=2.6,
+                              last_train_loss=2.35, max_steps=24,
+                              train_loss_curve=[LossPoint(step=s, loss=3 - s / 100) for s in (1, 5, 10, 15, 20, 24)],
+                              train_tokens=12345, tokens_per_second=150.0, wall_seconds=90,
+                              evaluation=ev if ev is not None else evaluation()),
+        registration=RegisterPart(model_name="SmolLM2-135M-Instruct-ultrachat", version="3",
                                   timestamp_version="1795000000", model_uri="models:/x/3"),
         deploy=DeployPart(endpoint_name="sdev-smollm2-abc", deployment_name="default", url="http://127.0.0.1:1"),
-        score=ScorePart(request_file="sample_score.json", messages=[{"role": "user", "content": "What is ```yaml?"}],
-                        reference="A format.", reply="Line one\rline two.\r\n" + "It is a data format. " * 400,
+        score=ScorePart(request_file="/w/runs/x/sample_score.json",
+                        messages=[{"role": "user", "content": "What is ```yaml?"}, {"role": "assistant", "content": "A"},
+                                  {"role": "user", "content": "Tell me more."}],
+                        reference="A format. " * 100, reply="Line one\rline two.\r\n" + "It is a data format. " * 400,
                         latency_seconds=1.234),
     )
 
 
-def test_report_has_metrics_curve_model_endpoint_and_sample():
-    exp = load_experiment(REPO / "experiments" / "smollm2-ultrachat-local.yaml")
-    text = render(full_record(), exp)
+def fences(text: str) -> list[tuple[str, list[str]]]:
+    """Every fenced code block: (its info string, its lines)."""
+    blocks, current, info = [], None, ""
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, info = [], line[3:]
+            else:
+                blocks.append((info, current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    assert current is None, "an unclosed code fence"
+    return blocks
+
+
+def tables(text: str) -> list[list[str]]:
+    out, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            out.append(current)
+            current = []
+    return out + ([current] if current else [])
+
+
+def columns(row: str) -> int:
+    return len(re.split(r"(?<!\\)\|", row.strip().strip("|")))
+
+
+@pytest.fixture
+def local():
+    return load_experiment(LOCAL)
+
+
+def test_report_leads_with_the_evaluation_and_the_policy(local):
+    text = render(full_record(), local)
     assert text.startswith(MARKER.format(name="smollm2-ultrachat-local"))
-    assert "| eval loss (test_sft) | 2.5000 | 2.2500 | -0.2500 |" in text
-    assert "| perplexity | 12.18 | 9.49 | |" in text
-    assert "```mermaid\nxychart-beta" in text
-    assert "`SmolLM2-135M-Instruct-ultrachat-sample` version 3 (timestamp version `1795000000`" in text
+    assert text.index("Promotion policy") < text.index("### Evaluation") < text.index("### Training")
+    assert "**Promotion policy: ✅ passes** against the production model" not in text  # label is "production"
+    assert "**Promotion policy: ✅ passes** against the production." in text
+    assert "| | base model | fine-tuned | production v2 | change |" in text
+    assert "| eval loss | 2.7390 | 2.4410 | 2.5000 | −0.0590 |" in text, "change = candidate − production"
+    assert "Eval loss on `test_sft` (32 conversations); replies to 3 held-out prompts of `test_gen`" in text
+    assert re.search(r"\| ROUGE-L vs reference \| 0\.\d{3} \| 0\.\d{3} \| 0\.\d{3} \| [+−]0\.\d{3} \|", text)
+    assert "| repetitive replies | 100% | 0% | 0% |" in text
+    assert "### Replies to the 3 held-out prompts" in text
+    assert "`SmolLM2-135M-Instruct-ultrachat` version 3 (timestamp version `1795000000`) in `.automation/mlflow.db`" in text
     assert "`sdev-smollm2-abc` (staging, live)" in text
-    assert "Reply in 1.23 s" in text and "A format." in text
-    assert "(cut: " in text, "long replies are cut"
-    assert "Line one\nline two.\nIt is" in text and "\r" not in text
-    assert "````text\n[user] What is ```yaml?\n````" in text, "fences are widened around model text"
+    assert "Reply in 1.23 s to the request in `sample_score.json`" in text
     assert "| finetune | 12.5 | ok |" in text
-    assert "learning_rate: 0.001" in text
+
+
+def test_without_production_the_base_model_is_the_baseline(local):
+    text = render(full_record(evaluation(production=False)), local)
+    assert "| | base model | fine-tuned | change |" in text
+    assert "| eval loss | 2.7390 | 2.4410 | −0.2980 |" in text
+    assert "against the base model" in text
+
+
+def test_policy_not_met_says_so_before_anyone_approves(local):
+    strict = local.model_copy(update={"promotion": local.promotion.model_copy(update={"max_eval_loss_increase": -0.1})})
+    text = render(full_record(), strict)
+    assert "**Promotion policy: ❌ not met** against the production; `promote` will refuse without an override." in text
+    assert "| eval loss change vs production (`max_eval_loss_increase`) | −0.0590 | ≤ -0.1 | ❌ |" in text
+
+
+def test_model_text_is_wrapped_prose_never_code_and_never_markup(local):
+    text = render(full_record(), local)
+    for info, lines in fences(text):
+        assert info in ("mermaid", "yaml"), f"only the chart and the parameters are code, not {info!r}"
+        assert all(len(line) <= 90 for line in lines if info == "yaml"), "no code line wider than the column"
+    assert "It is a data format." in text and "```text" not in text
+    assert "<script>" not in text and "&lt;script&gt;" in text, "model HTML is escaped"
+    assert text.count(MARKER.split(" experiment=")[0]) == 1, "model text cannot forge the comment marker"
+    assert text.count("<details>") == text.count("</details>"), "model text cannot close our <details>"
+    assert text.count("<blockquote>") == text.count("</blockquote>")
+    for line in text.splitlines():
+        if line.startswith("<blockquote>"):
+            assert line.endswith("</blockquote>") and "\n" not in line, "one line of HTML: markdown is not applied"
+    assert "Line one<br>line two.<br>It is" in text and "\r" not in text
+    assert "… (" in text and "more characters)" in text, "long texts are cut"
+    assert "<details><summary>Reference answer (1,000 characters)</summary>" in text, "long texts are collapsed"
+    assert "<details><summary>Conversation before the prompt (2 messages)</summary>" in text
+
+
+def test_tables_keep_their_columns_and_short_cells(local):
+    text = render(full_record(evaluation(reply_len=30)), local)
+    for table in tables(text):
+        widths = {columns(row) for row in table}
+        assert len(widths) == 1, f"a cell broke its table: {table}"
+        assert next(iter(widths)) <= 6, "at most 6 columns in an 800 px column"
+    replies = next(t for t in tables(text) if t[0].startswith("| # | prompt |"))
+    assert len(replies) == 2 + 3
+    for row in replies[2:]:
+        for value in re.split(r"(?<!\\)\|", row.strip().strip("|")):
+            assert len(re.sub(r"&#\d+;", "x", value)) <= 120, "previews are short; the whole text is in <details>"
+    assert "Sure &#124; a &#124; b&#33; &#60;/details&#62;" in text, "pipes and tags in model text are escaped in cells"
+
+
+def test_body_stays_under_githubs_limit_with_many_long_replies(local):
+    text = render(full_record(evaluation(n=64, reply_len=200)), local)
+    assert len(text) < 65_536
+    assert len(next(t for t in tables(text) if t[0].startswith("| # | prompt |"))) == 2 + 64
+    assert "The whole texts of the first 16 prompts; all 64 are in `evaluation/evaluation.json`" in text
+
+
+def test_chart_has_explicit_colours_and_the_whole_step_range():
+    chart = loss_chart([(1, 3.0), (5, 2.5), (10, 2.4), (24, 2.3)], last_step=24)
+    init = json.loads(re.search(r"%%\{init: (.*)\}%%", chart).group(1))
+    style = init["themeVariables"]["xyChart"]
+    assert style["plotColorPalette"] == LINE_COLOUR and style["backgroundColor"] == "transparent"
+    assert all(style[k] != "#ECECFF" for k in style)
+    assert 'title "Training loss, steps 1–24"' in chart
+    assert 'x-axis "step" [1, 5, 10, 24]' in chart
+    assert "of 30" in loss_chart([(1, 3.0), (20, 2.0)], last_step=30), "a curve that stops early says so"
 
 
 def test_loss_chart_downsamples_and_keeps_the_last_point():
@@ -56,3 +205,55 @@ def test_loss_chart_downsamples_and_keeps_the_last_point():
     steps = chart.split('x-axis "step" [')[1].split("]")[0].split(", ")
     assert len(steps) <= 51 and steps[0] == "1" and steps[-1] == "1000"
     assert loss_chart([]) == "_no training loss was logged_"
+
+
+def test_training_line_gives_the_last_loss_and_the_mean(local):
+    text = render(full_record(), local)
+    assert "last train loss 2.3500 at step 24 · mean over the run 2.6000" in text
+
+
+def test_parameters_list_only_the_backends_fields(local):
+    local_params = params_yaml(local)
+    for azure_only in ("cluster:", "instance_type:", "deepspeed_stage:", "liveness_initial_delay_s:"):
+        assert azure_only not in local_params
+    assert "device: auto" in local_params and "max_new_tokens_cap: 256" in local_params
+    assert "min_rouge_l_delta: -0.01" in local_params
+    azure_params = params_yaml(load_experiment(AZURE))
+    assert "cluster:" in azure_params and "instance_type:" in azure_params and "device:" not in azure_params
+
+
+def test_the_record_link_points_at_the_workflow_artifact(local, monkeypatch):
+    record = full_record()
+    monkeypatch.delenv("GITHUB_RUN_ID", raising=False)
+    assert artifact_link(record) is None
+    monkeypatch.setenv("GITHUB_RUN_ID", "42")
+    monkeypatch.setenv("GITHUB_REPOSITORY", "org/repo")
+    monkeypatch.delenv("AUTOMATION_ARTIFACT_ID", raising=False)
+    assert artifact_link(record) == ("artifact `automation-run-smollm2-ultrachat-local` of "
+                                     "[workflow run 42](https://github.com/org/repo/actions/runs/42)")
+    monkeypatch.setenv("AUTOMATION_ARTIFACT_ID", "777")
+    link = "[artifact `automation-run-smollm2-ultrachat-local`](https://github.com/org/repo/actions/runs/42/artifacts/777)"
+    assert artifact_link(record) == link
+    text = render(record, local)
+    assert f"version 3 (timestamp version `1795000000`) in the MLflow store of {link}" in text
+
+
+def test_prose_and_cells_escape_markdown():
+    assert prose("# Title\n*bold* `code`") == "<blockquote># Title<br>*bold* `code`</blockquote>"
+    assert prose("  ") == "<blockquote><i>(empty)</i></blockquote>"
+    assert cell("*a* | `b`\n# c") == "&#42;a&#42; &#124; &#96;b&#96; &#35; c"
+    assert cell("x" * 200, 10) == "x" * 10 + "…"
+
+
+def test_terminal_summary_has_version_deltas_reply_endpoint_and_time(local):
+    record = full_record()
+    record.torn_down = True
+    lines = "\n".join(terminal_summary(record, local, 252.4))
+    assert "eval loss:  base 2.7390 -> fine-tuned 2.4410 (-0.2980)" in lines
+    assert "vs production v2: eval loss -0.0590" in lines
+    assert "policy:     passes" in lines
+    assert "registered: SmolLM2-135M-Instruct-ultrachat version 3" in lines
+    assert "endpoint:   sdev-smollm2-abc torn down" in lines
+    assert "reply:      Line one line two. It is a data format." in lines
+    assert "total:      4 min 12 s" in lines
+    assert "{" not in lines, "no raw dicts"

@@ -14,6 +14,7 @@ by the small evaluator below, for the expression forms the workflows use.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import re
@@ -664,8 +665,8 @@ def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
     assert record["sha"] == source.push2 and record["finetune"]["job_name"].startswith(f"tiny-pr-{source.push2[:7]}-")
     assert record["config_hash"] in body and "learning_rate: 0.02" in body
     assert f"{record['finetune']['eval_loss']:.4f}" in body
-    reply = record["score"]["reply"].replace("\r\n", "\n").replace("\r", "\n")  # the report's line ends
-    assert reply.strip()[:40] in body
+    reply = record["score"]["reply"].replace("\r\n", "\n").replace("\r", "\n").strip()  # the report's line ends
+    assert html.escape(reply[:40], quote=False).replace("\n", "<br>") in body  # escaped prose, not a code block
     assert len(fake.calls("POST")) == 1 and len(fake.calls("PATCH")) == 2  # the second push, then its re-run
     assert live_endpoints(first) == [] and live_endpoints(second) == []
     assert scenarios.same_repo.azure_logins == 0

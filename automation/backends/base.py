@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from automation.record import DataPart, DeployPart, FinetunePart, PromotePart, RegisterPart
@@ -74,3 +75,7 @@ class Backend(ABC):
     def promote(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
                 tags: dict[str, str]) -> PromotePart:
         """Mark the version for production and move the production endpoint to it, blue/green."""
+
+    def log_run_files(self, finetune: FinetunePart, files: list[Path]) -> None:  # noqa: B027 (optional)
+        """Attach files (the report, the scoring request, the experiment file) to the job's tracked run;
+        a backend without a tracking store of its own keeps them in the run's artifact only."""

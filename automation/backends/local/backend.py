@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from automation import naming
 from automation.backends.base import Backend, EndpointInfo
 from automation.errors import BackendError, ConfigError
 from automation.record import (
@@ -34,6 +36,9 @@ from automation.workspace import home, write_text_atomic
 log = logging.getLogger(__name__)
 
 PRODUCTION_ALIAS = "production"
+# Without it MLflow's UI opens an experiment on its (empty) GenAI traces page, not on the runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the registered versions made from it
 
 
 def tracking_uri() -> str:
@@ -49,8 +54,12 @@ def _mlflow(experiment_name: str | None = None):
     mlflow.set_registry_uri(tracking_uri())
     if experiment_name:
         client = mlflow.MlflowClient()
-        if client.get_experiment_by_name(experiment_name) is None:
-            client.create_experiment(experiment_name, artifact_location=(home() / "mlartifacts").as_uri())
+        found = client.get_experiment_by_name(experiment_name)
+        if found is None:
+            client.create_experiment(experiment_name, artifact_location=(home() / "mlartifacts").as_uri(),
+                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        elif found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         mlflow.set_experiment(experiment_name)
     return mlflow
 
@@ -96,6 +105,7 @@ class LocalBackend(Backend):
         an interrupted one resumes from its last checkpoint in the same MLflow run."""
         from automation.backends.local.model_source import resolve_model_dir
         from automation.backends.local.train import train
+        from automation.evaluation import held_out_prompts
 
         job_dir = self._job_dir(job_name)
         if (job_dir / "result.json").is_file():
@@ -107,26 +117,66 @@ class LocalBackend(Backend):
         run_id = existing[0].info.run_id if existing else None
         base_model = resolve_model_dir(experiment.model)
         data_dir = Path(data.out_dir)
-        with mlflow.start_run(run_id=run_id, run_name=job_name, tags={**tags, "job_name": job_name}) as run:
+        files = {role: data_dir / f"{split}.jsonl" for role, split in (
+            ("training", experiment.data.train_split), ("evaluation", experiment.data.test_split),
+            ("prompts", experiment.data.sample_split))}
+        prompts = held_out_prompts(files["prompts"], experiment.evaluation.prompts, experiment.evaluation.seed)
+        baseline = self._production_baseline(naming.model_name(experiment.model.name, experiment.data.dataset))
+        run_tags = {**tags, "job_name": job_name, "mlflow.source.git.commit": tags.get("sha", ""),
+                    "mlflow.note.content": _run_description(experiment, job_name)}
+        with mlflow.start_run(run_id=run_id, run_name=job_name, tags=run_tags) as run:
             if run_id is None:
                 mlflow.log_params(_flatten("training", experiment.training.model_dump()))
                 mlflow.log_params(_flatten("optimization", experiment.optimization.model_dump()))
                 mlflow.log_params({"model.name": experiment.model.name, "data.dataset": experiment.data.dataset,
-                                   "data.sample_percent": experiment.data.sample_percent})
-            result = train(experiment, base_model=base_model,
-                           train_file=data_dir / f"{experiment.data.train_split}.jsonl",
-                           test_file=data_dir / f"{experiment.data.test_split}.jsonl", job_dir=job_dir)
+                                   "data.sample_percent": experiment.data.sample_percent,
+                                   "evaluation.prompts": experiment.evaluation.prompts,
+                                   "evaluation.max_new_tokens": experiment.evaluation.max_new_tokens})
+                _log_datasets(mlflow, experiment, data_dir, files)
+            result = train(experiment, base_model=base_model, train_file=files["training"],
+                           test_file=files["evaluation"], job_dir=job_dir, prompts=prompts, baseline=baseline)
             model_info = _log_chat_model(mlflow, result.model_dir)
             part = FinetunePart(
                 job_name=job_name, run_id=run.info.run_id, model_uri=model_info.model_uri,
                 output_dir=str(result.model_dir), base_eval_loss=result.base_eval_loss, eval_loss=result.eval_loss,
-                train_loss=result.train_loss,
+                train_loss=result.train_loss, last_train_loss=result.last_train_loss, max_steps=result.max_steps,
                 train_loss_curve=[LossPoint(step=s, loss=v) for s, v in result.loss_curve],
                 train_tokens=result.train_tokens, tokens_per_second=result.tokens_per_second,
                 wall_seconds=result.wall_seconds, resumed_from=result.resumed_from, params=result.params,
+                evaluation=result.evaluation,
             )
         write_text_atomic(job_dir / "result.json", part.model_dump_json(indent=2))
         return job_name
+
+    def _production_baseline(self, model_name: str):
+        """The version behind the `production` alias and its folder, or None when there is none."""
+        from mlflow.exceptions import MlflowException
+
+        from automation.backends.local.evaluate import Baseline
+
+        client = _mlflow().MlflowClient()
+        try:
+            version = client.get_model_version_by_alias(model_name, PRODUCTION_ALIAS)
+        except MlflowException:
+            log.info("no production model of %s yet: the base model is the baseline", model_name)
+            return None
+        folder = self._model_dir(RegisterPart(model_name=model_name, version=str(version.version),
+                                              timestamp_version="", model_uri=""))
+        return Baseline(uri=f"models:/{model_name}/{version.version}", version=str(version.version), model_dir=folder)
+
+    def log_run_files(self, finetune: FinetunePart, files: list[Path]) -> None:
+        """Attach the report, the scoring request and the experiment file to the fine-tune's MLflow run."""
+        if not finetune.run_id:
+            return
+        from mlflow.exceptions import MlflowException
+
+        client = _mlflow().MlflowClient()
+        try:
+            for file in files:
+                if file.is_file():
+                    client.log_artifact(finetune.run_id, str(file), artifact_path="run")
+        except MlflowException as err:  # e.g. a record brought from another machine: the report still stands
+            log.warning("could not attach the report to MLflow run %s: %s", finetune.run_id, err)
 
     def wait_finetune(self, experiment: Experiment, job_name: str, *, stream: bool = True) -> FinetunePart:
         result = self._job_dir(job_name) / "result.json"
@@ -155,11 +205,16 @@ class LocalBackend(Backend):
             client.create_registered_model(model_name, description=(
                 f"{experiment.model.name} fine tuned model for {experiment.data.dataset} chat-completion"))
         version_tags = {**tags, "timestamp_version": timestamp_version, "job_name": finetune.job_name}
+        model_id = finetune.model_uri.removeprefix("models:/") if finetune.model_uri.startswith("models:/m-") else None
         version = client.create_model_version(
-            name=model_name, source=finetune.model_uri, run_id=finetune.run_id, tags=version_tags,
+            name=model_name, source=finetune.model_uri, run_id=finetune.run_id, tags=version_tags, model_id=model_id,
             description=(f"{experiment.model.name} fine tuned on {experiment.data.dataset}; "
                          f"timestamp version {timestamp_version}; job {finetune.job_name}"),
         )
+        if model_id:  # what mlflow.register_model does: the logged model's page then shows its versions
+            linked = client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG)
+            versions = [*(json.loads(linked) if linked else []), {"name": model_name, "version": str(version.version)}]
+            client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(versions)})
         return RegisterPart(model_name=model_name, version=str(version.version),
                             timestamp_version=timestamp_version, model_uri=f"models:/{model_name}/{version.version}")
 
@@ -215,7 +270,11 @@ class LocalBackend(Backend):
         from automation.serving import process
 
         mlflow = _mlflow()
-        mlflow.MlflowClient().set_registered_model_alias(model.model_name, PRODUCTION_ALIAS, model.version)
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(model.model_name, PRODUCTION_ALIAS, model.version)
+        for key in ("promotion_policy", "promotion_override"):
+            if key in tags:
+                client.set_model_version_tag(model.model_name, model.version, key, tags[key])
         deployment = f"v{model.version}"
         new_name = f"{endpoint_name}-{deployment}"
         old = [r for r in process.list_endpoints({"production_endpoint": endpoint_name}) if r.name != new_name]
@@ -261,7 +320,89 @@ def _log_chat_model(mlflow, model_dir: Path):
     """Log the trained folder as an MLflow pyfunc model (see chat_pyfunc.py)."""
     from automation.backends.local import chat_pyfunc
 
-    return mlflow.pyfunc.log_model(
-        name="model", python_model=chat_pyfunc.__file__, artifacts={"model": str(model_dir)},
-        pip_requirements=["torch", "transformers", "mlflow"],
-    )
+    log.info("logging the model to MLflow (%s)", model_dir)
+    with warnings.catch_warnings():
+        # The signature is given, so MLflow's advice to add an input example (to infer one, by running
+        # the model once more) does not apply.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=chat_pyfunc.__file__, artifacts={"model": str(model_dir)},
+            pip_requirements=["torch", "transformers", "mlflow"], signature=chat_pyfunc.signature(),
+        )
+
+
+def _run_description(experiment: Experiment, job_name: str) -> str:
+    """The run page's description (MLflow's `mlflow.note.content` tag, markdown)."""
+    t, o = experiment.training, experiment.optimization
+    lora = f"LoRA r={o.lora_r} alpha={o.lora_alpha}" if o.apply_lora else "full fine-tune"
+    steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.num_train_epochs} epoch(s)"
+    return (f"{experiment.description or experiment.name}\n\n"
+            f"Fine-tune of {experiment.model.name} on {experiment.data.dataset} "
+            f"({experiment.data.sample_percent:g} % of each split): {lora}, {steps}, learning rate {t.learning_rate:g}. "
+            f"Job `{job_name}`. Evaluation: eval loss on `{experiment.data.test_split}`, and "
+            f"{experiment.evaluation.prompts} held-out prompts of `{experiment.data.sample_split}` answered by the "
+            "base, fine-tuned and production models (see evaluation/evaluation.json).")
+
+
+def _log_datasets(mlflow, experiment: Experiment, data_dir: Path, files: dict[str, Path]) -> None:
+    """Each split the run reads as an MLflow run input, with the data manifest's digest of the file."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+    from mlflow.data.meta_dataset import MetaDataset
+
+    # The local file source class (MLflow registers it once per artifact repository scheme).
+    local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
+
+    try:
+        splits = json.loads((data_dir / "manifest.json").read_text()).get("splits", {})
+    except (OSError, ValueError):
+        splits = {}
+    for context, file in files.items():
+        digest = (splits.get(file.stem) or {}).get("sha256") or _sha256(file)
+        dataset = MetaDataset(local(file.resolve().as_uri()),
+                              name=f"{experiment.data.dataset}:{file.stem}", digest=digest[:36])
+        mlflow.log_input(dataset, context=context, tags={"split": file.stem, "sha256": digest})
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+
+
+def copy_tracking_store(folder: Path, *, with_weights: bool = False) -> None:
+    """A consistent copy of the MLflow store (SQLite online backup) and its artifacts in `folder`, with
+    every artifact location rewritten relative to it (`mlartifacts/...`): `mlflow ui` started in the
+    folder shows the runs, models and their files wherever the folder was downloaded to. Model weights
+    are left out unless asked (the logged model's MLmodel, config and tokenizer stay)."""
+    import shutil
+    import sqlite3
+    from contextlib import closing
+
+    db = home() / "mlflow.db"
+    if not db.is_file():
+        return
+    copy = folder / "mlflow.db"
+    with closing(sqlite3.connect(db)) as source, closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+    artifacts = home() / "mlartifacts"
+    prefixes = [artifacts.as_uri(), f"file://{artifacts}", str(artifacts)]
+    with closing(sqlite3.connect(copy)) as conn, conn:  # closed, after one committed transaction
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')
+                       if any(t in (r[2] or "").upper() for t in ("CHAR", "TEXT"))]
+            for column in columns:
+                for prefix in prefixes:
+                    conn.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                                 f'WHERE "{column}" LIKE ?', (prefix, "mlartifacts", prefix + "%"))
+    if artifacts.is_dir():
+        skip = () if with_weights else WEIGHT_SUFFIXES
+        shutil.copytree(artifacts, folder / "mlartifacts",
+                        ignore=lambda _dir, names: [n for n in names if n.endswith(skip)] if skip else [])

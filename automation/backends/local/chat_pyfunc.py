@@ -1,14 +1,44 @@
 """The MLflow flavour of a locally fine-tuned chat model.
 
 The model is logged as a pyfunc whose only artifact is the transformers folder; the local endpoint
-reads that folder in place, and `mlflow.pyfunc.load_model(...).predict(...)` works too (for
-notebooks and batch scoring), taking the same request as the endpoint's `/score` route.
+reads that folder in place. The logged model has a signature (`SIGNATURE`): one column `messages`
+(a conversation: a list of `{"role", "content"}`), one string reply per row, and the generation
+settings as params. So `mlflow models serve -m models:/<name>/<version> --env-manager local`
+takes its documented request:
+
+    {"inputs": [{"messages": [{"role": "user", "content": "Hi"}]}], "params": {"max_new_tokens": 40}}
+
+(one record per conversation; `dataframe_records` works the same), and
+`mlflow.pyfunc.load_model(uri).predict([{"messages": conversation}, ...], params={...})` answers
+the same way in a notebook.
 """
 
 from __future__ import annotations
 
 import mlflow.models
 import mlflow.pyfunc
+
+GENERATION_PARAMS = {"max_new_tokens": 200, "temperature": 0.6, "top_p": 0.9, "do_sample": False}
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    message = Object([Property("role", "string"), Property("content", "string")])
+    kinds = {int: "long", float: "double", bool: "boolean"}
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array(message), "messages")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in GENERATION_PARAMS.items()]),
+    )
+
+
+def _conversations(model_input) -> list[list[dict[str, str]]]:
+    """The `messages` column as plain lists of dicts, whatever container MLflow handed over."""
+    column = model_input["messages"]
+    values = column.tolist() if hasattr(column, "tolist") else list(column)
+    return [[{"role": str(m["role"]), "content": str(m["content"])} for m in conversation] for conversation in values]
 
 
 class ChatModel(mlflow.pyfunc.PythonModel):
@@ -20,19 +50,22 @@ class ChatModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would infer a schema
-        """`model_input`: the `/score` body's `input_data` (or a list of them); one reply each."""
+    def predict(self, context, model_input, params=None):  # no type hints: the signature is given at logging
+        """One reply per row of `model_input["messages"]`."""
         import torch
+        from transformers import GenerationConfig
 
-        items = model_input if isinstance(model_input, list) else [model_input]
+        settings = {**GENERATION_PARAMS, **(params or {})}
+        if not settings["do_sample"]:
+            settings = {k: v for k, v in settings.items() if k not in ("temperature", "top_p")}
+        config = GenerationConfig(**settings, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.tokenizer.eos_token_id)
         replies = []
-        for item in items:
-            messages = item["input_string"]
-            settings = {"max_new_tokens": 200, **(item.get("parameters") or {}), **(params or {})}
+        for messages in _conversations(model_input):
             inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                         return_tensors="pt", return_dict=True)
             with torch.no_grad():
-                out = self.model.generate(**inputs, **settings, pad_token_id=self.tokenizer.pad_token_id)
+                out = self.model.generate(**inputs, generation_config=config)
             replies.append(self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
         return replies
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from automation.errors import BackendError, ConfigError
@@ -62,11 +63,14 @@ def _convert_in_subprocess(gguf: Path, target: Path) -> None:
     the memory goes back to the system when the child exits instead of staying in our heap."""
     import multiprocessing
 
+    log.info("model: converting %s into %s, once (about half a minute; later runs reuse it)", gguf.name, target)
+    started = time.monotonic()
     child = multiprocessing.get_context("spawn").Process(target=_convert_gguf, args=(gguf, target))
     child.start()
     child.join()
     if child.exitcode != 0 or not (target / "config.json").is_file():
         raise BackendError(f"converting {gguf} failed (exit code {child.exitcode}); see the log above")
+    log.info("model: converted in %.0f s", time.monotonic() - started)
 
 
 def resolve_model_dir(model: ModelSpec, search_from: list[Path] | None = None) -> Path | str:

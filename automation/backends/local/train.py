@@ -22,7 +22,6 @@ machine. Choices made here on purpose:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,11 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from automation.backends.local.chat_template import apply_training_template
+from automation.backends.local.evaluate import (
+    Baseline,
+    base_evaluation,
+    evaluate_baseline,
+    final_eval_loss,
+    generate_replies,
+)
 from automation.errors import BackendError
+from automation.record import EvalPrompt, EvaluationPart
 from automation.spec import Experiment
 
 log = logging.getLogger(__name__)
 
+# The trainer's own end-of-run speed figures: the project logs one tokens/s of its own instead.
+_TRAINER_SUMMARY_KEYS = {"train_tokens_per_second", "train_samples_per_second", "train_steps_per_second"}
 
 
 @dataclass
@@ -51,6 +60,9 @@ class TrainResult:
     model_dir: Path
     resumed_from: str | None
     params: dict[str, Any]
+    last_train_loss: float | None = None
+    max_steps: int | None = None
+    evaluation: EvaluationPart | None = None
 
 
 def pick_device(requested: str) -> str:
@@ -119,11 +131,11 @@ def sft_config(experiment: Experiment, output_dir: Path, device: str, max_length
         # Per device: fp32 and no checkpointing on CPU (bf16 matmuls are ~100x slower there).
         bf16=on_gpu and t.precision == 16,
         fp16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # the new name; gradient_checkpointing is a deprecated alias
         use_cpu=not on_gpu,
         include_num_input_tokens_seen="non_padding",
         report_to=[],
-        disable_tqdm=False,
+        disable_tqdm=True,  # one labelled log line per logging step instead (_ProgressLog)
         save_only_model=False,
     )
 
@@ -144,7 +156,9 @@ def _chat_dataset(path: Path):
 
 
 class _MlflowLossCallback:
-    """Sends every logged train/eval value to the active MLflow run, at its global step."""
+    """Sends every logged train/eval value to the active MLflow run, at its global step; logs the
+    last step too (so the curve and the last train loss reach `max_steps`), and writes one labelled
+    progress line per logging step instead of the trainer's progress bar and raw dicts."""
 
     def __init__(self) -> None:
         from transformers import TrainerCallback
@@ -152,18 +166,33 @@ class _MlflowLossCallback:
         outer = self
 
         class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                outer.started = time.monotonic()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.max_steps and state.global_step >= state.max_steps:
+                    control.should_log = True
+
             def on_log(self, args, state, control, logs=None, **kwargs):
                 outer.on_log(state, logs or {})
 
         self.callback = Callback()
         self.curve: list[tuple[int, float]] = []
+        self.started = time.monotonic()
 
     def on_log(self, state, logs: dict[str, float]) -> None:
         import mlflow
 
-        numeric = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        numeric = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)
+                   and k not in _TRAINER_SUMMARY_KEYS}
         if "loss" in numeric:
-            self.curve.append((state.global_step, numeric["loss"]))
+            if not self.curve or self.curve[-1][0] != state.global_step:
+                self.curve.append((state.global_step, numeric["loss"]))
+            log.info("training: step %d/%d · loss %.4f · learning rate %.2g · %.0f s", state.global_step,
+                     state.max_steps, numeric["loss"], numeric.get("learning_rate", 0.0),
+                     time.monotonic() - self.started)
+        elif "eval_loss" in numeric:
+            log.info("evaluation: eval loss %.4f at step %d", numeric["eval_loss"], state.global_step)
         if numeric:
             mlflow.log_metrics({k.replace("/", "_"): v for k, v in numeric.items()}, step=state.global_step)
 
@@ -198,6 +227,9 @@ def build_trainer(experiment: Experiment, *, base_model: Path | str, train_file:
         peft_config=lora_config(experiment) if experiment.optimization.apply_lora else None,
         callbacks=[*(callbacks or []), *extra],
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log as a raw dict
     return trainer, tokenizer, device, max_length
 
 
@@ -225,12 +257,16 @@ def _trainer_class(device: str):
 
 
 def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, test_file: Path,
-          job_dir: Path) -> TrainResult:
-    """Fine-tune in the active MLflow run; returns the metrics and the saved (merged) model folder."""
+          job_dir: Path, prompts: list[EvalPrompt] | None = None, baseline: Baseline | None = None) -> TrainResult:
+    """Fine-tune in the active MLflow run; returns the metrics, the held-out evaluation (base,
+    fine-tuned and `baseline` models on the test split and `prompts`) and the saved model folder."""
     import mlflow
     from transformers.trainer_utils import get_last_checkpoint
 
+    from automation.evaluation import mlflow_metrics, model_eval
+
     started = time.monotonic()
+    prompts = prompts or []
     checkpoints = job_dir / "checkpoints"
     callbacks = _MlflowLossCallback()
     trainer, tokenizer, device, max_length = build_trainer(
@@ -241,14 +277,20 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
     mlflow.log_params({f"system.{k}": v for k, v in params.items()})
 
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    base_eval_loss = _base_eval_loss(trainer, job_dir, resuming=last is not None)
+    base_eval_loss, base_replies = base_evaluation(trainer, tokenizer, job_dir, prompts, experiment,
+                                                   resuming=last is not None)
     if last:
         log.info("resuming from %s", last)
+    log.info("training: %s steps on %d packed rows of up to %d tokens (%s)",
+             trainer.args.max_steps if trainer.args.max_steps > 0 else f"{trainer.args.num_train_epochs} epoch(s) of",
+             len(trainer.train_dataset), max_length, device)
     output = trainer.train(resume_from_checkpoint=last)
-    eval_loss = None
-    if trainer.eval_dataset is not None:
-        eval_loss = float(trainer.evaluate(metric_key_prefix="eval")["eval_loss"])
+    eval_loss = final_eval_loss(trainer)
+    if eval_loss is not None:
         mlflow.log_metrics({"finetuned_eval_loss": eval_loss, "finetuned_perplexity": _ppl(eval_loss)})
+    eval_started = time.monotonic()
+    candidate_replies = generate_replies(trainer.model, tokenizer, prompts,
+                                         max_new_tokens=experiment.evaluation.max_new_tokens, label="fine-tuned")
 
     model_dir = job_dir / "model"
     _save_model(trainer, tokenizer, model_dir, merge=experiment.optimization.apply_lora
@@ -256,29 +298,28 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     runtime = float(output.metrics.get("train_runtime") or 0.0)
     tps = tokens / runtime if runtime else 0.0
+
+    evaluation = EvaluationPart(test_split=test_file.stem, prompt_split=experiment.data.sample_split,
+                                max_new_tokens=experiment.evaluation.max_new_tokens, prompts=prompts)
+    evaluation.models["base"] = model_eval(experiment.model.name, prompts, base_replies, base_eval_loss)
+    evaluation.models["candidate"] = model_eval(f"fine-tuned ({job_dir.name})", prompts, candidate_replies, eval_loss)
+    if baseline is not None:
+        evaluation.models["production"] = evaluate_baseline(trainer, baseline, prompts, experiment)
+        evaluation.production_version = baseline.version
+    evaluation.seconds = round(time.monotonic() - eval_started, 1)
+    mlflow.log_metrics(mlflow_metrics(evaluation))
+    mlflow.log_dict(evaluation.model_dump(mode="json"), "evaluation/evaluation.json")
+
     wall = time.monotonic() - started
-    mlflow.log_metrics({"train_tokens": tokens, "train_tokens_per_second": tps, "wall_seconds": wall})
+    mlflow.log_metrics({"train_tokens": tokens, "tokens_per_second": tps, "wall_seconds": wall})
+    curve = callbacks.curve or _curve_from_state(trainer.state)
     return TrainResult(
         base_eval_loss=base_eval_loss, eval_loss=eval_loss, train_loss=output.training_loss,
-        loss_curve=callbacks.curve or _curve_from_state(trainer.state), train_tokens=tokens,
+        loss_curve=curve, train_tokens=tokens,
         tokens_per_second=tps, wall_seconds=wall, model_dir=model_dir, resumed_from=last, params=params,
+        last_train_loss=curve[-1][1] if curve else None, max_steps=int(trainer.state.max_steps or 0) or None,
+        evaluation=evaluation,
     )
-
-
-def _base_eval_loss(trainer, job_dir: Path, *, resuming: bool) -> float | None:
-    """Eval loss of the untrained model, measured once and kept, so a resumed run reports the same."""
-    import mlflow
-
-    if trainer.eval_dataset is None:
-        return None
-    kept = job_dir / "base_eval.json"
-    if resuming and kept.is_file():
-        return float(json.loads(kept.read_text())["eval_loss"])
-    loss = float(trainer.evaluate(metric_key_prefix="base")["base_loss"])
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.write_text(json.dumps({"eval_loss": loss}))
-    mlflow.log_metrics({"base_eval_loss": loss, "base_perplexity": _ppl(loss)})
-    return loss
 
 
 def _ppl(loss: float) -> float:

@@ -1,0 +1,202 @@
+"""The held-out evaluation behind the promotion decision, whatever the backend.
+
+Held-out prompts are a seeded choice of `evaluation.prompts` conversations of the sample split
+(never trained on): each is cut before its last assistant turn, which becomes the reference.
+Every model answers the same prompts with greedy decoding, so the replies are comparable. Per
+model:
+
+- eval loss and perplexity on the test split (computed by the backend);
+- ROUGE-L F1 of each reply against its reference (`rouge-score`, Porter stemming), averaged;
+- mean reply length in words;
+- empty rate: replies with no text once whitespace is stripped;
+- repetitive rate: replies of 12 or more word/punctuation tokens in which fewer than half of the
+  4-grams are distinct (a model stuck in a loop; normal prose keeps ~95 % distinct).
+
+The baseline is the production model when one exists, else the base model; `promote` checks the
+experiment's `promotion:` limits against it (`check_policy`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from automation.errors import AutomationError, ConfigError
+from automation.record import EvalPrompt, EvaluationPart, FinetunePart, ModelEval
+from automation.spec import PromotionSpec
+
+MODEL_LABELS = {"base": "base model", "candidate": "fine-tuned", "production": "production"}
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+REPETITION_MIN_TOKENS, REPETITION_NGRAM, REPETITION_MIN_DISTINCT = 12, 4, 0.5
+
+
+def held_out_prompts(split_file: Path, count: int, seed: int) -> list[EvalPrompt]:
+    """`count` conversations of the split, chosen with `seed`, in file order; each cut at its last
+    user turn, with the assistant answer that followed as the reference."""
+    if count <= 0:
+        return []
+    try:
+        rows = [json.loads(line) for line in Path(split_file).open(encoding="utf-8") if line.strip()]
+    except OSError as err:
+        raise ConfigError(f"cannot read the evaluation prompts from {split_file}: {err}") from None
+    if not rows:
+        raise ConfigError(f"{split_file} is empty: no conversations to evaluate the models on")
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), min(count, len(rows))))
+    prompts = []
+    for index in chosen:
+        messages = rows[index]["messages"]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        reference = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
+        prompts.append(EvalPrompt(prompt_id=rows[index].get("prompt_id"), reference=reference,
+                                  messages=[{"role": m["role"], "content": m["content"]}
+                                            for m in messages[: last_user + 1]]))
+    return prompts
+
+
+def rouge_l(references: list[str | None], replies: list[str]) -> list[float]:
+    """ROUGE-L F1 of each reply against its reference (0.0 where either is empty)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, reply)["rougeL"].fmeasure if ref and ref.strip() and reply.strip() else 0.0
+            for ref, reply in zip(references, replies, strict=True)]
+
+
+def is_repetitive(text: str) -> bool:
+    tokens = _TOKEN.findall(text.lower())
+    if len(tokens) < REPETITION_MIN_TOKENS:
+        return False
+    grams = [tuple(tokens[i:i + REPETITION_NGRAM]) for i in range(len(tokens) - REPETITION_NGRAM + 1)]
+    return len(set(grams)) / len(grams) < REPETITION_MIN_DISTINCT
+
+
+def perplexity(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
+def model_eval(model: str, prompts: list[EvalPrompt], replies: list[str], eval_loss: float | None) -> ModelEval:
+    """Every figure of one model from its replies to `prompts` and its eval loss."""
+    scores = rouge_l([p.reference for p in prompts], replies) if replies else []
+    n = len(replies)
+    return ModelEval(
+        model=model, eval_loss=eval_loss, perplexity=perplexity(eval_loss),
+        rouge_l=sum(scores) / n if n else None,
+        mean_words=sum(len(r.split()) for r in replies) / n if n else None,
+        empty_rate=sum(not r.strip() for r in replies) / n if n else None,
+        repetitive_rate=sum(is_repetitive(r) for r in replies) / n if n else None,
+        replies=replies, rouge_l_each=[round(s, 4) for s in scores],
+    )
+
+
+METRICS = ("eval_loss", "perplexity", "rouge_l", "mean_words", "empty_rate", "repetitive_rate")
+
+
+def baseline_of(evaluation: EvaluationPart) -> str:
+    """The model the candidate is judged against: production when it exists, else the base model."""
+    return "production" if "production" in evaluation.models else "base"
+
+
+def delta(evaluation: EvaluationPart, metric: str, against: str | None = None) -> float | None:
+    """Candidate minus `against` (default: the baseline) for one metric; None when either is missing."""
+    models = evaluation.models
+    other = models.get(against or baseline_of(evaluation))
+    candidate = models.get("candidate")
+    if other is None or candidate is None:
+        return None
+    a, b = getattr(candidate, metric), getattr(other, metric)
+    return None if a is None or b is None else a - b
+
+
+def mlflow_metrics(evaluation: EvaluationPart) -> dict[str, float]:
+    """Flat metric names for the tracking store: `<model>_<metric>` and `delta_<metric>` (vs the baseline)."""
+    names = {"base": "base", "candidate": "finetuned", "production": "production"}
+    out = {}
+    for label, result in evaluation.models.items():
+        for metric in METRICS:
+            value = getattr(result, metric)
+            if value is not None and math.isfinite(value):
+                out[f"{names[label]}_{metric}"] = float(value)
+    for metric in ("eval_loss", "rouge_l", "mean_words", "empty_rate", "repetitive_rate"):
+        value = delta(evaluation, metric)
+        if value is not None:
+            out[f"delta_{metric}"] = value
+    return out
+
+
+@dataclass(frozen=True)
+class PolicyCheck:
+    rule: str  # the experiment key, e.g. promotion.max_eval_loss_increase
+    what: str  # e.g. "eval loss change vs production"
+    value: float | None
+    limit: float
+    passed: bool
+
+    @property
+    def measured(self) -> bool:
+        return self.value is not None
+
+    def describe(self) -> str:
+        shown = "not measured in this run, so not enforced" if self.value is None else f"{self.value:+.4f}"
+        sign = "≤" if self.rule.split(".")[-1].startswith("max") else "≥"
+        return f"{self.what}: {shown} (needs {sign} {self.limit:g}; {self.rule})"
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    baseline: str
+    checks: list[PolicyCheck]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def failures(self) -> list[PolicyCheck]:
+        return [c for c in self.checks if not c.passed]
+
+
+def check_policy(evaluation: EvaluationPart | None, policy: PromotionSpec,
+                 finetune: FinetunePart | None = None) -> PolicyResult:
+    """The experiment's promotion limits against the baseline. Without a held-out evaluation (a
+    backend that does not run one) the eval losses of `finetune` stand in. A figure the run did not
+    measure (no eval split, no prompts) is shown as such and its limit is not enforced."""
+    if evaluation is None or "candidate" not in evaluation.models:
+        evaluation = EvaluationPart(test_split="", prompt_split="", max_new_tokens=0)
+        if finetune is not None:
+            evaluation.models["base"] = ModelEval(model="base", eval_loss=finetune.base_eval_loss)
+            evaluation.models["candidate"] = ModelEval(model="candidate", eval_loss=finetune.eval_loss)
+    base = baseline_of(evaluation)
+    candidate = evaluation.models.get("candidate")
+    checks = []
+
+    def add(rule: str, what: str, value: float | None, limit: float | None, ok) -> None:
+        if limit is not None:
+            checks.append(PolicyCheck(f"promotion.{rule}", what, value, limit,
+                                      value is None or ok(value, limit)))
+
+    add("max_eval_loss_increase", f"eval loss change vs {MODEL_LABELS[base]}", delta(evaluation, "eval_loss"),
+        policy.max_eval_loss_increase, lambda v, lim: v <= lim + 1e-12)
+    add("min_rouge_l_delta", f"ROUGE-L change vs {MODEL_LABELS[base]}", delta(evaluation, "rouge_l"),
+        policy.min_rouge_l_delta, lambda v, lim: v >= lim - 1e-12)
+    add("max_empty_rate", "empty replies (share)", candidate.empty_rate if candidate else None,
+        policy.max_empty_rate, lambda v, lim: v <= lim)
+    add("max_repetitive_rate", "repetitive replies (share)", candidate.repetitive_rate if candidate else None,
+        policy.max_repetitive_rate, lambda v, lim: v <= lim)
+    return PolicyResult(base, checks)
+
+
+class PolicyNotMet(AutomationError):
+    """`promote` refused: the candidate does not meet the experiment's promotion policy."""
+
+    exit_code = 1
+
+    def __init__(self, result: PolicyResult) -> None:
+        lines = [f"the promotion policy is not met against the {MODEL_LABELS[result.baseline]}:"]
+        lines += [f"  {c.describe()}" for c in result.failures()]
+        lines.append("promote anyway with --override-policy 'REASON' (the reason is kept as the "
+                     "promotion_override tag), or change the experiment's promotion: limits")
+        super().__init__("\n".join(lines))
+        self.result = result

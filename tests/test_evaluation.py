@@ -1,0 +1,123 @@
+"""The held-out evaluation's figures and the promotion policy, on known inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from automation.errors import ConfigError
+from automation.evaluation import (
+    PolicyNotMet,
+    check_policy,
+    delta,
+    held_out_prompts,
+    is_repetitive,
+    mlflow_metrics,
+    model_eval,
+    rouge_l,
+)
+from automation.record import EvalPrompt, EvaluationPart
+from automation.spec import PromotionSpec
+from tests.conftest import REPO, chat_row, write_jsonl
+
+SAMPLE = REPO / "data" / "ultrachat-sample" / "test_gen.jsonl"
+
+
+def test_held_out_prompts_are_seeded_cut_at_the_last_user_turn(tmp_path):
+    first = held_out_prompts(SAMPLE, 8, 42)
+    assert first == held_out_prompts(SAMPLE, 8, 42) and first != held_out_prompts(SAMPLE, 8, 7)
+    assert len(first) == 8 and len({p.prompt_id for p in first}) == 8
+    for prompt in first:
+        assert prompt.messages[-1]["role"] == "user" and prompt.reference
+    rows = write_jsonl(tmp_path / "s.jsonl", [chat_row("Q1?", "A1.", "Q2?", "A2."), chat_row("Only a question?")])
+    prompts = held_out_prompts(rows, 5, 0)
+    assert len(prompts) == 2, "no more prompts than rows"
+    assert [m["content"] for m in prompts[0].messages] == ["Q1?", "A1.", "Q2?"] and prompts[0].reference == "A2."
+    assert prompts[1].reference is None
+    assert held_out_prompts(rows, 0, 0) == []
+    with pytest.raises(ConfigError, match="empty"):
+        held_out_prompts(write_jsonl(tmp_path / "e.jsonl", []), 3, 0)
+
+
+def test_rouge_l_against_the_reference():
+    scores = rouge_l(["The cat sat on the mat.", "Knead the dough.", None, "x"],
+                     ["the cats sat on the mat", "Fly a kite.", "anything", "   "])
+    assert scores[0] == pytest.approx(1.0), "case and stemming (cats -> cat) do not count"
+    assert scores[1] == 0.0 and scores[2] == 0.0 and scores[3] == 0.0
+
+
+def test_repetitive_replies_are_loops_not_prose():
+    assert is_repetitive("I am a model. " * 10)
+    assert is_repetitive("!!!! " * 20)
+    assert not is_repetitive("Knead the dough for ten minutes, then let it rest in a warm place until it doubles.")
+    assert not is_repetitive("ok ok ok"), "too short to judge"
+
+
+def evaluation(production: bool) -> EvaluationPart:
+    prompts = [EvalPrompt(messages=[{"role": "user", "content": "q"}], reference="bake the bread at 220 degrees")] * 4
+    ev = EvaluationPart(test_split="test_sft", prompt_split="test_gen", max_new_tokens=16, prompts=prompts)
+    ev.models["base"] = model_eval("base", prompts, ["hello there friend"] * 4, 2.7)
+    ev.models["candidate"] = model_eval("cand", prompts, ["bake the bread at 220 degrees", "bake it", "", "hi"], 2.4)
+    if production:
+        ev.models["production"] = model_eval("models:/m/1", prompts, ["bake the bread"] * 4, 2.3)
+        ev.production_version = "1"
+    return ev
+
+
+def test_model_figures_and_deltas_against_the_baseline():
+    ev = evaluation(production=True)
+    c = ev.models["candidate"]
+    assert c.empty_rate == 0.25 and c.mean_words == pytest.approx((6 + 2 + 0 + 1) / 4)
+    assert c.rouge_l_each[0] == 1.0 and c.rouge_l_each[2] == 0.0
+    assert c.perplexity == pytest.approx(11.0231763806416)
+    assert delta(ev, "eval_loss") == pytest.approx(0.1), "production is the baseline when it exists"
+    assert delta(ev, "eval_loss", "base") == pytest.approx(-0.3)
+    assert delta(evaluation(production=False), "eval_loss") == pytest.approx(-0.3)
+    metrics = mlflow_metrics(ev)
+    assert metrics["production_eval_loss"] == 2.3 and metrics["delta_eval_loss"] == pytest.approx(0.1)
+    assert metrics["finetuned_empty_rate"] == 0.25 and "base_rouge_l" in metrics
+
+
+def test_policy_against_production_and_against_base():
+    policy = PromotionSpec(max_eval_loss_increase=0.0, min_rouge_l_delta=-0.01, max_empty_rate=0.0)
+    result = check_policy(evaluation(production=True), policy)
+    assert result.baseline == "production" and not result.passed
+    failed = {c.rule for c in result.failures()}
+    assert failed == {"promotion.max_eval_loss_increase", "promotion.min_rouge_l_delta", "promotion.max_empty_rate"}
+    assert result.checks[0].describe() == ("eval loss change vs production: +0.1000 "
+                                           "(needs ≤ 0; promotion.max_eval_loss_increase)")
+    message = str(PolicyNotMet(result))
+    assert "not met against the production" in message and "--override-policy" in message
+    against_base = check_policy(evaluation(production=False), PromotionSpec())
+    assert against_base.baseline == "base" and against_base.passed
+    assert check_policy(evaluation(production=True), PromotionSpec(max_eval_loss_increase=None,
+                                                                   min_rouge_l_delta=None)).checks == []
+
+
+def test_policy_without_an_evaluation_uses_the_losses_and_says_what_it_did_not_measure():
+    from automation.record import FinetunePart
+
+    unmeasured = check_policy(None, PromotionSpec())
+    assert unmeasured.passed and not any(c.measured for c in unmeasured.checks)
+    assert "not measured in this run, so not enforced" in unmeasured.checks[0].describe()
+    worse = FinetunePart(job_name="j", base_eval_loss=2.0, eval_loss=2.5)  # e.g. an Azure job's metrics
+    result = check_policy(None, PromotionSpec(), worse)
+    assert not result.passed and [c.rule for c in result.failures()] == ["promotion.max_eval_loss_increase"]
+    assert result.failures()[0].value == pytest.approx(0.5)
+
+
+def test_the_experiment_file_holds_the_evaluation_and_the_policy(tmp_path):
+    from automation.errors import ExperimentInvalid
+    from automation.spec import load_experiment
+    from tests.conftest import LOCAL_EXPERIMENT, write_experiment
+
+    body = {**LOCAL_EXPERIMENT, "evaluation": {"prompts": 4}, "promotion": {"max_eval_loss_increase": 0.05,
+                                                                            "min_rouge_l_delta": None}}
+    exp = load_experiment(write_experiment(tmp_path, body))
+    assert exp.evaluation.prompts == 4 and exp.evaluation.max_new_tokens == 96
+    assert exp.promotion.max_eval_loss_increase == 0.05 and exp.promotion.min_rouge_l_delta is None
+    bad = {**LOCAL_EXPERIMENT, "promotion": {"min_rouge_l_delta": 2, "max_loss_increase": 0}}
+    with pytest.raises(ExperimentInvalid) as err:
+        load_experiment(write_experiment(tmp_path, bad))
+    text = "\n".join(str(i) for i in err.value.issues)
+    assert "promotion.min_rouge_l_delta" in text and "less than or equal to 1" in text
+    assert "promotion.max_loss_increase" in text and "did you mean promotion.max_eval_loss_increase?" in text
