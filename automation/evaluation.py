@@ -6,7 +6,7 @@ Every model answers the same prompts with greedy decoding, so the replies are co
 model:
 
 - eval loss and perplexity on the test split (computed by the backend);
-- ROUGE-L F1 of each reply against its reference (`rouge-score`, Porter stemming), averaged;
+- ROUGE-L F1 of each reply against its reference (torchmetrics' port of `rouge-score`, Porter stemming), averaged;
 - mean reply length in words;
 - empty rate: replies with no text once whitespace is stripped;
 - repetitive rate: replies of 12 or more word/punctuation tokens in which fewer than half of the
@@ -59,10 +59,13 @@ def held_out_prompts(split_file: Path, count: int, seed: int) -> list[EvalPrompt
 
 def rouge_l(references: list[str | None], replies: list[str]) -> list[float]:
     """ROUGE-L F1 of each reply against its reference (0.0 where either is empty)."""
-    from rouge_score import rouge_scorer
+    # torchmetrics' ROUGE is a port of Google's rouge-score (same tokenizer, Porter stemmer from
+    # nltk) that ships as a wheel; rouge-score itself is an sdist only, and no install here builds
+    # from source.
+    from torchmetrics.functional.text.rouge import rouge_score
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref, reply)["rougeL"].fmeasure if ref and ref.strip() and reply.strip() else 0.0
+    return [float(rouge_score(reply, ref, rouge_keys="rougeL", use_stemmer=True)["rougeL_fmeasure"])
+            if ref and ref.strip() and reply.strip() else 0.0
             for ref, reply in zip(references, replies, strict=True)]
 
 
