@@ -103,6 +103,9 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set from the event loop when the client goes away
     tokens: list[int] = field(default_factory=list)
+    text: str = ""  # the reply's text, whole characters only
+    prefix_at: int = 0  # incremental decoding: tokens[prefix_at:read_at] decode to the end of `text`
+    read_at: int = 0
     sent: int = 0  # characters of the reply already handed out
     generator: Any = None  # torch.Generator of a seeded request
 
@@ -327,12 +330,12 @@ class Generator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
         self._running.extend(jobs)  # first: if the pass fails, the worker fails them with the rest
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                           use_cache=True, logits_to_keep=1)
         for job in jobs:
             if job.seed is not None:
                 job.generator = torch.Generator(device="cpu").manual_seed(job.seed)
-        self._merge(out.past_key_values, mask, [len(j.prompt) for j in jobs])
+        self._merge(cache, mask, [len(j.prompt) for j in jobs])
         self._advance(jobs, out.logits[:, -1, :], offset=len(self._running) - len(jobs))
 
     def _merge(self, cache, mask, lengths: list[int]) -> None:
@@ -363,7 +366,7 @@ class Generator:
         self._mask = torch.cat([self._mask, torch.ones((len(self._running), 1), dtype=self._mask.dtype,
                                                        device=self._device)], dim=1)
         out = self._model(input_ids=last, attention_mask=self._mask, position_ids=self._lengths[:, None],
-                          past_key_values=self._cache, use_cache=True)
+                          cache=self._cache, use_cache=True)
         self._lengths = self._lengths + 1
         with self._lock:
             self._stats["steps"] += 1
@@ -397,19 +400,28 @@ class Generator:
             self._keep_rows([row for row in range(len(self._running) + len(gone)) if row not in gone])
 
     def _visible(self, job: Job) -> tuple[str, bool]:
-        """The reply's text so far and whether a stop string ended it (the text then stops before it)."""
-        text = self._detok.decode(job.tokens, skip_special_tokens=True)
-        for stop in job.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text = text[:at]
-                return text, True
-        return text, False
+        """The reply's text so far and whether a stop string ended it (the text then stops before it).
+
+        Incremental: only the tokens since the last complete character are decoded each step (as
+        text-generation-inference does), so a step costs the same at token 2,000 as at token 2, and
+        text ending in a half-decoded character (U+FFFD) waits for the tokens that complete it."""
+        prefix = self._detok.decode(job.tokens[job.prefix_at:job.read_at], skip_special_tokens=True)
+        fresh = self._detok.decode(job.tokens[job.prefix_at:], skip_special_tokens=True)
+        if len(fresh) > len(prefix) and not fresh.endswith(REPLACEMENT):
+            searched_from = len(job.text)
+            job.text += fresh[len(prefix):]
+            job.prefix_at, job.read_at = job.read_at, len(job.tokens)
+            for stop in job.stop:
+                at = job.text.find(stop, max(0, searched_from - len(stop) + 1))
+                if at >= 0:
+                    job.text = job.text[:at]
+                    return job.text, True
+        return job.text, False
 
     def _send(self, job: Job, text: str) -> None:
         """Hand out the new text, holding back a half-decoded character and any tail that may be the
         start of a stop string."""
-        safe = len(text.rstrip(REPLACEMENT))
+        safe = len(text)
         for stop in job.stop:
             for size in range(min(len(stop) - 1, safe), 0, -1):
                 if text[:safe].endswith(stop[:size]):
@@ -420,12 +432,8 @@ class Generator:
             job.sent = safe
 
     def _reply(self, job: Job, finish: Literal["stop", "length"], text: str | None = None) -> Reply:
-        if text is None:
-            text, stopped = self._visible(job)
-            finish = "stop" if stopped else finish
-        # A reply cut at a token limit may end inside a character: drop the broken tail.
-        text = text.rstrip(REPLACEMENT)
-        return Reply(text, len(job.prompt), len(job.tokens), finish)
+        # `job.text` holds whole characters only: a reply cut inside one drops its first bytes.
+        return Reply(job.text if text is None else text, len(job.prompt), len(job.tokens), finish)
 
     def _finish(self, job: Job, value: Reply | ApiError) -> None:
         if isinstance(value, Reply):

@@ -43,7 +43,6 @@ from automation.serving.openapi import openapi_document
 from automation.serving.sampling import Sampling
 
 log = logging.getLogger("automation.serving")
-DISCONNECT_POLL_S = 0.1
 
 
 class ClientGone(Exception):
@@ -150,24 +149,40 @@ def check_unhonoured(body: ChatBody) -> None:
         raise ApiError(400, f"{name}: not supported by this endpoint", "unsupported_parameter")
 
 
-async def collect(job: Job, request: Request, timeout_s: float) -> Reply:
-    """Wait for the job's reply, cancelling it if the client goes away."""
-    until = time.monotonic() + timeout_s
+async def _reply_of(job: Job) -> Reply:
     while True:
-        try:
-            kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled = True
-                raise ClientGone() from None
-            if time.monotonic() > until:
-                job.cancelled = True
-                raise ApiError(504, f"no reply within the request timeout of {timeout_s:g} s", "timeout") from None
-            continue
+        kind, value = await job.events.get()
         if kind == "done":
             return value
         if kind == "error":
             raise value
+
+
+async def _until_disconnect(request: Request) -> None:
+    # The body is read, so the next ASGI message is http.disconnect, whenever the client leaves
+    # (what Starlette's StreamingResponse listens for too).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(request: Request, jobs: list[Job], timeout_s: float) -> list[Reply]:
+    """The jobs' replies, in order; if the client goes away first, the jobs are cancelled."""
+    replies = asyncio.ensure_future(asyncio.gather(*(_reply_of(job) for job in jobs)))
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({replies, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if replies.done():
+            return replies.result()
+        if gone.done():
+            raise ClientGone()
+        raise ApiError(504, f"no reply within the request timeout of {timeout_s:g} s", "timeout")
+    finally:
+        gone.cancel()
+        if not replies.done():
+            replies.cancel()
+            replies.add_done_callback(lambda future: future.cancelled() or future.exception())
+            for job in jobs:
+                job.cancelled = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +245,7 @@ def create_app(settings: Settings, generator: Generator) -> FastAPI:
         try:
             for prompt in prompts:
                 jobs.append(generator.submit(prompt, max_new, sampling, None))
-            replies = await asyncio.gather(*(collect(job, request, timeout_s) for job in jobs))
+            replies = await collect(request, jobs, timeout_s)
         except BaseException:
             for job in jobs:
                 job.cancelled = True
@@ -258,11 +273,7 @@ def create_app(settings: Settings, generator: Generator) -> FastAPI:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(job, model, usage, timeout_s), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        try:
-            reply = await collect(job, request, timeout_s)
-        except BaseException:
-            job.cancelled = True
-            raise
+        [reply] = await collect(request, [job], timeout_s)
         return _completion(model, reply)
 
     app.state.started = time.time()
