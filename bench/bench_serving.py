@@ -182,8 +182,9 @@ def log_mlflow_model(model_dir: Path, scratch: Path) -> tuple[str, str]:
 
     tracking = f"sqlite:///{scratch / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking)
-    mlflow.set_experiment("bench-serving")
-    with mlflow.start_run():
+    # The artifacts in the scratch folder too: a SQLite store's default is ./mlruns in the cwd.
+    experiment = mlflow.create_experiment("bench-serving", artifact_location=(scratch / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         info = _log_chat_model(mlflow, model_dir)
     return info.model_uri, tracking
 
