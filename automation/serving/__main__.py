@@ -42,13 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port-file", help="where to write the bound port once listening")
     parser.add_argument("--max-new-tokens-cap", type=_positive, default=512)
     parser.add_argument("--request-timeout-ms", type=_positive, default=90_000)
-    parser.add_argument("--max-batch-size", type=_positive, default=16)
+    parser.add_argument("--max-batch-size", type=_positive, default=16,
+                        help="requests decoded together in one step (continuous batching)")
     parser.add_argument("--max-body-bytes", type=_positive, default=1_000_000)
     parser.add_argument("--max-messages", type=_positive, default=64)
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0,
-                        help="a request arriving within this many ms of the previous one joins its batch")
-    parser.add_argument("--batch-window-ms", type=float, default=100.0,
-                        help="the most a batch waits for more requests, from its first one")
+    parser.add_argument("--max-prompt-tokens", type=_positive, default=4096,
+                        help="longer conversations get 400 (also bounded by the model's context)")
+    parser.add_argument("--max-tokens-in-flight", type=_positive, default=65_536,
+                        help="prompt + max_new_tokens over all admitted requests; beyond it 429 + Retry-After")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads; 0: OMP_NUM_THREADS if set, else the usable CPUs less one")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser.parse_args(argv)
 
@@ -92,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir=str(Path(args.model_dir).resolve()), api_key=read_key(args.key_file), device=args.device,
         max_new_tokens_cap=args.max_new_tokens_cap, request_timeout_ms=args.request_timeout_ms,
         max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_bytes,
-        max_messages=args.max_messages, batch_wait_ms=args.batch_wait_ms,
-        batch_window_ms=args.batch_window_ms,
+        max_messages=args.max_messages, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_in_flight=args.max_tokens_in_flight, threads=max(0, args.threads),
     )
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]

@@ -1,18 +1,27 @@
-"""The batching generator of the local endpoint: one thread owns the model.
+"""The continuous-batching engine of the local endpoint: one thread owns the model.
 
-Requests reach it through a queue; it collects the jobs that arrive close together (each within
-`batch_wait_ms` of the one before, for at most `batch_window_ms` in all), groups the ones with the
-same sampling settings and answers each group with one left-padded `generate` call, resolving
-each request's asyncio future from its thread. The window slides with the arrivals because
-concurrent clients do not send at the same instant: sixteen clients released together reach the
-server spread over ~20-30 ms on a busy 2-core machine, and a fixed 10 ms window split them into
-two batches that then took turns (bench/RESULTS.md, item 3).
+Iteration-level batching: every step the worker admits waiting requests (prefilling them
+together, left-padded, and merging their key/value cache into the running batch's), then decodes
+one token for every running request at once, hands each its new text, and drops the rows that
+finished, were cancelled (their client went away) or ran out of time. A short request next to a
+long one therefore leaves as soon as it is done instead of waiting for the whole batch, and a
+request arriving mid-batch starts at the next step instead of after it.
+
+Why our own scheduler and not transformers' `ContinuousBatchingManager`: on this CPU its paged
+attention decoded slower than plain `generate` (bench/RESULTS.md, serving), and it samples with
+one GenerationConfig for all requests, while every request here brings its own sampling
+parameters, seed and stop strings.
+
+Admission is bounded by tokens in flight (prompt + max_new_tokens of every admitted or waiting
+request) and by prompt length, so a burst of long prompts gets 429 / 400 instead of more memory
+than the machine has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -21,11 +30,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from automation.serving.sampling import Sampling, next_token
+
 log = logging.getLogger("automation.serving")
 
 # Generation must end before the client's request timeout, so a long reply comes back cut short
 # (finish_reason "length") instead of as a timeout.
 GENERATION_SHARE_OF_TIMEOUT = 0.8
+REPLACEMENT = "\ufffd"  # what decoding half of a multi-byte character gives
+
+
+def default_threads() -> int:
+    """torch threads for the server: the CPUs this process may use, less one for the HTTP loop
+    (tokenising, JSON, streaming), never under one. OMP_NUM_THREADS, when set, wins."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus - 1)
 
 
 @dataclass(frozen=True)
@@ -35,11 +57,13 @@ class Settings:
     device: str = "auto"
     max_new_tokens_cap: int = 512
     request_timeout_ms: int = 90_000
-    max_batch_size: int = 16
+    max_batch_size: int = 16  # requests decoded together in one step
     max_body_bytes: int = 1_000_000
     max_messages: int = 64
-    batch_wait_ms: float = 10.0  # the gap after a request within which another may join its batch
-    batch_window_ms: float = 100.0  # the most a batch waits for joiners, from its first request
+    max_conversations: int = 16  # in one /score request
+    max_prompt_tokens: int = 4096  # also bounded by the model's context
+    max_tokens_in_flight: int = 65_536  # prompt + max_new_tokens over all admitted requests
+    threads: int = 0  # torch threads; 0 = default_threads()
 
     @property
     def max_queue(self) -> int:
@@ -55,32 +79,6 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """The settings that must be equal for requests to share one `generate` call."""
-
-    do_sample: bool
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-
-    @classmethod
-    def make(cls, do_sample: bool, temperature: float, top_p: float, top_k: int | None = None,
-             repetition_penalty: float | None = None) -> Sampling:
-        # Temperature 0 means greedy; all greedy requests batch together whatever else they say.
-        if not do_sample or temperature == 0:
-            return cls(False, repetition_penalty=repetition_penalty)
-        return cls(True, temperature, top_p, top_k, repetition_penalty)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"do_sample": self.do_sample}
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
-        return kwargs
-
-
 @dataclass
 class Reply:
     text: str
@@ -91,26 +89,34 @@ class Reply:
 
 @dataclass
 class Job:
-    messages: list[dict[str, str]]
+    """One conversation in generation. The worker thread writes its events to `events` (an
+    asyncio queue on the request's loop): ("text", str) pieces, then ("done", Reply) or
+    ("error", ApiError)."""
+
+    prompt: list[int]
     max_new_tokens: int
     sampling: Sampling
     seed: int | None
+    stop: tuple[str, ...]
     deadline: float  # time.monotonic() by which generation must have stopped
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # set from the event loop when the client goes away
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # the reply's text, whole characters only
+    prefix_at: int = 0  # incremental decoding: tokens[prefix_at:read_at] decode to the end of `text`
+    read_at: int = 0
+    sent: int = 0  # characters of the reply already handed out
+    generator: Any = None  # torch.Generator of a seeded request
 
-    def resolve(self, value: Reply | ApiError) -> None:
-        """Settle the future from the worker thread; a request that timed out is left alone."""
-        def settle() -> None:
-            if self.future.done():
-                return
-            if isinstance(value, ApiError):
-                self.future.set_exception(value)
-            else:
-                self.future.set_result(value)
+    @property
+    def cost(self) -> int:
+        return len(self.prompt) + self.max_new_tokens
+
+    def emit(self, kind: str, value: Any) -> None:
         try:
-            self.loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the event loop closed during shutdown; nobody is waiting
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop closed during shutdown; nobody is listening
             pass
 
 
@@ -125,8 +131,13 @@ class Generator:
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="generator", daemon=True)
-        self._stats = {"requests": 0, "replies": 0, "errors": 0, "batches": 0, "largest_batch": 0}
         self._lock = threading.Lock()
+        self._in_flight = 0  # tokens reserved by admitted and waiting jobs
+        self._stats = {"requests": 0, "replies": 0, "errors": 0, "cancelled": 0, "steps": 0,
+                       "largest_batch": 0, "decoded_rows": 0}
+        self._running: list[Job] = []
+        self.tokenizer: Any = None
+        self.model_name = Path(settings.model_dir).name
 
     def start(self) -> None:
         self._thread.start()
@@ -138,36 +149,62 @@ class Generator:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {**self._stats, "queued": self._queue.qsize(), "ready": self.ready.is_set()}
+            stats = dict(self._stats)
+            stats["mean_batch"] = round(stats["decoded_rows"] / stats["steps"], 2) if stats["steps"] else 0.0
+            return {**stats, "queued": self._queue.qsize(), "running": len(self._running),
+                    "tokens_in_flight": self._in_flight, "max_tokens_in_flight": self.settings.max_tokens_in_flight,
+                    "threads": self._threads, "ready": self.ready.is_set()}
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
-            self._stats[key] += 1
+            self._stats[key] += n
 
-    def _count_batch(self, size: int) -> None:
+    # -- the event loop's side -----------------------------------------------------------------
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation as prompt tokens, refusing what cannot be served (400)."""
+        self._require_ready()
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+        except Exception as exc:  # a template may refuse a conversation (e.g. no system role)
+            raise ApiError(422, f"the model's chat template refused the conversation: {exc}") from None
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        if len(ids) > self.max_prompt_tokens:
+            raise ApiError(400, f"the conversation is {len(ids)} tokens; this endpoint reads at most "
+                                f"{self.max_prompt_tokens}", "context_length_exceeded")
+        return ids
+
+    def submit(self, prompt: list[int], max_new_tokens: int, sampling: Sampling, seed: int | None,
+               stop: tuple[str, ...] = ()) -> Job:
+        """Queue a job, or refuse it at once when the server is full (429/503 with Retry-After)."""
+        self._require_ready()
+        if self._max_positions:
+            max_new_tokens = max(1, min(max_new_tokens, self._max_positions - len(prompt)))
+        loop = asyncio.get_running_loop()
+        timeout_s = self.settings.request_timeout_ms / 1000
+        job = Job(prompt, max_new_tokens, sampling, seed, stop,
+                  time.monotonic() + timeout_s * GENERATION_SHARE_OF_TIMEOUT, loop)
+        budget = self.settings.max_tokens_in_flight
+        if job.cost > budget:
+            raise ApiError(400, f"prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new_tokens}) is above "
+                                f"this endpoint's {budget} tokens in flight", "context_length_exceeded")
         with self._lock:
-            self._stats["batches"] += 1
-            self._stats["largest_batch"] = max(self._stats["largest_batch"], size)
+            if self._queue.qsize() >= self.settings.max_queue:
+                raise ApiError(503, "too many requests waiting; retry shortly", "overloaded",
+                               headers={"Retry-After": "1"})
+            if self._in_flight + job.cost > budget:
+                raise ApiError(429, f"the endpoint is full ({self._in_flight} of {budget} tokens in flight); "
+                                    "retry shortly", "rate_limit_exceeded", headers={"Retry-After": "1"})
+            self._in_flight += job.cost
+            self._stats["requests"] += 1
+        self._queue.put(job)
+        return job
 
-    async def run(self, messages: list[dict[str, str]], max_new_tokens: int, sampling: Sampling,
-                  seed: int | None) -> Reply:
+    def _require_ready(self) -> None:
         if not self.ready.is_set():
             raise ApiError(503, "the model is still loading; retry when GET /ready answers 200",
                            "not_ready", headers={"Retry-After": "5"})
-        if self._queue.qsize() >= self.settings.max_queue:
-            raise ApiError(503, "too many requests waiting; retry shortly", "overloaded",
-                           headers={"Retry-After": "1"})
-        loop = asyncio.get_running_loop()
-        timeout_s = self.settings.request_timeout_ms / 1000
-        job = Job(messages, max_new_tokens, sampling, seed,
-                  time.monotonic() + timeout_s * GENERATION_SHARE_OF_TIMEOUT, loop, loop.create_future())
-        self._count("requests")
-        self._queue.put(job)
-        try:
-            return await asyncio.wait_for(job.future, timeout_s)
-        except TimeoutError:
-            raise ApiError(504, f"no reply within the request timeout of {timeout_s:g} s",
-                           "timeout") from None
 
     # -- the worker thread ---------------------------------------------------------------------
 
@@ -180,11 +217,17 @@ class Generator:
             self._on_fatal()
             return
         self.ready.set()
-        log.info("model loaded from %s on %s; ready", self.settings.model_dir, self._device)
-        while not self._stop.is_set():
-            batch = self._collect()
-            if batch:
-                self._serve(batch)
+        log.info("model loaded from %s on %s with %d torch threads; ready", self.settings.model_dir,
+                 self._device, self._threads)
+        with self._torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._step()
+                except Exception:
+                    log.exception("generation failed; failing the %d running requests", len(self._running))
+                    for job in self._running:
+                        self._finish(job, ApiError(500, "generation failed; see the endpoint log", "server_error"))
+                    self._running, self._cache, self._mask, self._lengths = [], None, None, None
 
     def _load(self) -> None:
         folder = Path(self.settings.model_dir)
@@ -195,6 +238,12 @@ class Generator:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        self._threads = self.settings.threads or default_threads()
+        torch.set_num_threads(self._threads)
+        try:
+            torch.set_num_interop_threads(1)  # the worker is the only thread that runs torch
+        except RuntimeError:  # already set, or parallel work already ran in this process
+            pass
         device = self.settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -202,114 +251,226 @@ class Generator:
         dtype = torch.float32
         if device == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self._tokenizer = AutoTokenizer.from_pretrained(folder)
-        if not self._tokenizer.chat_template:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if not tokenizer.chat_template:
             raise ValueError(f"the tokenizer in {folder} has no chat template")
         self._model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self._device, self._torch = device, torch
-        self._eos_ids = self._end_of_turn_ids()
-        self._pad_id = self._tokenizer.pad_token_id
-        if self._pad_id is None:
-            self._pad_id = self._eos_ids[0]
+        self.tokenizer = tokenizer
+        # A second tokenizer for the worker: a Rust tokenizer used from two threads at once can
+        # fail with "Already borrowed"; the event loop encodes, the worker decodes.
+        self._detok = AutoTokenizer.from_pretrained(folder)
+        self._eos_ids = set(self._end_of_turn_ids())
         self._max_positions = getattr(self._model.config, "max_position_embeddings", None)
+        self.max_prompt_tokens = self.settings.max_prompt_tokens
+        if self._max_positions:
+            self.max_prompt_tokens = min(self.max_prompt_tokens, self._max_positions - 1)
+        self._cache = self._mask = self._lengths = None
 
     def _end_of_turn_ids(self) -> list[int]:
         configured = self._model.generation_config.eos_token_id
         ids = list(configured) if isinstance(configured, list) else [configured]
-        ids.append(self._tokenizer.eos_token_id)
-        im_end = self._tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self._tokenizer.unk_token_id:
+        ids.append(self.tokenizer.eos_token_id)
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
             ids.append(im_end)
         unique = list(dict.fromkeys(i for i in ids if i is not None))
         if not unique:
             raise ValueError("the model has no end-of-sequence token")
         return unique
 
-    def _collect(self) -> list[Job]:
-        """The first waiting job and those that follow it, each within batch_wait_ms of the one
-        before, until the batch is full or batch_window_ms has passed since the first."""
-        try:
-            batch = [self._queue.get(timeout=0.2)]
-        except queue.Empty:
-            return []
-        gap, window = self.settings.batch_wait_ms / 1000, self.settings.batch_window_ms / 1000
-        closes = time.monotonic() + window
-        while len(batch) < self.settings.max_batch_size:
-            remaining = min(gap, closes - time.monotonic())
+    def _step(self) -> None:
+        """Admit what fits, then decode one token for every running request."""
+        gone = {row for row, job in enumerate(self._running) if self._drop_if_gone(job)}
+        if gone:
+            rows = [row for row in range(len(self._running)) if row not in gone]
+            self._running = [self._running[row] for row in rows]
+            self._keep_rows(rows)
+        joining = self._admit()
+        if joining:
+            self._prefill(joining)
+        if self._running:
+            self._decode()
+
+    def _admit(self) -> list[Job]:
+        room = self.settings.max_batch_size - len(self._running)
+        joining: list[Job] = []
+        # Block briefly only when idle; with requests running, take whatever is waiting now.
+        wait = 0.2 if not self._running else 0
+        while room > 0:
             try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+                job = self._queue.get(timeout=wait) if wait else self._queue.get_nowait()
             except queue.Empty:
                 break
-        return batch
+            wait = 0
+            if not self._drop_if_gone(job):
+                joining.append(job)
+                room -= 1
+        return joining
 
-    def _serve(self, batch: list[Job]) -> None:
-        groups: dict[tuple[Sampling, int | None], list[Job]] = {}
-        for job in batch:
-            if not job.future.done():  # skip requests that already timed out
-                groups.setdefault((job.sampling, job.seed), []).append(job)
-        for group in groups.values():
-            try:
-                replies = self._generate(group)
-            except Exception:
-                log.exception("generation failed for a batch of %d", len(group))
-                replies = {id(job): ApiError(500, "generation failed; see the endpoint log", "server_error")
-                           for job in group}
-            for job in group:
-                reply = replies[id(job)]
-                self._count("errors" if isinstance(reply, ApiError) else "replies")
-                job.resolve(reply)
+    def _drop_if_gone(self, job: Job) -> bool:
+        """Finish a job whose client left (no reply: nobody reads it) or whose time ran out."""
+        if job.cancelled:
+            self._count("cancelled")
+            self._release(job)
+            return True
+        if time.monotonic() >= job.deadline:
+            self._finish(job, self._reply(job, "length"))
+            return True
+        return False
 
-    def _encode(self, job: Job) -> list[int]:
-        try:
-            text = self._tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # a template may refuse a conversation (e.g. no system role)
-            raise ApiError(422, f"the model's chat template refused the conversation: {exc}") from None
-        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-        if self._max_positions and len(ids) >= self._max_positions:
-            raise ApiError(422, f"the conversation is {len(ids)} tokens; this model reads at most "
-                                f"{self._max_positions - 1} plus the reply")
-        return ids
-
-    def _generate(self, group: list[Job]) -> dict[int, Reply | ApiError]:
-        results: dict[int, Reply | ApiError] = {}
-        rows: list[tuple[Job, list[int]]] = []
-        for job in group:
-            try:
-                rows.append((job, self._encode(job)))
-            except ApiError as exc:
-                results[id(job)] = exc
-        if not rows:
-            return results
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward pass over the new prompts (left-padded), then merge their cache into the batch."""
         torch = self._torch
-        width = max(len(ids) for _, ids in rows)
-        # Left padding: every row's prompt ends at the same column, where generation starts.
-        input_ids = torch.tensor([[self._pad_id] * (width - len(ids)) + ids for _, ids in rows])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in rows])
-        max_new = max(job.max_new_tokens for job, _ in rows)
-        if self._max_positions:
-            max_new = max(1, min(max_new, self._max_positions - width))
-        max_time = max(0.05, min(job.deadline for job, _ in rows) - time.monotonic())
-        seed = rows[0][0].seed
-        if seed is not None:
-            torch.manual_seed(seed)
-        try:
-            with torch.inference_mode():
-                output = self._model.generate(
-                    input_ids=input_ids.to(self._device), attention_mask=mask.to(self._device),
-                    max_new_tokens=max_new, max_time=max_time, eos_token_id=self._eos_ids,
-                    pad_token_id=self._pad_id, **rows[0][0].sampling.generate_kwargs())
-        finally:
-            if seed is not None:
-                torch.seed()  # so the next unseeded request is not predictable from this seed
-        self._count_batch(len(rows))
-        for index, (job, ids) in enumerate(rows):
-            results[id(job)] = self._reply(output[index, width:].tolist()[: job.max_new_tokens], len(ids))
-        return results
+        from transformers import DynamicCache
 
-    def _reply(self, tokens: list[int], prompt_tokens: int) -> Reply:
-        """Cut a row at its first end-of-turn token; no end-of-turn means it ran out of length or time."""
-        ends = [i for i, token in enumerate(tokens) if token in self._eos_ids]
-        finish: Literal["stop", "length"] = "stop" if ends else "length"
-        kept = tokens[: ends[0]] if ends else tokens
-        text = self._tokenizer.decode(kept, skip_special_tokens=True)
-        return Reply(text, prompt_tokens, len(kept), finish)
+        width = max(len(job.prompt) for job in jobs)
+        ids = torch.tensor([[0] * (width - len(j.prompt)) + j.prompt for j in jobs], device=self._device)
+        mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=self._device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self._model.config)
+        self._running.extend(jobs)  # first: if the pass fails, the worker fails them with the rest
+        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                          use_cache=True, logits_to_keep=1)
+        for job in jobs:
+            if job.seed is not None:
+                job.generator = torch.Generator(device="cpu").manual_seed(job.seed)
+        self._merge(cache, mask, [len(j.prompt) for j in jobs])
+        self._advance(jobs, out.logits[:, -1, :], offset=len(self._running) - len(jobs))
+
+    def _merge(self, cache, mask, lengths: list[int]) -> None:
+        torch = self._torch
+        from transformers import DynamicCache
+
+        lengths_t = torch.tensor(lengths, device=self._device)
+        if self._cache is None:
+            self._cache, self._mask, self._lengths = cache, mask, lengths_t
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def pad(t, dim_len):  # left-pad the sequence axis (-2 for k/v, -1 for masks) to `width`
+            missing = width - dim_len
+            return t if missing == 0 else torch.nn.functional.pad(t, (0, 0, missing, 0) if t.dim() == 4 else (missing, 0))
+
+        layers = []
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            layers.append((torch.cat([pad(old.keys, old.keys.shape[-2]), pad(new.keys, new.keys.shape[-2])]),
+                           torch.cat([pad(old.values, old.values.shape[-2]), pad(new.values, new.values.shape[-2])])))
+        self._cache = DynamicCache(ddp_cache_data=layers, config=self._model.config)
+        self._mask = torch.cat([pad(self._mask, self._mask.shape[1]), pad(mask, mask.shape[1])])
+        self._lengths = torch.cat([self._lengths, lengths_t])
+
+    def _decode(self) -> None:
+        torch = self._torch
+        last = torch.tensor([[job.tokens[-1]] for job in self._running], device=self._device)
+        self._mask = torch.cat([self._mask, torch.ones((len(self._running), 1), dtype=self._mask.dtype,
+                                                       device=self._device)], dim=1)
+        out = self._model(input_ids=last, attention_mask=self._mask, position_ids=self._lengths[:, None],
+                          cache=self._cache, use_cache=True)
+        self._lengths = self._lengths + 1
+        with self._lock:
+            self._stats["steps"] += 1
+            self._stats["decoded_rows"] += len(self._running)
+            self._stats["largest_batch"] = max(self._stats["largest_batch"], len(self._running))
+        self._advance(list(self._running), out.logits[:, -1, :], offset=0)
+
+    def _advance(self, jobs: list[Job], logits, offset: int) -> None:
+        """Sample each job's next token from its row, hand out new text, and retire finished jobs."""
+        finished = []
+        rows = logits.float().cpu()
+        for index, job in enumerate(jobs):
+            token = next_token(self._torch, rows[index], job.sampling, job.prompt + job.tokens, job.tokens,
+                               job.generator)
+            if token in self._eos_ids:
+                finished.append((offset + index, self._reply(job, "stop")))
+                continue
+            job.tokens.append(token)
+            text, stopped = self._visible(job)
+            if stopped:
+                finished.append((offset + index, self._reply(job, "stop", text)))
+            elif len(job.tokens) >= job.max_new_tokens or time.monotonic() >= job.deadline:
+                finished.append((offset + index, self._reply(job, "length", text)))
+            else:
+                self._send(job, text)
+        if finished:
+            gone = {row for row, _ in finished}
+            for row, reply in finished:
+                self._finish(self._running[row], reply)
+            self._running = [job for row, job in enumerate(self._running) if row not in gone]
+            self._keep_rows([row for row in range(len(self._running) + len(gone)) if row not in gone])
+
+    def _visible(self, job: Job) -> tuple[str, bool]:
+        """The reply's text so far and whether a stop string ended it (the text then stops before it).
+
+        Incremental: only the tokens since the last complete character are decoded each step (as
+        text-generation-inference does), so a step costs the same at token 2,000 as at token 2, and
+        text ending in a half-decoded character (U+FFFD) waits for the tokens that complete it."""
+        prefix = self._detok.decode(job.tokens[job.prefix_at:job.read_at], skip_special_tokens=True)
+        fresh = self._detok.decode(job.tokens[job.prefix_at:], skip_special_tokens=True)
+        if len(fresh) > len(prefix) and not fresh.endswith(REPLACEMENT):
+            searched_from = len(job.text)
+            job.text += fresh[len(prefix):]
+            job.prefix_at, job.read_at = job.read_at, len(job.tokens)
+            for stop in job.stop:
+                at = job.text.find(stop, max(0, searched_from - len(stop) + 1))
+                if at >= 0:
+                    job.text = job.text[:at]
+                    return job.text, True
+        return job.text, False
+
+    def _send(self, job: Job, text: str) -> None:
+        """Hand out the new text, holding back a half-decoded character and any tail that may be the
+        start of a stop string."""
+        safe = len(text)
+        for stop in job.stop:
+            for size in range(min(len(stop) - 1, safe), 0, -1):
+                if text[:safe].endswith(stop[:size]):
+                    safe -= size
+                    break
+        if safe > job.sent:
+            job.emit("text", text[job.sent:safe])
+            job.sent = safe
+
+    def _reply(self, job: Job, finish: Literal["stop", "length"], text: str | None = None) -> Reply:
+        # `job.text` holds whole characters only: a reply cut inside one drops its first bytes.
+        return Reply(job.text if text is None else text, len(job.prompt), len(job.tokens), finish)
+
+    def _finish(self, job: Job, value: Reply | ApiError) -> None:
+        if isinstance(value, Reply):
+            if len(value.text) > job.sent:
+                job.emit("text", value.text[job.sent:])
+                job.sent = len(value.text)
+            job.emit("done", value)
+            self._count("replies")
+        else:
+            job.emit("error", value)
+            self._count("errors")
+        self._release(job)
+
+    def _release(self, job: Job) -> None:
+        with self._lock:
+            self._in_flight -= job.cost
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        if not rows:
+            self._cache = self._mask = self._lengths = None
+            return
+        index = self._torch.tensor(rows, device=self._device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        self._lengths = self._lengths[index]
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop leading cache columns that no running row uses (left padding of rows now gone)."""
+        if self._mask is None:
+            return
+        if not self._running:
+            self._cache = self._mask = self._lengths = None
+            return
+        used = self._mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        if start > 0:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+            self._mask = self._mask[:, start:]

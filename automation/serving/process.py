@@ -252,12 +252,14 @@ def stop_endpoint(name: str) -> bool:
 
 def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], max_new_tokens_cap: int = 512,
                    request_timeout_ms: int = 90_000, ready_timeout_s: float = 300,
-                   device: str = "auto", max_batch_size: int = 16, batch_wait_ms: float = 10.0,
-                   batch_window_ms: float = 100.0) -> EndpointRecord:
+                   device: str = "auto", max_batch_size: int = 16, max_tokens_in_flight: int = 65_536,
+                   max_prompt_tokens: int = 4096, threads: int = 0) -> EndpointRecord:
     """Start a server for model_dir on a free loopback port and wait until it is ready.
 
-    `max_batch_size` requests at most share one `generate` call; a request arriving within
-    `batch_wait_ms` of the previous one joins its batch, for at most `batch_window_ms`.
+    Continuous batching: up to `max_batch_size` requests decode together, each joining and leaving
+    at any step; beyond `max_tokens_in_flight` (prompt + max_new_tokens of every admitted request)
+    the server answers 429 with Retry-After; a conversation over `max_prompt_tokens` gets 400.
+    `threads`: torch threads, 0 for the server's default (the usable CPUs less one).
 
     Idempotent: a live, ready endpoint of that name serving the same folder is returned as it is;
     one serving another folder is stopped and replaced.
@@ -279,8 +281,9 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         sys.executable, "-m", "automation.serving", "--model-dir", model_dir, "--host", HOST,
         "--port", "0", "--port-file", str(paths["port"]), "--key-file", str(paths["key"]),
         "--max-new-tokens-cap", str(max_new_tokens_cap), "--request-timeout-ms", str(request_timeout_ms),
-        "--device", device, "--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(batch_wait_ms),
-        "--batch-window-ms", str(batch_window_ms),
+        "--device", device, "--max-batch-size", str(max_batch_size),
+        "--max-tokens-in-flight", str(max_tokens_in_flight), "--max-prompt-tokens", str(max_prompt_tokens),
+        "--threads", str(threads),
     ]
     with paths["log"].open("ab") as log_file:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,

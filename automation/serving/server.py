@@ -1,91 +1,52 @@
 """The local endpoint server: the Azure ML scoring contract and an OpenAI-compatible chat API.
 
-One worker thread owns the model. Request handlers validate the body, put a job on a queue and
-await its future; the worker collects the jobs that arrive within a few milliseconds, groups the
-ones with the same sampling settings and answers each group with one left-padded `generate` call.
-Bad input always gets a JSON error with a 4xx status, so a client mistake never costs a 5xx or
-the process.
+Request handlers validate the body, tokenise the conversation, submit a job to the
+continuous-batching engine (`generator.py`) and read its events: all at once (`/score`, a chat
+completion) or as server-sent events (`stream: true`). A client that disconnects has its job
+cancelled, and the engine drops it at the next decoding step. Bad input always gets a JSON error
+with a 4xx status, so a client mistake never costs a 5xx or the process; `/openapi.json`
+describes every route, body and answer (see `openapi.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import time
 import uuid
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from automation.serving.contract import (
+    IGNORED_CHAT_FIELDS,
+    NEUTRAL_CHAT_VALUES,
+    ChatBody,
+    Message,
+    ScoreBody,
+)
 from automation.serving.generator import (  # noqa: F401  (re-exported for callers)
     GENERATION_SHARE_OF_TIMEOUT,
     ApiError,
     Generator,
     Job,
     Reply,
-    Sampling,
     Settings,
 )
+from automation.serving.openapi import openapi_document
+from automation.serving.sampling import Sampling
 
 log = logging.getLogger("automation.serving")
 
-# --------------------------------------------------------------------------------------------
-# Request bodies
 
-class Message(BaseModel):
-    # extra="ignore": OpenAI clients may send fields such as "name" that change nothing here.
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-    @field_validator("content")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
-
-
-class ScoreParameters(BaseModel):
-    # The ranges of the experiment file's sample.parameters; unknown keys are typos, so refused.
-    model_config = ConfigDict(extra="forbid", strict=True)
-    temperature: float = Field(0.6, ge=0, le=2)
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    do_sample: bool = True
-    max_new_tokens: int = Field(200, ge=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-
-
-class ScoreInput(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    input_string: list[Message]
-    parameters: ScoreParameters = ScoreParameters()
-
-
-class ScoreBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    input_data: ScoreInput
-    params: dict[str, Any] = {}
-
-
-class ChatBody(BaseModel):
-    # extra="ignore": the OpenAI API has many optional fields; the ones we honour are below.
-    model_config = ConfigDict(extra="ignore", strict=True)
-    model: str | None = None
-    messages: list[Message]
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
-    stream: bool | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.manual_seed takes
+class ClientGone(Exception):
+    """The client closed the connection; its generation was cancelled."""
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -139,14 +100,28 @@ def _parse(model: type[BaseModel], data: Any) -> Any:
 
 
 def check_conversation(messages: list[Message], settings: Settings) -> list[dict[str, str]]:
+    """The conversation as plain messages: text parts joined, `developer` served as `system`."""
     if not messages:
         raise ApiError(422, "the conversation has no messages")
     if len(messages) > settings.max_messages:
         raise ApiError(422, f"the conversation has {len(messages)} messages; "
                             f"this endpoint takes at most {settings.max_messages}")
-    if messages[-1].role != "user":
-        raise ApiError(422, f"the conversation must end with a user message, not {messages[-1].role}")
-    return [{"role": m.role, "content": m.content} for m in messages]
+    plain = []
+    for index, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            kinds = sorted({part.type for part in content if part.type != "text"})
+            if kinds:
+                raise ApiError(400, f"messages.{index}.content: only text parts are supported, not {', '.join(kinds)}")
+            if any(part.text is None for part in content):
+                raise ApiError(422, f"messages.{index}.content: a text part needs its text")
+            content = "".join(part.text or "" for part in content)
+        if not content.strip():
+            raise ApiError(422, f"messages.{index}.content: must not be empty")
+        plain.append({"role": "system" if message.role == "developer" else message.role, "content": content})
+    if plain[-1]["role"] != "user":
+        raise ApiError(422, f"the conversation must end with a user message, not {plain[-1]['role']}")
+    return plain
 
 
 def check_cap(max_new_tokens: int, name: str, settings: Settings) -> int:
@@ -164,6 +139,52 @@ def check_auth(request: Request, settings: Settings) -> None:
                        "authentication_error", headers={"WWW-Authenticate": "Bearer"})
 
 
+def check_unhonoured(body: ChatBody) -> None:
+    """A field this endpoint cannot honour is a 400, never silently ignored."""
+    if body.n not in (None, 1):
+        raise ApiError(400, "n: only n=1 is supported")
+    for name, value in (body.model_extra or {}).items():
+        if value is None or name in IGNORED_CHAT_FIELDS or value in NEUTRAL_CHAT_VALUES.get(name, []):
+            continue
+        raise ApiError(400, f"{name}: not supported by this endpoint", "unsupported_parameter")
+
+
+async def _reply_of(job: Job) -> Reply:
+    while True:
+        kind, value = await job.events.get()
+        if kind == "done":
+            return value
+        if kind == "error":
+            raise value
+
+
+async def _until_disconnect(request: Request) -> None:
+    # The body is read, so the next ASGI message is http.disconnect, whenever the client leaves
+    # (what Starlette's StreamingResponse listens for too).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(request: Request, jobs: list[Job], timeout_s: float) -> list[Reply]:
+    """The jobs' replies, in order; if the client goes away first, the jobs are cancelled."""
+    replies = asyncio.ensure_future(asyncio.gather(*(_reply_of(job) for job in jobs)))
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({replies, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if replies.done():
+            return replies.result()
+        if gone.done():
+            raise ClientGone()
+        raise ApiError(504, f"no reply within the request timeout of {timeout_s:g} s", "timeout")
+    finally:
+        gone.cancel()
+        if not replies.done():
+            replies.cancel()
+            replies.add_done_callback(lambda future: future.cancelled() or future.exception())
+            for job in jobs:
+                job.cancelled = True
+
+
 # --------------------------------------------------------------------------------------------
 # The app
 
@@ -171,6 +192,12 @@ def create_app(settings: Settings, generator: Generator) -> FastAPI:
     app = FastAPI(title="automation local endpoint", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings, app.state.generator = settings, generator
     _install_error_handlers(app)
+    timeout_s = settings.request_timeout_ms / 1000
+    document = openapi_document(settings, generator.model_name)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(document)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -180,46 +207,82 @@ def create_app(settings: Settings, generator: Generator) -> FastAPI:
     async def ready() -> JSONResponse:
         if generator.ready.is_set():
             return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/stats")
     async def stats(request: Request) -> dict[str, Any]:
         check_auth(request, settings)
         return generator.snapshot()
 
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_auth(request, settings)
+        return {"object": "list", "data": [{"id": generator.model_name, "object": "model",
+                                            "created": int(app.state.started), "owned_by": "automation"}]}
+
     @app.post("/score")
-    async def score(request: Request) -> dict[str, str]:
+    async def score(request: Request) -> Any:
         check_auth(request, settings)
         body = _parse(ScoreBody, await read_json(request, settings)).input_data
-        messages = check_conversation(body.input_string, settings)
+        items = body.input_string
+        nested = bool(items) and isinstance(items[0], list)
+        conversations = items if nested else [items]
+        if not conversations:
+            raise ApiError(422, "input_data.input_string: no conversations")
+        if len(conversations) > settings.max_conversations:
+            raise ApiError(422, f"input_data.input_string: {len(conversations)} conversations; this endpoint "
+                                f"takes at most {settings.max_conversations} in one request")
+        prompts = [generator.encode(check_conversation(c, settings)) for c in conversations]
         p = body.parameters
         # An omitted max_new_tokens takes the default, lowered to the cap rather than refused.
         if "max_new_tokens" in p.model_fields_set:
             max_new = check_cap(p.max_new_tokens, "max_new_tokens", settings)
         else:
             max_new = min(p.max_new_tokens, settings.max_new_tokens_cap)
-        sampling = Sampling.make(p.do_sample, p.temperature, p.top_p, p.top_k, p.repetition_penalty)
-        reply = await generator.run(messages, max_new, sampling, None)
-        return {"output": reply.text}
+        sampling = Sampling.make(p.do_sample, p.temperature, p.top_p, top_k=p.top_k,
+                                 repetition_penalty=p.repetition_penalty)
+        jobs: list[Job] = []
+        try:
+            for prompt in prompts:
+                jobs.append(generator.submit(prompt, max_new, sampling, None))
+            replies = await collect(request, jobs, timeout_s)
+        except BaseException:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        outputs = [reply.text for reply in replies]
+        return {"output": outputs if nested and len(outputs) > 1 else outputs[0]}
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> dict[str, Any]:
+    async def chat(request: Request) -> Any:
         check_auth(request, settings)
         body = _parse(ChatBody, await read_json(request, settings))
-        if body.stream:
-            raise ApiError(400, "streaming is not supported; send stream=false")
-        if body.n not in (None, 1):
-            raise ApiError(400, "only n=1 is supported")
-        messages = check_conversation(body.messages, settings)
+        check_unhonoured(body)
+        prompt = generator.encode(check_conversation(body.messages, settings))
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         asked = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens_cap
         max_new = check_cap(asked, name, settings)
         temperature = 1.0 if body.temperature is None else body.temperature
-        sampling = Sampling.make(True, temperature, 1.0 if body.top_p is None else body.top_p)
-        reply = await generator.run(messages, max_new, sampling, body.seed)
-        return _completion(body.model or Path(settings.model_dir).name, reply)
+        sampling = Sampling.make(True, temperature, 1.0 if body.top_p is None else body.top_p,
+                                 presence_penalty=body.presence_penalty or 0.0,
+                                 frequency_penalty=body.frequency_penalty or 0.0)
+        stop = tuple([body.stop] if isinstance(body.stop, str) else body.stop or [])
+        job = generator.submit(prompt, max_new, sampling, body.seed, stop)
+        model = body.model or generator.model_name
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(job, model, usage, timeout_s), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        [reply] = await collect(request, [job], timeout_s)
+        return _completion(model, reply)
 
+    app.state.started = time.time()
     return app
+
+
+def _usage(reply: Reply) -> dict[str, int]:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
 def _completion(model: str, reply: Reply) -> dict[str, Any]:
@@ -228,9 +291,41 @@ def _completion(model: str, reply: Reply) -> dict[str, Any]:
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
                      "finish_reason": reply.finish_reason}],
-        "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                  "total_tokens": reply.prompt_tokens + reply.completion_tokens},
+        "usage": _usage(reply),
     }
+
+
+async def _stream(job: Job, model: str, include_usage: bool, timeout_s: float) -> AsyncIterator[str]:
+    """OpenAI's chat.completion.chunk events; a disconnect cancels the generator, and the job with it."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model}
+
+    def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    until = time.monotonic() + timeout_s
+    try:
+        yield event({"role": "assistant", "content": ""})
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), max(0.01, until - time.monotonic()))
+            except TimeoutError:
+                yield f"data: {json.dumps({'error': {'message': 'no reply within the request timeout', 'type': 'timeout', 'code': 504}})}\n\n"
+                break
+            if kind == "text":
+                yield event({"content": value})
+            elif kind == "error":
+                yield f"data: {json.dumps({'error': {'message': value.message, 'type': value.kind, 'code': value.status}})}\n\n"
+                break
+            else:
+                yield event({}, value.finish_reason)
+                if include_usage:
+                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(value)})}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True  # no effect once it is done; stops it if the client left
 
 
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -242,6 +337,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.message, exc.kind, exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        # Nobody reads this; 499 (nginx's "client closed request") keeps the access log honest.
+        return _error(499, "the client closed the connection", "client_closed")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

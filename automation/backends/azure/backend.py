@@ -28,6 +28,7 @@ from automation.record import (
     PromotePart,
     RegisterPart,
 )
+from automation.serving.contract import score_request
 from automation.spec import Experiment, apply_model_specific_defaults, run_display_name
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 TERMINAL = {"completed", "failed", "canceled", "cancelled", "notresponding"}
 PRODUCTION_REGISTRY_VARIABLE = "AZURE_ML_PRODUCTION_REGISTRY"
 COMPONENT_VERSION_VARIABLE = "AZURE_ML_COMPONENT_VERSION"
-SMOKE_REQUEST = {"input_data": {"input_string": [{"role": "user", "content": "Say hello."}],
-                                "parameters": {"max_new_tokens": 8, "do_sample": False}}, "params": {}}
+SMOKE_REQUEST = score_request([[{"role": "user", "content": "Say hello."}]], {"max_new_tokens": 8, "do_sample": False})
 
 
 LOSS_CURVE = "loss_curve"  # key of the metrics dict holding [(step, loss), ...] of the training loss

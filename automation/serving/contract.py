@@ -1,0 +1,158 @@
+"""What the local endpoint accepts and answers: the Azure ML scoring contract and the OpenAI chat API.
+
+`score_request` builds the reference's scoring request; every caller that scores an endpoint
+(the score stage, the Azure backend's smoke test, the evaluation) builds it here, so the request
+sent is the request the seed sends. Importing this module imports only pydantic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# OpenAI fields that change nothing in a reply from this endpoint: accepted and ignored.
+IGNORED_CHAT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
+                                 "prompt_cache_key", "parallel_tool_calls"})
+# OpenAI fields accepted only with the value that asks for nothing (the client's own default).
+NEUTRAL_CHAT_VALUES: dict[str, list[Any]] = {
+    "response_format": [{"type": "text"}], "logprobs": [False], "logit_bias": [{}], "tools": [[]],
+    "tool_choice": ["none"], "modalities": [["text"]], "functions": [[]],
+}
+
+
+def score_request(conversations: list[list[dict[str, str]]], parameters: dict[str, Any]) -> dict[str, Any]:
+    """The scoring request exactly as the reference builds it: `input_string` is a list of
+    conversations (one per reply wanted), each a list of `{"role", "content"}` messages."""
+    return {"input_data": {"input_string": [[{"role": m["role"], "content": m["content"]} for m in conversation]
+                                            for conversation in conversations],
+                           "parameters": dict(parameters)},
+            "params": {}}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: str = Field(description='only "text" parts are served')
+    text: str | None = None
+
+
+class Message(BaseModel):
+    # extra="ignore": OpenAI clients may send fields such as "name" that change nothing here.
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class ScoreParameters(BaseModel):
+    # The ranges of the experiment file's sample.parameters; unknown keys are typos, so refused.
+    model_config = ConfigDict(extra="forbid", strict=True)
+    temperature: float = Field(0.6, ge=0, le=2)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    do_sample: bool = True
+    max_new_tokens: int = Field(200, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+
+
+class ScoreInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    input_string: list[list[Message]] | list[Message] = Field(
+        description="the reference's form, a list of conversations (one output each), or one conversation "
+                    "as a flat list of messages (LangChain's AzureMLChatOnlineEndpoint sends this)",
+        union_mode="left_to_right")
+    parameters: ScoreParameters = ScoreParameters()
+
+
+class ScoreBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    input_data: ScoreInput
+    params: dict[str, Any] = {}
+
+
+class ScoreReply(BaseModel):
+    output: str | list[str] = Field(description="one conversation: its reply; several: one reply each, in order")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class ChatBody(BaseModel):
+    # extra="allow": every other OpenAI field is looked at, and refused (400) unless it asks for nothing.
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = None
+    messages: list[Message]
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, description="only 1 is served; more is a 400")
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the reply ends before the first")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # what torch.Generator.manual_seed takes
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("a stop sequence must not be empty")
+        return value
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: int
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    status: str
