@@ -27,6 +27,8 @@ from urllib.parse import parse_qs, urlsplit
 WRITE_TOKEN = "ghs_fakeWriteInstallationToken0000000000"
 READ_TOKEN = "ghs_fakeReadOnlyForkToken000000000000000"
 USER_TOKEN = "ghp_fakePersonalAccessToken0000000000000"
+# ACTIONS_ID_TOKEN_REQUEST_TOKEN: what a job granted `id-token: write` presents to the token service
+OIDC_REQUEST_TOKEN = "fakeIdTokenRequestToken000000000000000000"
 
 BOT = {"login": "github-actions[bot]", "id": 41898282, "node_id": "MDM6Qm90NDE4OTgyODI=",
        "type": "Bot", "site_admin": False}
@@ -67,6 +69,7 @@ class FakeGitHub:
         WRITE_TOKEN: Identity(BOT, can_write=True, installation=True),
         READ_TOKEN: Identity(BOT, can_write=False, installation=True),
         USER_TOKEN: Identity(OCTOCAT, can_write=True, installation=False),
+        OIDC_REQUEST_TOKEN: Identity(BOT, can_write=False, installation=True),
     })
     comments: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> comment, with "_issue"
     requests: list[Call] = field(default_factory=list)
