@@ -459,7 +459,11 @@ def available_backends(only: list[str]) -> dict[str, Backend]:
     from automation.backends import get_backend
     from automation.gitops import azure_settings_missing
 
-    names = only or (["local"] + ([] if azure_settings_missing() else ["azure"]))
+    from automation.backends.azure.credentials import github_oidc_available
+
+    # In Actions, Azure needs the job's OIDC token: a fork's pull request never gets one.
+    azure = not azure_settings_missing() and (not github.in_actions() or github_oidc_available())
+    names = only or (["local"] + (["azure"] if azure else []))
     return {name: get_backend(name) for name in dict.fromkeys(names)}
 
 
@@ -492,6 +496,9 @@ def cmd_reconcile(args) -> int:
 
     event = github.read_event(args.event)
     number = args.pr if args.pr is not None else github.pull_request_number(event)
+    dispatched = str((event.get("inputs") or {}).get("pr") or "").strip()  # workflow_dispatch's input
+    if number is None and dispatched:
+        number = require_pr(dispatched)
     repo = current_repo()
     with github.GitHubClient.from_env() as client:
         pulls = PullRequests(client)
