@@ -125,8 +125,10 @@ class PullRequests:
         try:
             github.upsert_comment(self.client, pr, github.fit_comment(body), marker)
         except github.GitHubPermissionError as err:  # a fork's read-only token: the job summary instead
-            log.warning("could not comment on #%s (%s); the status is in the job summary", pr, err)
-            github.append_step_summary(body)
+            log.warning("could not comment on #%s (%s); the report is in the job summary", pr, err)
+            github.append_step_summary(
+                f"<details open><summary>Report for <code>{experiment}</code> (could not be posted as a PR "
+                f"comment: the token is read-only, as on pull requests from forks)</summary>\n\n{body}\n</details>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +181,11 @@ class Reconciler:
 
         cancelled = self.cancel_in_flight(self.backend.list_jobs(self.match(pr, experiment)))
         deleted = teardown(self.backend, {**self.match(pr, experiment), "stage": "staging"})
+        if cancelled or deleted:  # say so where the reviewers look; nothing to say, no comment
+            lines = [f"### Stopped: {why}", ""]
+            lines += [f"- cancelled fine-tune job `{name}`" for name in cancelled]
+            lines += [f"- deleted staging endpoint `{name}`" for name in deleted]
+            self.pulls.comment(pr, experiment, "\n".join([_status_line("", "pruned"), *lines, ""]))
         return Outcome(pr, experiment, "pruned", why, cancelled, deleted)
 
     # -- the step -----------------------------------------------------------------------------
@@ -191,7 +198,8 @@ class Reconciler:
             experiment = self.load(source, pr.head_sha)
         except ExperimentInvalid as err:
             cancelled = self.cancel_in_flight(self.backend.list_jobs(self.match(pr.number, experiment_name)))
-            self.pulls.comment(pr.number, experiment_name, _status_line("", "failed") + "\n" + invalid_body(err))
+            self.pulls.comment(pr.number, experiment_name,
+                               _status_line(invalid_job(pr.head_sha), "failed") + "\n" + invalid_body(err))
             return Outcome(pr.number, experiment_name, "invalid", str(err).splitlines()[0], cancelled)
         if experiment.backend != self.backend.name:
             return Outcome(pr.number, experiment_name, "skipped", f"runs on {experiment.backend}")
@@ -287,6 +295,11 @@ class Reconciler:
             return load_experiment(path)
         except ExperimentInvalid as err:  # point at the file in the repository, not at our copy
             raise ExperimentInvalid([replace(i, file=source.path) for i in err.issues]) from None
+
+
+def invalid_job(sha: str) -> str:
+    """What the status line names instead of a job when the head's file is invalid."""
+    return f"invalid@{sha}"
 
 
 def _status_line(job: str, phase: str) -> str:
@@ -401,7 +414,7 @@ def _settled(pulls: PullRequests, pr: PullRequest, name: str, source: Source) ->
     try:
         experiment = Experiment.model_validate(parse_yaml(source.text or "", source.path).data)
     except (YamlProblem, ValueError):
-        return False
+        return job == invalid_job(pr.head_sha)  # reported once for this commit
     return job == naming.job_name(name, pr.head_sha, naming.config_hash(experiment))
 
 
@@ -457,9 +470,8 @@ def _out(text: str = "") -> None:
 def available_backends(only: list[str]) -> dict[str, Backend]:
     """The backends a tick looks at: `only`, else local, plus azure when its settings are there."""
     from automation.backends import get_backend
-    from automation.gitops import azure_settings_missing
-
     from automation.backends.azure.credentials import github_oidc_available
+    from automation.gitops import azure_settings_missing
 
     # In Actions, Azure needs the job's OIDC token: a fork's pull request never gets one.
     azure = not azure_settings_missing() and (not github.in_actions() or github_oidc_available())

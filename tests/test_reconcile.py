@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -84,10 +86,10 @@ def component(tmp_path_factory):
     return load_component(write_component(tmp_path_factory.mktemp("component")))
 
 
-@pytest.fixture
-def world(component, workspace, monkeypatch):
-    monkeypatch.setenv("GITHUB_REPOSITORY", REPO_NAME)
-    clock = FakeClock()
+@contextmanager
+def reconcile_world(component, clock: FakeClock | None = None) -> Iterator[World]:
+    """A fake Azure ML workspace whose jobs move with `clock`, a fake GitHub, and the clients."""
+    clock = clock or FakeClock()
     ws, registry = reference_clients(component)
     ws.jobs.clock = clock.seconds
     sleeps: list[float] = []
@@ -95,15 +97,24 @@ def world(component, workspace, monkeypatch):
     def progress(uri: str, job: str) -> dict:
         """The training loss the job logged so far: a step every 6 s of running, loss falling."""
         running = ws.jobs.billed_seconds(job)
-        steps = [s for s in range(10, int(running // 6) + 1, 10)]
+        steps = list(range(10, int(running // 6) + 1, 10))
         return {"loss_curve": [(s, 1.2 + 1.3 * math.exp(-s / 400)) for s in steps],
                 "train_loss": 1.3, "eval_loss": 1.4}
 
     backend = AzureBackend(ws, registry, sleep=sleeps.append, poll_s=0, metrics_reader=progress)
     with FakeGitHub() as github:
         client = GitHubClient(WRITE_TOKEN, REPO_NAME, github.url, sleep=sleeps.append)
-        yield World(github, ws, backend, PullRequests(client), clock, sleeps)
-        client.close()
+        try:
+            yield World(github, ws, backend, PullRequests(client), clock, sleeps)
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def world(component, workspace, monkeypatch):
+    monkeypatch.setenv("GITHUB_REPOSITORY", REPO_NAME)
+    with reconcile_world(component) as made:
+        yield made
 
 
 SHA1, SHA2 = "1" * 40, "2" * 40
@@ -188,6 +199,7 @@ def test_closed_during_training_cancels_and_never_creates_an_endpoint(world):
         assert world.tick() == []
     assert list(world.jobs().values()) == ["Canceled"]
     assert world.endpoints() == [] and "online_endpoints.begin_create_or_update" not in world.workspace.calls
+    assert "### Stopped: closed" in world.comment() and "cancelled fine-tune job" in world.comment()
 
 
 def test_closed_between_completion_and_deploy_creates_no_endpoint(world):
@@ -271,6 +283,7 @@ def test_a_removed_experiment_is_pruned_and_an_invalid_one_submits_nothing(world
     (outcome,) = run_leg(world.pulls, world.backend, REPO_NAME, 8, clock=world.clock)
     assert outcome.action == "invalid" and "learning_rate" in outcome.detail
     assert "experiments/phi3-bad.yaml" in world.comment(8)  # the repository's path, not our copy's
+    assert world.tick() == []  # reported once for this commit: the schedule leaves it until a new push
     assert world.workspace.calls.count("jobs.create_or_update") == 1
 
 
