@@ -18,7 +18,8 @@ from azure.ai.ml import load_component
 from automation import naming
 from automation.backends.azure.backend import AzureBackend
 from automation.github import GitHubClient
-from automation.reconcile import PullRequests, run_leg, tick
+from automation.pulls import PullRequests
+from automation.ticks import run_leg, tick
 from tests.conftest import REPO
 from tests.fake_azure import EXPERIMENT, reference_clients, write_component
 from tests.fake_github import WRITE_TOKEN, FakeGitHub
