@@ -17,6 +17,7 @@ from azure.ai.ml import load_component
 
 from automation import naming
 from automation.backends.azure.backend import AzureBackend
+from automation.backends.base import Progress
 from automation.github import GitHubClient
 from automation.pulls import PullRequests
 from automation.ticks import run_leg, tick
@@ -293,3 +294,25 @@ def test_forks_are_left_to_their_own_event(world):
                            head_repo="someone/chat-finetune")
     assert world.tick() == []  # the schedule never spends on a fork's experiment
     assert world.workspace.calls.count("jobs.create_or_update") == 0
+
+
+def test_local_jobs_are_found_by_tags_in_mlflow(workspace):
+    """The local backend observes its jobs the same way: MLflow runs tagged like Azure jobs."""
+    from automation.backends.base import JOB_COMPLETED, JOB_RUNNING
+    from automation.backends.local.backend import LocalBackend, _mlflow
+
+    backend = LocalBackend()
+    assert backend.list_jobs({"pr": "7"}) == [] and backend.get_job("nope") is None  # no database yet
+    tags = naming.resource_tags(repo=REPO_NAME, pr=7, experiment="tiny", sha=SHA1, stage="finetune", ttl_hours=4)
+    mlflow = _mlflow("tiny")
+    for name in ("tiny-1111111-aaaaaaa", "tiny-2222222-aaaaaaa"):
+        with mlflow.start_run(run_name=name, tags={**tags, "job_name": name}):
+            mlflow.log_metrics({"loss": 2.0}, step=1)
+            mlflow.log_metrics({"loss": 1.5}, step=2)
+    (workspace / "jobs" / "tiny-2222222-aaaaaaa").mkdir(parents=True)
+    (workspace / "jobs" / "tiny-2222222-aaaaaaa" / "result.json").write_text("{}")
+    found = {j.name: j.state for j in backend.list_jobs({"repo": REPO_NAME, "pr": "7", "experiment": "tiny"})}
+    assert found == {"tiny-1111111-aaaaaaa": JOB_RUNNING, "tiny-2222222-aaaaaaa": JOB_COMPLETED}
+    assert backend.list_jobs({"pr": "8"}) == []
+    assert backend.job_progress("tiny-1111111-aaaaaaa") == Progress(step=2, loss=1.5)
+    assert backend.cancel_job("tiny-1111111-aaaaaaa") is False  # it runs only inside its own process
