@@ -113,7 +113,7 @@ def makefile_value(name: str) -> str:
 def test_torch_comes_from_the_cpu_index_at_the_locked_version():
     assert makefile_value("TORCH_INDEX") == "https://download.pytorch.org/whl/cpu"
     assert makefile_value("TORCH_VERSION") == PACKAGES["torch"]["version"]
-    (torch_install,) = re.findall(r"pip install[^\n]*\\\n[^\n]*torch==[^\n]*", MAKEFILE)
+    (torch_install,) = re.findall(r"pip\b[^\n]*\binstall\b[^\n]*\\\n[^\n]*torch==[^\n]*", MAKEFILE)
     assert '--no-deps' in torch_install and '--index-url "$(TORCH_INDEX)"' in torch_install
     # everything else: the lock's hash-pinned export, without dependencies of its own
     assert "--require-hashes --no-deps -r" in MAKEFILE and "--no-emit-package torch" in MAKEFILE
