@@ -360,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     from automation import gitops  # changed, comment, cleanup, sweep: the GitHub side
 
     gitops.add_commands(commands)
+    from automation import (
+        ticks,  # reconcile: the event-driven PR flow, one step per tick, never waiting
+    )
+
+    ticks.add_command(commands)
     return parser
 
 

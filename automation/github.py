@@ -323,6 +323,36 @@ class GitHubClient:
     def delete_issue_comment(self, comment_id: int) -> None:
         self.request("DELETE", f"/repos/{self.repository}/issues/comments/{comment_id}")
 
+    # -- pull requests (the reconcile loop's desired state) --------------------------------------
+    def get_pull(self, number: int) -> dict[str, Any]:
+        """GET /repos/{owner}/{repo}/pulls/{pull_number}: state, merged, head and base."""
+        return self.request("GET", f"/repos/{self.repository}/pulls/{number}").json()
+
+    def list_pulls(self, state: str = "open") -> list[dict[str, Any]]:
+        return list(self.paginate(f"/repos/{self.repository}/pulls", {"state": state}))
+
+    def list_pull_files(self, number: int) -> list[dict[str, Any]]:
+        """The files a pull request changes (GitHub lists at most 3000)."""
+        return list(self.paginate(f"/repos/{self.repository}/pulls/{number}/files"))
+
+    def file_text(self, path: str, ref: str) -> str | None:
+        """A file's text at a commit (GET .../contents/{path}?ref=); None when it is not there."""
+        import base64
+        from urllib.parse import quote
+
+        try:
+            body = self.request("GET", f"/repos/{self.repository}/contents/{quote(path)}", params={"ref": ref}).json()
+        except GitHubError as err:
+            if err.status == 404:
+                return None
+            raise
+        if not isinstance(body, dict) or body.get("type") != "file":
+            return None
+        if body.get("encoding") != "base64":  # over 1 MB the API answers without content: not an experiment
+            raise GitHubError(f"{path}@{ref[:7]}: the contents API returned no content (encoding "
+                              f"{body.get('encoding')!r}); is the file over 1 MB?")
+        return base64.b64decode(body.get("content", "")).decode("utf-8")
+
 
 def _next_link(header: str) -> str | None:
     for part in header.split(","):

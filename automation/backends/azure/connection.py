@@ -66,10 +66,11 @@ def _from_config(path: Path) -> WorkspaceSettings:
 
 
 def credential():
-    """DefaultAzureCredential: OIDC from `azure/login` in CI, the Azure CLI login at a desk."""
-    from azure.identity import DefaultAzureCredential
+    """A GitHub OIDC client assertion that refreshes itself in Actions; DefaultAzureCredential
+    (the Azure CLI login, environment, managed identity) at a desk. See credentials.py."""
+    from automation.backends.azure.credentials import credential as make
 
-    return DefaultAzureCredential()
+    return make()
 
 
 def workspace_client(settings: WorkspaceSettings | None = None):

@@ -20,7 +20,15 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from automation import naming
-from automation.backends.base import Backend, EndpointInfo
+from automation.backends.base import (
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_RUNNING,
+    Backend,
+    EndpointInfo,
+    JobInfo,
+    Progress,
+)
 from automation.errors import BackendError, ConfigError
 from automation.record import (
     DataPart,
@@ -77,6 +85,7 @@ def _flatten(prefix: str, data: dict[str, Any]) -> dict[str, Any]:
 
 class LocalBackend(Backend):
     name = "local"
+    endpoints_outlive_job = False
 
     # -- validate ---------------------------------------------------------------------------
     def validate_compute(self, experiment: Experiment) -> list[str]:
@@ -184,6 +193,52 @@ class LocalBackend(Backend):
             raise BackendError(f"fine-tune job {job_name} has not finished; run `automation finetune` again "
                                "to resume it from its last checkpoint")
         return FinetunePart.model_validate_json(result.read_text())
+
+    # -- jobs, observed (the reconcile loop) ------------------------------------------------
+    # A local job runs inside the process that submitted it, so it is found finished (result.json),
+    # failed (its MLflow run says so), or interrupted (an MLflow run still RUNNING with nobody
+    # training: `submit_finetune` resumes it from its last checkpoint).
+    def _job_info(self, run) -> JobInfo:
+        from datetime import UTC, datetime
+
+        tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+        name = tags.get("job_name", run.info.run_name)
+        if (self._job_dir(name) / "result.json").is_file():
+            state = JOB_COMPLETED
+        elif run.info.status in ("FAILED", "KILLED"):
+            state = JOB_FAILED
+        else:
+            state = JOB_RUNNING
+        created = datetime.fromtimestamp(run.info.start_time / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return JobInfo(name=name, state=state, backend_status=run.info.status, tags=tags, created_at=created)
+
+    def _runs(self, filter_string: str) -> list:
+        if not (home() / "mlflow.db").is_file():
+            return []  # a fresh workspace: no job ever ran here (and no database to create)
+        return _mlflow().search_runs(search_all_experiments=True, filter_string=filter_string,
+                                     output_format="list")
+
+    def get_job(self, job_name: str) -> JobInfo | None:
+        runs = self._runs(f"tags.job_name = '{job_name}'")
+        return self._job_info(runs[0]) if runs else None
+
+    def list_jobs(self, match_tags: dict[str, str] | None = None) -> list[JobInfo]:
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in (match_tags or {}).items() if "'" not in v + k]
+        found = [self._job_info(r) for r in self._runs(" and ".join(clauses))]
+        return [j for j in found if all(j.tags.get(k) == v for k, v in (match_tags or {}).items())]
+
+    def cancel_job(self, job_name: str) -> bool:
+        return False  # nothing runs here outside the process that trains it
+
+    def job_progress(self, job_name: str) -> Progress:
+        runs = self._runs(f"tags.job_name = '{job_name}'")
+        if not runs:
+            return Progress()
+        history = _mlflow().MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
+        if not history:
+            return Progress()
+        last = max(history, key=lambda m: m.step)
+        return Progress(step=int(last.step), loss=float(last.value))
 
     def metrics(self, finetune: FinetunePart) -> dict[str, Any]:
         mlflow = _mlflow()

@@ -1,0 +1,318 @@
+"""The reconcile loop against the fake Azure ML workspace and the fake GitHub, with a fake clock:
+every tick is what a scheduled (or event) run does; the clock moves the fine-tune jobs through
+Azure ML's states (NotStarted, Queued, Running, Completed; CancelRequested, Canceled)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import yaml
+from azure.ai.ml import load_component
+
+from automation import naming
+from automation.backends.azure.backend import AzureBackend
+from automation.backends.base import Progress
+from automation.github import GitHubClient
+from automation.pulls import PullRequests
+from automation.ticks import run_leg, tick
+from tests.conftest import REPO
+from tests.fake_azure import EXPERIMENT, reference_clients, write_component
+from tests.fake_github import WRITE_TOKEN, FakeGitHub
+
+REPO_NAME = "acme-ml/chat-finetune"
+PATH = "experiments/phi3-ultrachat.yaml"
+TICK = timedelta(minutes=10)
+
+
+def experiment_text(**training) -> str:
+    body = copy.deepcopy(EXPERIMENT)
+    body["data"] = {"dataset": str(REPO / "data" / "ultrachat-sample"), "sample_percent": 100}
+    body["training"].update(training)
+    return yaml.safe_dump(body, sort_keys=False)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def seconds(self) -> float:
+        return self.now.timestamp()
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+@dataclass
+class World:
+    github: FakeGitHub
+    workspace: object
+    backend: AzureBackend
+    pulls: PullRequests
+    clock: FakeClock
+    sleeps: list[float] = field(default_factory=list)
+
+    def tick(self, pr: int | None = None):
+        """A scheduled tick (pr=None: every open PR and everything live), or a PR event's."""
+        return tick(self.pulls, {"azure": self.backend}, REPO_NAME, pr=pr, clock=self.clock)
+
+    def comment(self, pr: int = 7) -> str:
+        (comment,) = self.github.issue_comments(REPO_NAME, pr)
+        return comment["body"]
+
+    def jobs(self) -> dict[str, str]:
+        for name in self.workspace.jobs.items:
+            self.workspace.jobs._advance(name)
+        return {name: job.status for name, job in self.workspace.jobs.items.items()}
+
+    def endpoints(self) -> list[str]:
+        return sorted(self.workspace.online_endpoints.items)
+
+    def job_of(self, sha: str) -> str:
+        from automation.spec import Experiment
+
+        experiment = Experiment.model_validate(yaml.safe_load(self.github.trees[(REPO_NAME, sha)][PATH]))
+        return naming.job_name("phi3-ultrachat", sha, naming.config_hash(experiment))
+
+
+@pytest.fixture(scope="module")
+def component(tmp_path_factory):
+    return load_component(write_component(tmp_path_factory.mktemp("component")))
+
+
+@contextmanager
+def reconcile_world(component, clock: FakeClock | None = None) -> Iterator[World]:
+    """A fake Azure ML workspace whose jobs move with `clock`, a fake GitHub, and the clients."""
+    clock = clock or FakeClock()
+    ws, registry = reference_clients(component)
+    ws.jobs.clock = clock.seconds
+    sleeps: list[float] = []
+
+    def progress(uri: str, job: str) -> dict:
+        """The training loss the job logged so far: a step every 6 s of running, loss falling."""
+        running = ws.jobs.billed_seconds(job)
+        steps = list(range(10, int(running // 6) + 1, 10))
+        return {"loss_curve": [(s, 1.2 + 1.3 * math.exp(-s / 400)) for s in steps],
+                "train_loss": 1.3, "eval_loss": 1.4}
+
+    backend = AzureBackend(ws, registry, sleep=sleeps.append, poll_s=0, metrics_reader=progress)
+    with FakeGitHub() as github:
+        client = GitHubClient(WRITE_TOKEN, REPO_NAME, github.url, sleep=sleeps.append)
+        try:
+            yield World(github, ws, backend, PullRequests(client), clock, sleeps)
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def world(component, workspace, monkeypatch):
+    monkeypatch.setenv("GITHUB_REPOSITORY", REPO_NAME)
+    with reconcile_world(component) as made:
+        yield made
+
+
+SHA1, SHA2 = "1" * 40, "2" * 40
+
+
+def open_pr(world: World, sha: str = SHA1, **training) -> None:
+    world.github.open_pull(REPO_NAME, 7, head_sha=sha, files={PATH: experiment_text(**training)})
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_opened_submits_one_job_and_ticks_show_progress_without_a_second(world):
+    open_pr(world)
+    (outcome,) = world.tick(pr=7)  # the pull_request event
+    assert outcome.action == "submitted"
+    job = world.job_of(SHA1)
+    assert list(world.jobs()) == [job] and world.jobs()[job] == "NotStarted"
+    submitted = world.workspace.jobs.submitted[0]
+    assert submitted.tags["pr"] == "7" and submitted.tags["sha"] == SHA1 and submitted.tags["repo"] == REPO_NAME
+    assert "is **NotStarted**" in world.comment() and "phase=running" in world.comment()
+
+    for minutes in (10, 20, 30):
+        world.clock.advance(TICK)
+        (outcome,) = world.tick()
+        assert outcome.action == "running"
+        body = world.comment()
+        assert "is **Running**" in body and f"for {minutes} min" in body
+        assert "training loss" in body and "step " in body and f"https://ml.azure.com/runs/{job}" in body
+    assert world.workspace.calls.count("jobs.create_or_update") == 1
+    assert world.endpoints() == [] and world.sleeps == []  # nothing waited
+
+
+def test_finished_job_is_registered_deployed_scored_and_commented_once(world):
+    open_pr(world)
+    world.workspace.jobs.run_for(world.job_of(SHA1), 1800)
+    world.tick(pr=7)
+    outcomes = []
+    for _ in range(5):
+        world.clock.advance(TICK)
+        outcomes += [o.action for o in world.tick()]
+    assert outcomes[:2] == ["running", "running"] and "done" in outcomes
+    assert outcomes[outcomes.index("done") + 1:] == []  # settled: later ticks plan nothing
+    body = world.comment()
+    assert "phase=done" in body and "### Sample" in body and "Hello from Azure." in body
+    assert "**Registered**" in body and "**Endpoint**" in body
+    (model,) = world.workspace.models.versions
+    assert world.endpoints() == [naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")]
+    assert len(world.workspace.online_endpoints.invocations) == 1
+    calls = len(world.workspace.calls)
+    assert world.tick() == [] and len(world.workspace.calls) == calls + 2  # two listings, nothing else
+
+
+def test_a_push_during_training_cancels_the_old_job_and_submits_a_new_one(world):
+    open_pr(world)
+    world.tick(pr=7)
+    world.clock.advance(timedelta(minutes=25))
+    old = world.job_of(SHA1)
+    world.github.push(REPO_NAME, 7, SHA2, {PATH: experiment_text(learning_rate=1e-5)})
+    pushed_at = world.clock.seconds()
+    (outcome,) = world.tick(pr=7)  # the synchronize event
+    new = world.job_of(SHA2)
+    assert outcome.action == "submitted" and outcome.cancelled == [old]
+    assert world.jobs() == {old: "CancelRequested", new: "NotStarted"}
+    world.clock.advance(TICK)
+    world.tick()
+    assert world.jobs()[old] == "Canceled" and world.workspace.jobs.cancelled == [old]
+    assert world.workspace.jobs.billed_seconds(old, after=pushed_at) == world.workspace.jobs.cancel_s
+    assert world.workspace.calls.count("jobs.create_or_update") == 2
+
+
+def test_closed_during_training_cancels_and_never_creates_an_endpoint(world):
+    open_pr(world)
+    world.workspace.jobs.run_for(world.job_of(SHA1), 3600)
+    world.tick(pr=7)
+    world.clock.advance(timedelta(minutes=30))
+    world.github.close_pull(REPO_NAME, 7)
+    (outcome,) = world.tick(pr=7)  # the closed event
+    assert outcome.action == "pruned" and outcome.cancelled == [world.job_of(SHA1)]
+    for _ in range(12):  # the job would have finished in this time
+        world.clock.advance(TICK)
+        assert world.tick() == []
+    assert list(world.jobs().values()) == ["Canceled"]
+    assert world.endpoints() == [] and "online_endpoints.begin_create_or_update" not in world.workspace.calls
+    assert "### Stopped: closed" in world.comment() and "cancelled fine-tune job" in world.comment()
+
+
+def test_closed_between_completion_and_deploy_creates_no_endpoint(world):
+    open_pr(world)
+    world.workspace.jobs.run_for(world.job_of(SHA1), 600)
+    world.tick(pr=7)
+    world.clock.advance(timedelta(minutes=15))
+    original = world.pulls.get
+
+    def closes_after_registering(number):  # GitHub's answer changes between two reads of the tick
+        if "models.create_or_update" in world.workspace.calls:
+            world.github.close_pull(REPO_NAME, 7)
+        return original(number)
+
+    world.pulls.get = closes_after_registering
+    (outcome,) = world.tick()
+    assert outcome.action == "pruned" and outcome.detail == "closed before deploying"
+    assert world.endpoints() == [] and "online_endpoints.begin_create_or_update" not in world.workspace.calls
+
+
+def test_a_conflicted_close_without_an_event_is_cleaned_by_the_next_tick(world):
+    open_pr(world)
+    world.workspace.jobs.run_for(world.job_of(SHA1), 600)
+    world.tick(pr=7)
+    world.clock.advance(timedelta(minutes=15))
+    world.tick()
+    assert len(world.endpoints()) == 1
+    # A push of a second experiment then a close while conflicted: no pull_request event at all.
+    world.github.push(REPO_NAME, 7, SHA2, {"experiments/phi3-other.yaml": experiment_text(learning_rate=1e-5)
+                                           .replace("phi3-ultrachat", "phi3-other")})
+    world.tick(pr=7)
+    other = [j for j in world.jobs() if j.startswith("phi3-other")]
+    world.github.close_pull(REPO_NAME, 7)
+    world.clock.advance(TICK)
+    outcomes = world.tick()  # the schedule finds PR 7 by the tags of what it left
+    assert sorted(o.action for o in outcomes) == ["pruned", "pruned"]
+    assert world.endpoints() == [] and world.jobs()[other[0]] in ("CancelRequested", "Canceled")
+    assert world.tick() == []
+
+
+def test_a_ten_hour_job_completes_through_ticks(world):
+    open_pr(world)
+    world.workspace.jobs.run_for(world.job_of(SHA1), 10 * 3600)
+    world.tick(pr=7)
+    ticks = 0
+    while "phase=done" not in world.comment():
+        world.clock.advance(TICK)
+        world.tick()
+        ticks += 1
+        assert ticks < 80
+    assert ticks == 61  # 2 min in the queue + 10 h of training = 602 min: done on the tick at 610 min
+    assert world.workspace.calls.count("jobs.create_or_update") == 1 and world.sleeps == []
+    assert "jobs.stream" not in world.workspace.calls  # no tick ever waited on the job
+    assert len(world.endpoints()) == 1
+
+
+def test_a_failed_job_comments_the_error_and_fails_the_leg(world):
+    open_pr(world)
+    job = world.job_of(SHA1)
+    world.workspace.jobs.run_for(job, 300)
+    world.workspace.jobs.outcome[job] = ("Failed", "CUDA out of memory")
+    world.tick(pr=7)
+    world.clock.advance(TICK)
+    (outcome,) = world.tick()
+    assert outcome.action == "failed" and outcome.failed
+    body = world.comment()
+    assert "ended **Failed**" in body and f"https://ml.azure.com/runs/{job}" in body and "phase=failed" in body
+    world.clock.advance(TICK)
+    assert world.tick() == []  # settled: not resubmitted, not re-commented, until a new push
+    assert world.endpoints() == [] and world.workspace.calls.count("jobs.create_or_update") == 1
+
+
+def test_a_removed_experiment_is_pruned_and_an_invalid_one_submits_nothing(world):
+    open_pr(world)
+    world.tick(pr=7)
+    world.github.push(REPO_NAME, 7, SHA2, {PATH: None})
+    (outcome,) = world.tick(pr=7)
+    assert outcome.action == "pruned" and outcome.cancelled == [world.workspace.jobs.submitted[0].name]
+    world.github.open_pull(REPO_NAME, 8, head_sha="3" * 40, files={
+        "experiments/phi3-bad.yaml": experiment_text(learning_rate=-1).replace("phi3-ultrachat", "phi3-bad")})
+    (outcome,) = run_leg(world.pulls, world.backend, REPO_NAME, 8, clock=world.clock)
+    assert outcome.action == "invalid" and "learning_rate" in outcome.detail
+    assert "experiments/phi3-bad.yaml" in world.comment(8)  # the repository's path, not our copy's
+    assert world.tick() == []  # reported once for this commit: the schedule leaves it until a new push
+    assert world.workspace.calls.count("jobs.create_or_update") == 1
+
+
+def test_forks_are_left_to_their_own_event(world):
+    world.github.open_pull(REPO_NAME, 9, head_sha=SHA1, files={PATH: experiment_text()},
+                           head_repo="someone/chat-finetune")
+    assert world.tick() == []  # the schedule never spends on a fork's experiment
+    assert world.workspace.calls.count("jobs.create_or_update") == 0
+
+
+def test_local_jobs_are_found_by_tags_in_mlflow(workspace):
+    """The local backend observes its jobs the same way: MLflow runs tagged like Azure jobs."""
+    from automation.backends.base import JOB_COMPLETED, JOB_RUNNING
+    from automation.backends.local.backend import LocalBackend, _mlflow
+
+    backend = LocalBackend()
+    assert backend.list_jobs({"pr": "7"}) == [] and backend.get_job("nope") is None  # no database yet
+    tags = naming.resource_tags(repo=REPO_NAME, pr=7, experiment="tiny", sha=SHA1, stage="finetune", ttl_hours=4)
+    mlflow = _mlflow("tiny")
+    for name in ("tiny-1111111-aaaaaaa", "tiny-2222222-aaaaaaa"):
+        with mlflow.start_run(run_name=name, tags={**tags, "job_name": name}):
+            mlflow.log_metrics({"loss": 2.0}, step=1)
+            mlflow.log_metrics({"loss": 1.5}, step=2)
+    (workspace / "jobs" / "tiny-2222222-aaaaaaa").mkdir(parents=True)
+    (workspace / "jobs" / "tiny-2222222-aaaaaaa" / "result.json").write_text("{}")
+    found = {j.name: j.state for j in backend.list_jobs({"repo": REPO_NAME, "pr": "7", "experiment": "tiny"})}
+    assert found == {"tiny-1111111-aaaaaaa": JOB_RUNNING, "tiny-2222222-aaaaaaa": JOB_COMPLETED}
+    assert backend.list_jobs({"pr": "8"}) == []
+    assert backend.job_progress("tiny-1111111-aaaaaaa") == Progress(step=2, loss=1.5)
+    assert backend.cancel_job("tiny-1111111-aaaaaaa") is False  # it runs only inside its own process
