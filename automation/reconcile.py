@@ -179,6 +179,8 @@ class Reconciler:
         if not self.backend.endpoints_outlive_job:
             stages.stage_teardown(run)  # a local endpoint lives only as long as this process
         path = stages.stage_report(run)
+        if not self.backend.endpoints_outlive_job:
+            stages.stage_bundle(run)  # the job uploads it: the local MLflow store ends with the runner
         body = path.read_text(encoding="utf-8")
         self.pulls.comment(pr.number, name, _with_status(body, current, "done"))
         return Outcome(pr.number, name, "done", run.record.deploy.endpoint_name if run.record.deploy else "",

@@ -429,6 +429,8 @@ class Replay:
                 found = leg.checkout / line.strip()
                 if found.is_file():
                     shutil.copy(found, target)
+                elif found.is_dir():
+                    shutil.copytree(found, target, dirs_exist_ok=True)
                 elif with_.get("if-no-files-found") == "error":
                     return "failure", f"No files were found with the provided path: {line}"
             return "success", f"uploaded {with_['name']}"
@@ -683,6 +685,10 @@ def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
     assert html.escape(reply[:40], quote=False).replace("\n", "<br>") in body  # escaped prose, not a code block
     assert len(fake.calls("POST")) == 1 and len(fake.calls("PATCH")) == 1
     assert live_endpoints(first) == [] and live_endpoints(second) == []  # local endpoints end with their leg
+    # the run's record outlives the runner: the bundle is the workflow artifact the comment names
+    bundles = sorted(scenarios.same_repo.work.glob("artifacts-of-run*/automation-run-tiny-pr-pr42"))
+    assert bundles and all((b / "record.json").is_file() and (b / "report.md").is_file() for b in bundles)
+    assert "automation-run-tiny-pr-pr42" in body
     assert scenarios.same_repo.azure_logins == 0
 
 
