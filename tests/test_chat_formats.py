@@ -401,7 +401,8 @@ def test_local_flow_with_system_prompts(workspace, tiny_model_dir, tmp_path):
     assert record.finetune.base_eval_loss is not None and record.finetune.eval_loss is not None
     assert record.score.messages[0] == {"role": "system", "content": system}
     request = json.loads(Path(record.score.request_file).read_text())
-    assert request["input_data"]["input_string"][0] == {"role": "system", "content": system}
+    (conversation,) = request["input_data"]["input_string"]  # the seed's form: a list of conversations
+    assert conversation[0] == {"role": "system", "content": system}
     assert record.score.prompt_id == hashlib.sha256(record.score.messages[1]["content"].encode()).hexdigest()
     assert isinstance(record.score.reply, str)
     assert f"[system] {system}" in Path(record.report_file).read_text()
@@ -411,7 +412,7 @@ def test_local_flow_with_system_prompts(workspace, tiny_model_dir, tmp_path):
     served = process.get_endpoint(record.deploy.endpoint_name)
     assert served is not None
     tokenizer = AutoTokenizer.from_pretrained(served.model_dir)  # the folder the server loaded
-    prompt = tokenizer.apply_chat_template(request["input_data"]["input_string"], add_generation_prompt=True,
+    prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
                                            tokenize=False)
     assert prompt.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
     assert prompt.endswith("<|im_start|>assistant\n")

@@ -32,6 +32,7 @@ TICK = timedelta(minutes=10)
 
 def experiment_text(**training) -> str:
     body = copy.deepcopy(EXPERIMENT)
+    body["name"] = "phi3-ultrachat"  # the file's name (experiments/phi3-ultrachat.yaml)
     body["data"] = {"dataset": str(REPO / "data" / "ultrachat-sample"), "sample_percent": 100}
     body["training"].update(training)
     return yaml.safe_dump(body, sort_keys=False)

@@ -687,7 +687,8 @@ def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
     assert live_endpoints(first) == [] and live_endpoints(second) == []  # local endpoints end with their leg
     # the run's record outlives the runner: the bundle is the workflow artifact the comment names
     bundles = sorted(scenarios.same_repo.work.glob("artifacts-of-run*/automation-run-tiny-pr-pr42"))
-    assert bundles and all((b / "record.json").is_file() and (b / "report.md").is_file() for b in bundles)
+    assert bundles and all(list(b.glob("record*.json")) and (b / "report.md").is_file() and (b / "mlflow.db").is_file()
+                           for b in bundles)
     assert "automation-run-tiny-pr-pr42" in body
     assert scenarios.same_repo.azure_logins == 0
 

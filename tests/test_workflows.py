@@ -208,7 +208,7 @@ def test_forks_get_validation_and_the_local_flow_without_cloud_access():
         job = jobs[name]
         assert SAME_REPO not in str(job.get("if", "")) and "environment" not in job, name
         assert "id-token" not in job["permissions"], name
-    assert verbs(jobs["local"]) == ["reconcile"] and "--backend local" in jobs["local"]["steps"][-1]["run"]
+    assert verbs(jobs["local"]) == ["reconcile"] and "--backend local" in [s for s in jobs["local"]["steps"] if "run" in s][-1]["run"]
     assert verbs(jobs["validate"]) == ["validate"] and verbs(jobs["plan"]) == ["changed"]
 
 
