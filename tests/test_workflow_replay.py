@@ -391,7 +391,8 @@ class Replay:
             "CI": "true", "GITHUB_ACTIONS": "true", "GITHUB_EVENT_NAME": github_ctx["event_name"],
             "GITHUB_EVENT_PATH": str(event_path), "GITHUB_REPOSITORY": REPO_NAME, "GITHUB_API_URL": self.github_url,
             "GITHUB_SHA": github_ctx["sha"], "GITHUB_REF": github_ctx["ref"], "GITHUB_WORKSPACE": str(checkout),
-            "GITHUB_WORKFLOW": github_ctx["workflow"], "RUNNER_TEMP": str(files["GITHUB_OUTPUT"].parent),
+            "GITHUB_WORKFLOW": github_ctx["workflow"], "GITHUB_RUN_ID": github_ctx["run_id"],
+            "GITHUB_RUN_ATTEMPT": github_ctx["run_attempt"], "GITHUB_SERVER_URL": "https://github.com", "RUNNER_TEMP": str(files["GITHUB_OUTPUT"].parent),
             **{k: str(v) for k, v in files.items()}, **self.extra_env, **exported,
         })
         for scope in (doc, spec, step):
@@ -696,10 +697,13 @@ def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
 def test_a_rerun_and_a_scheduled_tick_find_everything_settled(scenarios, source):
     """ "Re-run all jobs" and the schedule's next tick read the comment's status line: the head's
     job is done, so they plan no leg, and the comment stays as the second push left it."""
-    for jobs in (scenarios.rerun, scenarios.scheduled):
-        assert jobs["local-plan"].result == "success", jobs["local-plan"].log()
-        assert jobs["local-plan"].outputs["any_local"] == "false"
+    rerun = scenarios.rerun
+    assert rerun["local-plan"].result == "success", rerun["local-plan"].log()
+    assert rerun["local-plan"].outputs["any_local"] == "false"
+    for jobs in (rerun, scenarios.scheduled):
         assert jobs["local"].result == "skipped" and jobs["azure"].result == "skipped"
+    # local legs leave nothing running: the schedule does not even plan them (no idle runner minutes)
+    assert scenarios.scheduled["local-plan"].result == "skipped"
     assert scenarios.scheduled["plan"].result == "skipped"  # validation is for pull_request events
     (comment,) = scenarios.same_repo_github.issue_comments(REPO_NAME, 42)
     assert comment["body"] == scenarios.comments_after_second[0]["body"]
