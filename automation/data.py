@@ -376,7 +376,7 @@ def _run_split(job: _SplitJob) -> _SplitDone:
                                           sft=job.sft, progress=job.progress, reporter=reporter)
     stats = SplitStats.of(job.split, kept, source_rows=total, dropped=len(bad) if job.drop_invalid else 0,
                           format=fmt.name, system_rows=system_rows)
-    stats.sha256 = _sha256(job.tmp)
+    stats.sha256 = file_sha256(job.tmp)
     return _SplitDone(stats, len(bad), bad[:MAX_REPORTED_BAD_ROWS], reason)
 
 
@@ -636,12 +636,13 @@ def _reusable(manifest_path: Path, fingerprint: str, out_dir: Path) -> dict[str,
     stats = {s: SplitStats(**v) for s, v in manifest["splits"].items()}
     for split, st in stats.items():
         file = out_dir / f"{split}.jsonl"
-        if not file.is_file() or _sha256(file) != st.sha256:
+        if not file.is_file() or file_sha256(file) != st.sha256:
             return None
     return stats
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks (the manifest's digest of a split)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 20):

@@ -404,6 +404,8 @@ def _log_datasets(mlflow, experiment: Experiment, data_dir: Path, files: dict[st
     from mlflow.data.dataset_source_registry import get_registered_sources
     from mlflow.data.meta_dataset import MetaDataset
 
+    from automation.data import file_sha256
+
     # The local file source class (MLflow registers it once per artifact repository scheme).
     local = next(s for s in get_registered_sources() if s._get_source_type() == "local")
 
@@ -412,20 +414,10 @@ def _log_datasets(mlflow, experiment: Experiment, data_dir: Path, files: dict[st
     except (OSError, ValueError):
         splits = {}
     for context, file in files.items():
-        digest = (splits.get(file.stem) or {}).get("sha256") or _sha256(file)
+        digest = (splits.get(file.stem) or {}).get("sha256") or file_sha256(file)
         dataset = MetaDataset(local(file.resolve().as_uri()),
                               name=f"{experiment.data.dataset}:{file.stem}", digest=digest[:36])
         mlflow.log_input(dataset, context=context, tags={"split": file.stem, "sha256": digest})
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
