@@ -235,10 +235,10 @@ def ask_openai(client: httpx.Client, url: str, headers: dict, prompt: str, args)
     return {"latency_s": ended - began, "ttft_s": (first or ended) - began, "completion_tokens": tokens or 0}
 
 
-MLFLOW_FORMS = [  # MLflow's documented request forms for a pyfunc, tried in turn at warm-up
-    ("inputs, reference conversation list", lambda m, p: {"inputs": {"input_string": [m], "parameters": p}}),
-    ("inputs, flat messages", lambda m, p: {"inputs": {"input_string": m, "parameters": p}}),
-    ("inputs, list of records", lambda m, p: {"inputs": [{"input_string": m, "parameters": p}]}),
+MLFLOW_FORMS = [  # request forms for the logged pyfunc, tried in turn at warm-up; the first is the one
+    # chat_pyfunc.py documents (its signature: a `messages` column, generation settings as params)
+    ("inputs, records with messages + params", lambda m, p: {"inputs": [{"messages": m}], "params": p}),
+    ("dataframe_records with messages + params", lambda m, p: {"dataframe_records": [{"messages": m}], "params": p}),
 ]
 
 

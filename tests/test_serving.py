@@ -72,7 +72,7 @@ def starts(serving_home, tiny_model, tmp_path_factory) -> dict[str, Future]:
             # cancellation and admission control.
             "long": pool.submit(start_endpoint, "tiny-long", tiny_model, tags={"pr": "9"}, max_new_tokens_cap=4000,
                                 request_timeout_ms=120_000, max_tokens_in_flight=LONG_BUDGET, max_prompt_tokens=256,
-                                ready_timeout_s=120),
+                                ready_timeout_s=120, threads=1, prefill_threads=2),
             "main": pool.submit(start_endpoint, "tiny-staging", tiny_model, tags=TAGS,
                                 max_new_tokens_cap=CAP, ready_timeout_s=120),
             "short": pool.submit(start_endpoint, "tiny-short", tiny_model, tags={"pr": "9"},
@@ -356,6 +356,8 @@ def test_short_request_leaves_a_long_batch_early_and_full_server_answers_429(sta
         assert long_thread.is_alive(), "the short request waited for the long one"
         stats = _stats(record)
         assert stats["largest_batch"] == 2
+        # The short prompt was prefilled with 2 threads and the decoding went back to 1.
+        assert (stats["threads"], stats["prefill_threads"]) == (1, 2)
         # Admission: 1500 + its prompt are in flight; 2000 more would pass the budget of 3000.
         with httpx.Client(trust_env=False) as http:
             full = http.post(f"{record.url}/v1/chat/completions", json=_chat("Hi", 2000), headers=auth(record))

@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens-in-flight", type=_positive, default=65_536,
                         help="prompt + max_new_tokens over all admitted requests; beyond it 429 + Retry-After")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads; 0: OMP_NUM_THREADS if set, else the usable CPUs less one")
+                        help="torch threads while decoding; 0: OMP_NUM_THREADS if set, else the usable CPUs less one")
+    parser.add_argument("--prefill-threads", type=int, default=0,
+                        help="torch threads while prefilling new prompts; 0: OMP_NUM_THREADS if set, else the usable CPUs")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser.parse_args(argv)
 
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_bytes,
         max_messages=args.max_messages, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_in_flight=args.max_tokens_in_flight, threads=max(0, args.threads),
+        prefill_threads=max(0, args.prefill_threads),
     )
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]

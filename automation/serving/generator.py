@@ -20,6 +20,7 @@ than the machine has.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import queue
@@ -40,14 +41,29 @@ GENERATION_SHARE_OF_TIMEOUT = 0.8
 REPLACEMENT = "\ufffd"  # what decoding half of a multi-byte character gives
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_threads() -> int:
-    """torch threads for the server: the CPUs this process may use, less one for the HTTP loop
-    (tokenising, JSON, streaming), never under one. OMP_NUM_THREADS, when set, wins."""
+    """torch threads for decoding: the CPUs this process may use, less one for the HTTP loop
+    (tokenising, JSON, streaming a chunk per token per request), never under one.
+    OMP_NUM_THREADS, when set, wins."""
     configured = os.environ.get("OMP_NUM_THREADS", "")
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus - 1)
+    return max(1, usable_cpus() - 1)
+
+
+def default_prefill_threads() -> int:
+    """torch threads for prefilling new prompts: every usable CPU. A prefill is one large,
+    compute-bound pass during which the HTTP loop has nothing to stream, and every waiting request's
+    time to first token is the length of that pass. OMP_NUM_THREADS, when set, wins."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return usable_cpus()
 
 
 @dataclass(frozen=True)
@@ -63,7 +79,8 @@ class Settings:
     max_conversations: int = 16  # in one /score request
     max_prompt_tokens: int = 4096  # also bounded by the model's context
     max_tokens_in_flight: int = 65_536  # prompt + max_new_tokens over all admitted requests
-    threads: int = 0  # torch threads; 0 = default_threads()
+    threads: int = 0  # torch threads while decoding; 0 = default_threads()
+    prefill_threads: int = 0  # torch threads while prefilling; 0 = default_prefill_threads()
 
     @property
     def max_queue(self) -> int:
@@ -153,7 +170,8 @@ class Generator:
             stats["mean_batch"] = round(stats["decoded_rows"] / stats["steps"], 2) if stats["steps"] else 0.0
             return {**stats, "queued": self._queue.qsize(), "running": len(self._running),
                     "tokens_in_flight": self._in_flight, "max_tokens_in_flight": self.settings.max_tokens_in_flight,
-                    "threads": self._threads, "ready": self.ready.is_set()}
+                    "threads": self._threads, "prefill_threads": self._prefill_threads,
+                    "ready": self.ready.is_set()}
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -239,6 +257,7 @@ class Generator:
 
         hf_logging.disable_progress_bar()
         self._threads = self.settings.threads or default_threads()
+        self._prefill_threads = self.settings.prefill_threads or default_prefill_threads()
         torch.set_num_threads(self._threads)
         try:
             torch.set_num_interop_threads(1)  # the worker is the only thread that runs torch
@@ -258,8 +277,9 @@ class Generator:
         self._device, self._torch = device, torch
         self.tokenizer = tokenizer
         # A second tokenizer for the worker: a Rust tokenizer used from two threads at once can
-        # fail with "Already borrowed"; the event loop encodes, the worker decodes.
-        self._detok = AutoTokenizer.from_pretrained(folder)
+        # fail with "Already borrowed"; the event loop encodes, the worker decodes. A copy, not a
+        # second load (half the time: the files are not read and parsed again).
+        self._detok = copy.deepcopy(tokenizer)
         self._eos_ids = set(self._end_of_turn_ids())
         self._max_positions = getattr(self._model.config, "max_position_embeddings", None)
         self.max_prompt_tokens = self.settings.max_prompt_tokens
@@ -330,8 +350,14 @@ class Generator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
         self._running.extend(jobs)  # first: if the pass fails, the worker fails them with the rest
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                          use_cache=True, logits_to_keep=1)
+        if self._prefill_threads != self._threads:
+            torch.set_num_threads(self._prefill_threads)
+        try:
+            out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                              use_cache=True, logits_to_keep=1)
+        finally:
+            if self._prefill_threads != self._threads:
+                torch.set_num_threads(self._threads)
         for job in jobs:
             if job.seed is not None:
                 job.generator = torch.Generator(device="cpu").manual_seed(job.seed)
