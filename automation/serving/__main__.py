@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request-timeout-ms", type=_positive, default=90_000)
     parser.add_argument("--max-batch-size", type=_positive, default=16,
                         help="requests decoded together in one step (continuous batching)")
+    parser.add_argument("--max-prefill-tokens", type=_positive, default=512,
+                        help="prompt tokens prefilled per step; a longer prompt is prefilled in chunks over several steps")
     parser.add_argument("--max-body-bytes", type=_positive, default=1_000_000)
     parser.add_argument("--max-messages", type=_positive, default=64)
     parser.add_argument("--max-prompt-tokens", type=_positive, default=4096,
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         model_dir=str(Path(args.model_dir).resolve()), api_key=read_key(args.key_file), device=args.device,
         max_new_tokens_cap=args.max_new_tokens_cap, request_timeout_ms=args.request_timeout_ms,
-        max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_bytes,
+        max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
+        max_body_bytes=args.max_body_bytes,
         max_messages=args.max_messages, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_in_flight=args.max_tokens_in_flight, threads=max(0, args.threads),
         prefill_threads=max(0, args.prefill_threads),

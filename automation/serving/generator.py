@@ -20,6 +20,7 @@ than the machine has.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import logging
 import os
@@ -74,6 +75,7 @@ class Settings:
     max_new_tokens_cap: int = 512
     request_timeout_ms: int = 90_000
     max_batch_size: int = 16  # requests decoded together in one step
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step; a longer prompt goes in chunks
     max_body_bytes: int = 1_000_000
     max_messages: int = 64
     max_conversations: int = 16  # in one /score request
@@ -151,8 +153,12 @@ class Generator:
         self._lock = threading.Lock()
         self._in_flight = 0  # tokens reserved by admitted and waiting jobs
         self._stats = {"requests": 0, "replies": 0, "errors": 0, "cancelled": 0, "steps": 0,
-                       "largest_batch": 0, "decoded_rows": 0}
+                       "largest_batch": 0, "decoded_rows": 0, "prefill_chunks": 0}
         self._running: list[Job] = []
+        self._waiting: collections.deque[Job] = collections.deque()  # taken from the queue, not yet admitted
+        self._chunked: Job | None = None  # a prompt above the per-step budget, prefilled a chunk per step
+        self._chunk_cache: Any = None
+        self._chunk_done = 0  # its prompt tokens already in `_chunk_cache`
         self.tokenizer: Any = None
         self.model_name = Path(settings.model_dir).name
 
@@ -168,7 +174,8 @@ class Generator:
         with self._lock:
             stats = dict(self._stats)
             stats["mean_batch"] = round(stats["decoded_rows"] / stats["steps"], 2) if stats["steps"] else 0.0
-            return {**stats, "queued": self._queue.qsize(), "running": len(self._running),
+            return {**stats, "queued": self._queue.qsize() + len(self._waiting) + (self._chunked is not None),
+                    "running": len(self._running),
                     "tokens_in_flight": self._in_flight, "max_tokens_in_flight": self.settings.max_tokens_in_flight,
                     "threads": self._threads, "prefill_threads": self._prefill_threads,
                     "ready": self.ready.is_set()}
@@ -208,7 +215,7 @@ class Generator:
             raise ApiError(400, f"prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new_tokens}) is above "
                                 f"this endpoint's {budget} tokens in flight", "context_length_exceeded")
         with self._lock:
-            if self._queue.qsize() >= self.settings.max_queue:
+            if self._queue.qsize() + len(self._waiting) >= self.settings.max_queue:
                 raise ApiError(503, "too many requests waiting; retry shortly", "overloaded",
                                headers={"Retry-After": "1"})
             if self._in_flight + job.cost > budget:
@@ -243,9 +250,11 @@ class Generator:
                     self._step()
                 except Exception:
                     log.exception("generation failed; failing the %d running requests", len(self._running))
-                    for job in self._running:
+                    failed = self._running + ([self._chunked] if self._chunked else [])
+                    for job in failed:
                         self._finish(job, ApiError(500, "generation failed; see the endpoint log", "server_error"))
                     self._running, self._cache, self._mask, self._lengths = [], None, None, None
+                    self._chunked, self._chunk_cache, self._chunk_done = None, None, 0
 
     def _load(self) -> None:
         folder = Path(self.settings.model_dir)
@@ -300,32 +309,65 @@ class Generator:
         return unique
 
     def _step(self) -> None:
-        """Admit what fits, then decode one token for every running request."""
+        """Admit what fits, prefill it (a long prompt one chunk a step), then decode one token for
+        every running request.
+
+        Prefill is bounded per step (`max_prefill_tokens`): the running requests wait for at most
+        one budget's worth of prompt processing between two of their tokens, and a prompt above the
+        budget is prefilled in chunks over several steps (its own cache, merged into the batch when
+        complete) instead of stalling every stream for its whole length."""
         gone = {row for row, job in enumerate(self._running) if self._drop_if_gone(job)}
         if gone:
             rows = [row for row in range(len(self._running)) if row not in gone]
             self._running = [self._running[row] for row in rows]
             self._keep_rows(rows)
-        joining = self._admit()
+        if self._chunked is not None and self._drop_if_gone(self._chunked):
+            self._chunked, self._chunk_cache, self._chunk_done = None, None, 0
+        budget = self.settings.max_prefill_tokens
+        joining = self._admit(budget)
         if joining:
             self._prefill(joining)
+        if self._chunked is not None:  # what short prompts left of the budget, and at least a quarter of it
+            used = sum(len(job.prompt) for job in joining)
+            self._prefill_chunk(max(budget - used, budget // 4))
         if self._running:
             self._decode()
 
-    def _admit(self) -> list[Job]:
-        room = self.settings.max_batch_size - len(self._running)
+    def _pull(self) -> None:
+        """Move what the event loop queued into `_waiting`; block briefly only when there is no work."""
+        idle = not self._running and not self._waiting and self._chunked is None
+        try:
+            self._waiting.append(self._queue.get(timeout=0.2) if idle else self._queue.get_nowait())
+            while True:
+                self._waiting.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _admit(self, budget: int) -> list[Job]:
+        """The waiting jobs that join this step, in arrival order, within the batch size and the step's
+        prefill budget. The first waiting prompt above the budget starts a chunked prefill when none
+        is in progress; shorter prompts behind it may go first."""
+        self._pull()
+        room = self.settings.max_batch_size - len(self._running) - (self._chunked is not None)
         joining: list[Job] = []
-        # Block briefly only when idle; with requests running, take whatever is waiting now.
-        wait = 0.2 if not self._running else 0
-        while room > 0:
-            try:
-                job = self._queue.get(timeout=wait) if wait else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            wait = 0
-            if not self._drop_if_gone(job):
+        kept: collections.deque[Job] = collections.deque()
+        while self._waiting:
+            job = self._waiting.popleft()
+            if self._drop_if_gone(job):
+                continue
+            size = len(job.prompt)
+            if room <= 0:
+                kept.append(job)
+            elif size <= budget:
                 joining.append(job)
+                budget -= size
                 room -= 1
+            elif self._chunked is None and size > self.settings.max_prefill_tokens:
+                self._chunked, self._chunk_cache, self._chunk_done = job, None, 0
+                room -= 1
+            else:
+                kept.append(job)
+        self._waiting = kept
         return joining
 
     def _drop_if_gone(self, job: Job) -> bool:
@@ -339,6 +381,43 @@ class Generator:
             return True
         return False
 
+    def _with_prefill_threads(self, forward):
+        torch = self._torch
+        if self._prefill_threads != self._threads:
+            torch.set_num_threads(self._prefill_threads)
+        try:
+            return forward()
+        finally:
+            if self._prefill_threads != self._threads:
+                torch.set_num_threads(self._threads)
+
+    def _prefill_chunk(self, budget: int) -> None:
+        """Prefill the next chunk (up to `budget` tokens, at least one) of the chunked prompt into its
+        own cache; on its last chunk it joins the batch."""
+        torch = self._torch
+        from transformers import DynamicCache
+
+        job, done = self._chunked, self._chunk_done
+        if self._chunk_cache is None:
+            self._chunk_cache = DynamicCache(config=self._model.config)
+            if job.seed is not None:
+                job.generator = torch.Generator(device="cpu").manual_seed(job.seed)
+        size = max(1, min(budget, len(job.prompt) - done))
+        ids = torch.tensor([job.prompt[done:done + size]], device=self._device)
+        mask = torch.ones((1, done + size), dtype=torch.long, device=self._device)
+        positions = torch.arange(done, done + size, device=self._device)[None, :]
+        out = self._with_prefill_threads(lambda: self._model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=self._chunk_cache,
+            use_cache=True, logits_to_keep=1))
+        self._chunk_done = done + size
+        self._count("prefill_chunks")
+        if self._chunk_done == len(job.prompt):
+            cache = self._chunk_cache
+            self._chunked, self._chunk_cache, self._chunk_done = None, None, 0
+            self._running.append(job)
+            self._merge(cache, mask, [len(job.prompt)])
+            self._advance([job], out.logits[:, -1, :], offset=len(self._running) - 1)
+
     def _prefill(self, jobs: list[Job]) -> None:
         """One forward pass over the new prompts (left-padded), then merge their cache into the batch."""
         torch = self._torch
@@ -350,14 +429,9 @@ class Generator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self._model.config)
         self._running.extend(jobs)  # first: if the pass fails, the worker fails them with the rest
-        if self._prefill_threads != self._threads:
-            torch.set_num_threads(self._prefill_threads)
-        try:
-            out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                              use_cache=True, logits_to_keep=1)
-        finally:
-            if self._prefill_threads != self._threads:
-                torch.set_num_threads(self._threads)
+        out = self._with_prefill_threads(lambda: self._model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+            logits_to_keep=1))
         for job in jobs:
             if job.seed is not None:
                 job.generator = torch.Generator(device="cpu").manual_seed(job.seed)
@@ -462,16 +536,16 @@ class Generator:
         return Reply(job.text if text is None else text, len(job.prompt), len(job.tokens), finish)
 
     def _finish(self, job: Job, value: Reply | ApiError) -> None:
+        # Released and counted first: a client that has its answer sees /stats without it.
+        self._release(job)
+        self._count("replies" if isinstance(value, Reply) else "errors")
         if isinstance(value, Reply):
             if len(value.text) > job.sent:
                 job.emit("text", value.text[job.sent:])
                 job.sent = len(value.text)
             job.emit("done", value)
-            self._count("replies")
         else:
             job.emit("error", value)
-            self._count("errors")
-        self._release(job)
 
     def _release(self, job: Job) -> None:
         with self._lock:

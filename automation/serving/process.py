@@ -254,12 +254,13 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
                    request_timeout_ms: int = 90_000, ready_timeout_s: float = 300,
                    device: str = "auto", max_batch_size: int = 16, max_tokens_in_flight: int = 65_536,
                    max_prompt_tokens: int = 4096, threads: int = 0,
-                   prefill_threads: int = 0) -> EndpointRecord:
+                   prefill_threads: int = 0, max_prefill_tokens: int = 512) -> EndpointRecord:
     """Start a server for model_dir on a free loopback port and wait until it is ready.
 
     Continuous batching: up to `max_batch_size` requests decode together, each joining and leaving
     at any step; beyond `max_tokens_in_flight` (prompt + max_new_tokens of every admitted request)
-    the server answers 429 with Retry-After; a conversation over `max_prompt_tokens` gets 400.
+    the server answers 429 with Retry-After; a conversation over `max_prompt_tokens` gets 400. At most
+    `max_prefill_tokens` prompt tokens are prefilled between two decoding steps (longer prompts in chunks).
     `threads` / `prefill_threads`: torch threads while decoding / prefilling, 0 for the server's
     defaults (the usable CPUs less one / all of them).
 
@@ -285,6 +286,7 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         "--max-new-tokens-cap", str(max_new_tokens_cap), "--request-timeout-ms", str(request_timeout_ms),
         "--device", device, "--max-batch-size", str(max_batch_size),
         "--max-tokens-in-flight", str(max_tokens_in_flight), "--max-prompt-tokens", str(max_prompt_tokens),
+        "--max-prefill-tokens", str(max_prefill_tokens),
         "--threads", str(threads), "--prefill-threads", str(prefill_threads),
     ]
     with paths["log"].open("ab") as log_file:

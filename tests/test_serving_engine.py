@@ -1,0 +1,97 @@
+"""The continuous-batching engine in process, against the model's own greedy decoding.
+
+Requests that join a running batch at different steps, prompts prefilled together (left-padded),
+and prompts above the per-step prefill budget (prefilled in chunks into their own cache, then
+merged) must all give exactly the tokens that plain greedy decoding of each prompt alone gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from automation.serving.generator import Generator, Settings
+from automation.serving.sampling import Sampling
+
+NEW_TOKENS = 10
+
+
+def reference(model, torch, prompt: list[int], eos: set[int]) -> list[int]:
+    """Greedy decoding without a cache: the whole sequence through the model at every step."""
+    tokens: list[int] = []
+    with torch.inference_mode():
+        for _ in range(NEW_TOKENS):
+            logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, -1]
+            token = int(torch.argmax(logits))
+            if token in eos:
+                break
+            tokens.append(token)
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its attention made to matter: at the random init's scale (0.02) attention
+    is nearly uniform and small next to the residual stream, so the model repeats its last token
+    whatever came before, and wrong positions or a misaligned cache would not change a token.
+    Scaled up, its greedy replies vary and depend on where every earlier token is."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(16)
+            layer.self_attn.k_proj.weight.mul_(16)
+            layer.self_attn.v_proj.weight.mul_(10)  # and its output weighs against the residual stream
+            layer.self_attn.o_proj.weight.mul_(10)
+    folder = tmp_path_factory.mktemp("sharp") / "model"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(sharp_model):
+    # A budget of 48 prompt tokens a step: the 120- and 300-token prompts go in chunks.
+    generator = Generator(Settings(model_dir=str(sharp_model), api_key="k", threads=1, prefill_threads=1,
+                                   max_prefill_tokens=48, max_prompt_tokens=1000))
+    generator.start()
+    assert generator.ready.wait(120) and not generator.failed
+    yield generator
+    generator.stop()
+
+
+async def _generate(generator: Generator, prompt: list[int], delay_s: float) -> list[int]:
+    await asyncio.sleep(delay_s)
+    job = generator.submit(prompt, NEW_TOKENS, Sampling(), None)
+    while True:
+        kind, value = await job.events.get()
+        if kind == "done":
+            return list(job.tokens)
+        if kind == "error":
+            raise AssertionError(value.message)
+
+
+def test_batched_chunked_and_late_requests_decode_exactly_as_greedy_alone(engine):
+    torch = engine._torch
+    vocab = engine._model.config.vocab_size
+    special = set(engine.tokenizer.all_special_ids) | engine._eos_ids
+    rng = random.Random(7)
+    lengths = [5, 300, 17, 120, 40, 9, 48, 49]
+    prompts = [[t for t in (rng.randrange(vocab) for _ in range(n * 2)) if t not in special][:n] for n in lengths]
+    # Arrivals: together, then while the first ones decode, then while a chunked prompt is in progress.
+    delays = [0, 0, 0, 0.05, 0.05, 0.1, 0.2, 0.2]
+
+    async def all_of_them():
+        return await asyncio.gather(*(_generate(engine, p, d) for p, d in zip(prompts, delays, strict=True)))
+
+    got = asyncio.run(all_of_them())
+    stats = engine.snapshot()
+    assert stats["prefill_chunks"] >= 300 // 48 + 120 // 48  # both long prompts went in chunks
+    assert stats["largest_batch"] > 1
+    assert stats["tokens_in_flight"] == 0 and stats["queued"] == 0
+    for prompt, tokens in zip(prompts, got, strict=True):
+        assert tokens == reference(engine._model, torch, prompt, engine._eos_ids), len(prompt)
