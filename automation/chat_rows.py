@@ -227,12 +227,11 @@ def check_written(row: Any, sft: bool) -> tuple[list[str], int, int, bool]:
     if not isinstance(messages, list) or not messages:
         problems.append("messages must be a non-empty list")
         return problems, 0, 0, False
-    first = messages[0]
-    system = isinstance(first, dict) and first.get("role") == "system"
-    # The speaker expected at each place, looked up rather than worked out per message.
-    order = _SYSTEM_FIRST if system else _USER_FIRST
-    if len(messages) > len(order):
-        order = _speakers(system, len(messages))
+    # The speaker expected at each place, looked up rather than worked out per message; a system
+    # message first switches to the table that starts with it (no cost to rows without one).
+    count = len(messages)
+    order = _USER_FIRST if count <= _TABLED else _speakers(False, count)
+    system = False
     chars = 0
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -240,13 +239,17 @@ def check_written(row: Any, sft: bool) -> tuple[list[str], int, int, bool]:
             continue
         role, content = message.get("role"), message.get("content")
         if role != order[index]:
-            problems.append(_misplaced(CANONICAL, index, role, order[index]))
+            if index == 0 and role == "system":
+                order = _SYSTEM_FIRST if count <= _TABLED else _speakers(True, count)
+                system = True
+            else:
+                problems.append(_misplaced(CANONICAL, index, role, order[index]))
         if not isinstance(content, str) or not content.strip():
             problems.append(f"messages[{index}].content must be a non-empty string"
                             + (" (lists of content parts are not supported)" if isinstance(content, list) else ""))
         else:
             chars += len(content)
-    turns = len(messages) - system
+    turns = count - system
     if turns == 0:
         problems.append("messages has no user turn after the system message")
     elif sft and turns % 2 == 1 and not problems:
@@ -262,7 +265,8 @@ def _speakers(system: bool, count: int) -> tuple[str, ...]:
 
 
 _hex64 = _HEX64.match
-_USER_FIRST, _SYSTEM_FIRST = _speakers(False, 256), _speakers(True, 256)
+_TABLED = 256  # messages in a row whose speakers are looked up in a table made once
+_USER_FIRST, _SYSTEM_FIRST = _speakers(False, _TABLED), _speakers(True, _TABLED)
 
 
 def _misplaced(fmt: ChatFormat, index: int, raw: Any, expected: str) -> str:
