@@ -403,7 +403,7 @@ def _write_split(rows: Iterator[tuple[Any, str | None]], split: str, limit: int,
     bad: list[tuple[int, list[str]]] = []
     bar = reporter if reporter is not None else _progress(f"{split}", limit, enabled=progress)
     # A 1 MiB buffer: with the default (8 KiB) nearly every row of a few KiB was a write(2) of its
-    # own, a fifth of the stage's time at full scale.
+    # own, ~4.5 us of the ~32 us a row of ultrachat costs (bench/RESULTS.md, issue 15).
     with tmp.open("w", encoding="utf-8", buffering=WRITE_BUFFER) as out, bar as advance:
         if fmt.is_canonical:
             system_rows = _write_as_read(rows, out, advance, kept, bad, sft)
@@ -415,7 +415,8 @@ def _write_split(rows: Iterator[tuple[Any, str | None]], split: str, limit: int,
 def _write_as_read(rows, out, advance, kept: list, bad: list, sft: bool) -> int:
     """`_write_split` for rows already in the written form: each goes out as the very line it
     came in (when the source is JSONL; re-serialising was a third of the stage's time at full
-    scale). The data stage's hot loop on ultrachat-sized data: nothing in it that can be hoisted."""
+    scale). The data stage's hot loop on ultrachat-sized data: nothing in it that could be done
+    once per split."""
     system_rows = 0
     write, keep = out.write, kept.append
     for index, (row, line) in enumerate(rows):
