@@ -222,32 +222,51 @@ def check_written(row: Any, sft: bool) -> tuple[list[str], int, int, bool]:
     prompt, prompt_id, messages = row.get("prompt"), row.get("prompt_id"), row.get("messages")
     if not isinstance(prompt, str) or not prompt.strip():
         problems.append("prompt must be a non-empty string")
-    if not isinstance(prompt_id, str) or not _HEX64.match(prompt_id):
+    if not isinstance(prompt_id, str) or not _hex64(prompt_id):
         problems.append("prompt_id must be a 64-character lowercase hex sha256")
     if not isinstance(messages, list) or not messages:
         problems.append("messages must be a non-empty list")
         return problems, 0, 0, False
-    first = messages[0]
-    start = 1 if isinstance(first, dict) and first.get("role") == "system" else 0
+    # The speaker expected at each place, looked up rather than worked out per message; a system
+    # message first switches to the table that starts with it (no cost to rows without one).
+    count = len(messages)
+    order = _USER_FIRST if count <= _TABLED else _speakers(False, count)
+    system = False
     chars = 0
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             problems.append(f"messages[{index}] must be an object with role and content")
             continue
         role, content = message.get("role"), message.get("content")
-        if index >= start and role != ("user" if (index - start) % 2 == 0 else "assistant"):
-            problems.append(_misplaced(CANONICAL, index, role, "user" if (index - start) % 2 == 0 else "assistant"))
+        if role != order[index]:
+            if index == 0 and role == "system":
+                order = _SYSTEM_FIRST if count <= _TABLED else _speakers(True, count)
+                system = True
+            else:
+                problems.append(_misplaced(CANONICAL, index, role, order[index]))
         if not isinstance(content, str) or not content.strip():
             problems.append(f"messages[{index}].content must be a non-empty string"
                             + (" (lists of content parts are not supported)" if isinstance(content, list) else ""))
         else:
             chars += len(content)
-    turns = len(messages) - start
+    turns = count - system
     if turns == 0:
         problems.append("messages has no user turn after the system message")
     elif sft and turns % 2 == 1 and not problems:
         problems.append("SFT rows must end with an assistant message")
-    return problems, chars, (turns + 1) // 2, start == 1
+    return problems, chars, (turns + 1) // 2, system
+
+
+def _speakers(system: bool, count: int) -> tuple[str, ...]:
+    """The speakers expected in a row of `count` messages: the system first when it has one, then
+    the user and the assistant in turn."""
+    turns = tuple("user" if i % 2 == 0 else "assistant" for i in range(count - system))
+    return ("system", *turns) if system else turns
+
+
+_hex64 = _HEX64.match
+_TABLED = 256  # messages in a row whose speakers are looked up in a table made once
+_USER_FIRST, _SYSTEM_FIRST = _speakers(False, _TABLED), _speakers(True, _TABLED)
 
 
 def _misplaced(fmt: ChatFormat, index: int, raw: Any, expected: str) -> str:

@@ -50,6 +50,7 @@ __all__ = ["check_row", "prepare_data", "read_jsonl", "sample_size"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_REPORTED_BAD_ROWS = 20
 PROGRESS_MIN_ROWS = 20_000  # splits sampled to fewer rows get no progress bar
+WRITE_BUFFER = 1 << 20  # bytes of a split's output buffered between writes
 
 # The splits are independent, so they are processed in a pool of worker processes (one per split,
 # at most one per CPU) when the work adds up to at least this many bytes: the sampled share of the
@@ -161,9 +162,9 @@ def count_rows(source: Source, split: str) -> int:
 
 
 def iter_rows(source: Source, split: str, limit: int) -> Iterator[tuple[Any, str | None]]:
-    """The first `limit` rows of a split, in order, each with its JSON text when the source is
-    JSONL (written out as it is: re-serialising was a third of the stage's time at full scale);
-    an unparseable line yields the exception."""
+    """The first `limit` rows of a split, in order, each with its line when the source is JSONL
+    (newline-terminated, written out as it is: re-serialising was a third of the stage's time at
+    full scale); an unparseable line yields the exception."""
     if limit <= 0:
         return
     if source.hub_id:
@@ -186,15 +187,27 @@ def iter_rows(source: Source, split: str, limit: int) -> Iterator[tuple[Any, str
                         return
             continue
         with file.open("r", encoding="utf-8") as handle:
+            # Read with universal newlines, so every line ends in one "\n" (the last may have
+            # none): JSON's trailing whitespace, parsed as it is rather than copied without it.
             for line in handle:
-                text = line.rstrip("\r\n")
                 try:
-                    yield json.loads(text), text
-                except json.JSONDecodeError as err:
-                    yield ValueError(f"not valid JSON: {err.msg} at column {err.colno}"), None
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    yield _parse_error(line.rstrip("\r\n")), None
+                else:
+                    yield row, line if line.endswith("\n") else line + "\n"
                 produced += 1
                 if produced >= limit:
                     return
+
+
+def _parse_error(text: str) -> ValueError:
+    """What is wrong with a line that is not JSON, its column counted in the line itself."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        return ValueError(f"not valid JSON: {err.msg} at column {err.colno}")
+    raise AssertionError("a line that is not JSON with its newline parsed without it")
 
 
 def sample_size(total: int, percent: float) -> int:
@@ -388,33 +401,59 @@ def _write_split(rows: Iterator[tuple[Any, str | None]], split: str, limit: int,
     many kept rows have a system message."""
     kept: list[tuple[int, int]] = []
     bad: list[tuple[int, list[str]]] = []
-    system_rows = 0
-    # Rows already in the written form go out as the very line they came in (when the source is
-    # JSONL): re-serialising them was a third of the stage's time at full scale.
-    as_read = fmt.is_canonical
     bar = reporter if reporter is not None else _progress(f"{split}", limit, enabled=progress)
-    with tmp.open("w", encoding="utf-8") as out, bar as advance:
-        for index, (row, text) in enumerate(rows):
-            if isinstance(row, Exception):
-                problems = [str(row)]
-            elif as_read:
-                problems, chars, turns, has_system = check_written(row, sft)
-            else:
-                problems, chars, turns, system_text = check(row, fmt, sft=sft)
+    # A 1 MiB buffer: with the default (8 KiB) nearly every row of a few KiB was a write(2) of its
+    # own, ~4.5 us of the ~32 us a row of ultrachat costs (bench/RESULTS.md, issue 15).
+    with tmp.open("w", encoding="utf-8", buffering=WRITE_BUFFER) as out, bar as advance:
+        if fmt.is_canonical:
+            system_rows = _write_as_read(rows, out, advance, kept, bad, sft)
+        else:
+            system_rows = _write_mapped(rows, fmt, out, advance, kept, bad, sft)
+    return kept, bad, system_rows
+
+
+def _write_as_read(rows, out, advance, kept: list, bad: list, sft: bool) -> int:
+    """`_write_split` for rows already in the written form: each goes out as the very line it
+    came in (when the source is JSONL; re-serialising was a third of the stage's time at full
+    scale). The data stage's hot loop on ultrachat-sized data: nothing in it that could be done
+    once per split."""
+    system_rows = 0
+    write, keep = out.write, kept.append
+    for index, (row, line) in enumerate(rows):
+        if isinstance(row, Exception):
+            bad.append((index, [str(row)]))
+        else:
+            problems, chars, turns, has_system = check_written(row, sft)
             if problems:
                 bad.append((index, problems))
             else:
-                if as_read:
-                    out.write((text if text is not None else json.dumps(row, ensure_ascii=False)) + "\n")
-                else:
-                    written = canonical(row, fmt, system_text)
-                    out.write(json.dumps(written, ensure_ascii=False) + "\n")
-                    chars = sum(len(m["content"]) for m in written["messages"])  # with data.system_message
-                    has_system = written["messages"][0]["role"] == "system"
+                write(line if line is not None else json.dumps(row, ensure_ascii=False) + "\n")
                 system_rows += has_system
-                kept.append((turns, chars))
+                keep((turns, chars))
+        advance()
+    return system_rows
+
+
+def _write_mapped(rows, fmt: ChatFormat, out, advance, kept: list, bad: list, sft: bool) -> int:
+    """`_write_split` for rows in another format (or with names mapped, or a system message to
+    add): checked in `fmt`, then brought to the written form and serialised."""
+    system_rows = 0
+    for index, (row, _) in enumerate(rows):
+        if isinstance(row, Exception):
+            bad.append((index, [str(row)]))
             advance()
-    return kept, bad, system_rows
+            continue
+        problems, _, turns, system_text = check(row, fmt, sft=sft)
+        if problems:
+            bad.append((index, problems))
+        else:
+            written = canonical(row, fmt, system_text)
+            out.write(json.dumps(written, ensure_ascii=False) + "\n")
+            chars = sum(len(m["content"]) for m in written["messages"])  # with data.system_message
+            system_rows += written["messages"][0]["role"] == "system"
+            kept.append((turns, chars))
+        advance()
+    return system_rows
 
 
 # ---------------------------------------------------------------------------------------------
