@@ -166,7 +166,11 @@ def test_finished_job_is_registered_deployed_scored_and_commented_once(world):
     assert "**Registered**" in body and "**Endpoint**" in body
     (model,) = world.workspace.models.versions
     assert world.endpoints() == [naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")]
-    assert len(world.workspace.online_endpoints.invocations) == 1
+    # the sample, then the 8 held-out prompts on the staging deployment (no production endpoint yet)
+    staging = naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")
+    assert [(e, d) for e, d, _ in world.workspace.online_endpoints.invocations] == [(staging, "demo")] * 9
+    assert "### Evaluation" in body and "replies from the endpoints to 8 held-out prompts" in body
+    assert "### Replies to the 8 held-out prompts" in body and "with no baseline" in body
     calls = len(world.workspace.calls)
     assert world.tick() == [] and len(world.workspace.calls) == calls + 2  # two listings, nothing else
 
