@@ -21,7 +21,15 @@ from automation import naming
 from automation.backends import get_backend
 from automation.backends.base import Backend
 from automation.errors import AutomationError, BackendError, ConfigError
-from automation.record import DataPart, EvaluationPart, RunRecord, ScorePart, StageTime, now_iso
+from automation.record import (
+    DataPart,
+    DeployPart,
+    EvaluationPart,
+    RunRecord,
+    ScorePart,
+    StageTime,
+    now_iso,
+)
 from automation.serving.contract import score_request
 from automation.spec import Experiment, load_experiment
 from automation.workspace import run_dir, write_text_atomic
@@ -174,6 +182,26 @@ def stage_deploy(run: Run) -> None:
         run.record.deploy = run.backend.deploy(run.experiment, model, endpoint_name=name, tags=run.tags("staging"))
         run.record.torn_down = False
     log.info("deploy: %s ready in %.1f s", name, run.record.stages["deploy"].seconds)
+
+
+def find_staging(run: Run) -> DeployPart:
+    """The run's live staging endpoint, found by its name and tags (never created here: the
+    promotion's identity may not create one)."""
+    from automation.backends.azure.endpoints import STAGING_DEPLOYMENT
+
+    name = naming.staging_endpoint_name(run.record.repo, run.record.pr, run.experiment.name)
+    match = {"repo": run.record.repo, "experiment": run.experiment.name, "stage": "staging",
+             "pr": "" if run.record.pr is None else str(run.record.pr)}
+    found = [e for e in run.backend.list_endpoints(match) if e.name == name and e.alive and e.deployments]
+    if not found:
+        raise ConfigError(f"{run.experiment.name}: the staging endpoint {name} is gone (torn down, or past its "
+                          "deployment.ttl_hours), so the candidate cannot answer the held-out prompts and the "
+                          "promotion policy cannot be checked; push a commit (or deploy it again with "
+                          "`automation deploy`), then promote")
+    endpoint = found[0]
+    deployment = STAGING_DEPLOYMENT if STAGING_DEPLOYMENT in endpoint.deployments else endpoint.deployments[0]
+    run.record.deploy = DeployPart(endpoint_name=name, deployment_name=deployment, url=endpoint.url)
+    return run.record.deploy
 
 
 def sample_request(run: Run) -> tuple[dict, list[dict], str | None, str | None]:
