@@ -264,9 +264,11 @@ print(json.dumps({"warnings": [str(w.message) for w in caught], "logs": records,
 def test_logging_the_model_warns_about_nothing_the_project_causes(tmp_path):
     """Neither MLflow's "Add type hints to the `predict` method" (predict is hinted) nor "Failed to
     resolve installed pip version" in a venv without pip (the model's environment is given whole)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_LOGGING_LEVEL": "WARNING"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=str(REPO), MLFLOW_LOGGING_LEVEL="WARNING")
     out = subprocess.run([sys.executable, "-c", LOG_MODEL_SCRIPT, str(tmp_path)], env=env, capture_output=True,
-                         text=True, timeout=300, check=True)
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     said = " ".join(result["warnings"] + result["logs"]) + out.stderr
     assert "type hints" not in said and "pip version" not in said, said
