@@ -289,8 +289,8 @@ def stage_evaluate(run: Run) -> EvaluationPart | None:
             part.notes.append(NO_PRODUCTION_LOSS)
         part.seconds = round(time.monotonic() - started, 2)
         finetune.evaluation = part
-        write_text_atomic(run.evaluation_file, json.dumps(part.model_dump(mode="json"), indent=1,
-                                                                  ensure_ascii=False) + "\n")
+        text = json.dumps(part.model_dump(mode="json"), indent=1, ensure_ascii=False)
+        write_text_atomic(run.evaluation_file, text + "\n")
     return part
 
 
