@@ -177,6 +177,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
         stages.stage_score(run)
         score = run.record.score
         _out(f"scored in {score.latency_seconds:.2f} s (request: {score.request_file})\n{score.reply}")
+    elif verb == "evaluate":
+        ev = stages.stage_evaluate(run)
+        if ev is None or "candidate" not in ev.models:
+            _out("no held-out evaluation in this run (evaluation.prompts: 0, or the fine-tune did not run one)")
+        else:
+            from automation.report import evaluation_summary
+
+            for line in evaluation_summary(ev):
+                _out(line)
     elif verb == "report":
         path = stages.stage_report(run, Path(args.out) if args.out else None)
         _out(f"report: {path}")
@@ -324,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage("register", "register the fine-tuned model with a timestamp version")
     stage("deploy", "deploy the registered model to a staging endpoint")
     stage("score", "score a seeded sample of the sample split on the endpoint")
+    stage("evaluate", "the held-out prompts on the staging endpoint and the production one (azure; local "
+          "evaluates in finetune)")
     stage("report", "write the markdown report (and the job summary in GitHub Actions)").add_argument("--out")
     stage("teardown", "delete this experiment's staging endpoints (already gone is success)")
     p = stage("promote", "move the registered version to production (blue/green) when the promotion policy passes")

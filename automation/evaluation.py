@@ -12,24 +12,34 @@ model:
 - repetitive rate: replies of 12 or more word/punctuation tokens in which fewer than half of the
   4-grams are distinct (a model stuck in a loop; normal prose keeps ~95 % distinct).
 
-The baseline is the production model when one exists, else the base model; `promote` checks the
-experiment's `promotion:` limits against it (`check_policy`).
+The baseline is the production model when one exists, else the base model (none when neither was
+evaluated: an Azure run before the first promotion); `promote` checks the experiment's
+`promotion:` limits against it (`check_policy`).
+
+Where the fine-tune does not evaluate (Azure: the pipeline component's evaluation steps are
+commented out), the replies come from the deployed endpoints (`endpoint_replies`), one scoring
+request per prompt in the seed's request form.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from automation.errors import AutomationError, ConfigError
+from automation.errors import AutomationError, BackendError, ConfigError
 from automation.record import EvalPrompt, EvaluationPart, FinetunePart, ModelEval
 from automation.spec import PromotionSpec
+from automation.workspace import write_text_atomic
 
-MODEL_LABELS = {"base": "base model", "candidate": "fine-tuned", "production": "production"}
+MODEL_LABELS = {"base": "base model", "candidate": "fine-tuned", "production": "production", "none": "no baseline"}
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 REPETITION_MIN_TOKENS, REPETITION_NGRAM, REPETITION_MIN_DISTINCT = 12, 4, 0.5
 
@@ -95,12 +105,72 @@ def model_eval(model: str, prompts: list[EvalPrompt], replies: list[str], eval_l
     )
 
 
+def greedy_parameters(max_new_tokens: int) -> dict[str, Any]:
+    """The scoring parameters of an evaluation request: greedy, so every model's replies compare."""
+    return {"do_sample": False, "max_new_tokens": max_new_tokens}
+
+
+def _prompt_key(prompt: EvalPrompt) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(prompt.messages, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def endpoint_replies(invoke: Callable[[dict], dict], prompts: list[EvalPrompt], *, max_new_tokens: int,
+                     label: str, kept: Path, key: str) -> list[str]:
+    """One greedy reply per prompt from a deployed endpoint: `invoke(request)` sends one scoring
+    request (`score_request`, the seed's form) per prompt and returns the parsed answer.
+
+    Each reply is kept in `kept` (a JSON file, under `key`: what was asked of which model) as it
+    arrives, so a failure loses nothing: the error names the prompt, and a rerun asks only for the
+    replies still missing."""
+    from automation.serving.contract import score_request
+
+    log = logging.getLogger(__name__)
+    store = json.loads(kept.read_text(encoding="utf-8")) if kept.is_file() else {}
+    done: dict[str, str] = store.get(key, {})
+    replies: list[str] = []
+    started = time.monotonic()
+    for i, prompt in enumerate(prompts):
+        pkey = f"{i}:{_prompt_key(prompt)}"
+        if pkey not in done:
+            try:
+                answer = invoke(score_request([prompt.messages], greedy_parameters(max_new_tokens)))
+            except AutomationError as err:
+                raise BackendError(
+                    f"evaluation: the {label} failed on held-out prompt {i + 1} of {len(prompts)}"
+                    + (f" (prompt_id {prompt.prompt_id[:12]})" if prompt.prompt_id else "") + f": {err}. "
+                    f"The {len(done)} replies so far are kept in {kept}; a rerun asks only for the rest") from err
+            reply = answer.get("output")
+            if isinstance(reply, list) and len(reply) == 1:
+                reply = reply[0]
+            if not isinstance(reply, str):
+                raise BackendError(f"evaluation: the {label} answered held-out prompt {i + 1} of {len(prompts)} "
+                                   f"without a text output: {str(answer)[:200]!r}")
+            done[pkey] = reply
+            store[key] = done
+            write_text_atomic(kept, json.dumps(store, indent=1, ensure_ascii=False))
+            log.info("evaluation: %s replied to %d/%d prompts (%.0f s)", label, i + 1, len(prompts),
+                     time.monotonic() - started)
+        replies.append(done[pkey])
+    return replies
+
+
 METRICS = ("eval_loss", "perplexity", "rouge_l", "mean_words", "empty_rate", "repetitive_rate")
 
 
+def against(baseline: str) -> str:
+    """`against the production` / `against the base model` / `with no baseline`."""
+    return "with no baseline" if baseline == "none" else f"against the {MODEL_LABELS[baseline]}"
+
+
 def baseline_of(evaluation: EvaluationPart) -> str:
-    """The model the candidate is judged against: production when it exists, else the base model."""
-    return "production" if "production" in evaluation.models else "base"
+    """The model the candidate is judged against: production when it exists, else the base model,
+    else "none" (an Azure run without a production endpoint: the base model is not deployed)."""
+    for label in ("production", "base"):
+        if label in evaluation.models:
+            return label
+    return "none"
 
 
 def delta(evaluation: EvaluationPart, metric: str, against: str | None = None) -> float | None:
@@ -197,7 +267,7 @@ class PolicyNotMet(AutomationError):
     exit_code = 1
 
     def __init__(self, result: PolicyResult) -> None:
-        lines = [f"the promotion policy is not met against the {MODEL_LABELS[result.baseline]}:"]
+        lines = [f"the promotion policy is not met {against(result.baseline)}:"]
         lines += [f"  {c.describe()}" for c in result.failures()]
         lines.append("promote anyway with --override-policy 'REASON' (the reason is kept as the "
                      "promotion_override tag), or change the experiment's promotion: limits")

@@ -9,7 +9,7 @@ The step taken for one experiment of an open pull request:
     no job for the head commit     -> prepare the data and submit it
     queued or running              -> update the comment (state, elapsed, step, loss, studio link)
     failed or canceled             -> comment the error and the link; the leg fails
-    completed                      -> register, check the PR is open, deploy, score, comment
+    completed                      -> register, check the PR is open, deploy, score, evaluate, comment
     done for this job already      -> nothing
 
 Before any of that, jobs of earlier commits still in flight are cancelled (a new push stops
@@ -176,6 +176,7 @@ class Reconciler:
             return Outcome(pr.number, name, "skipped", "a newer commit arrived before deploying", cancelled)
         stages.stage_deploy(run)
         stages.stage_score(run)
+        stages.stage_evaluate(run)  # Azure: the held-out prompts on the staging and production endpoints
         if not self.backend.endpoints_outlive_job:
             stages.stage_teardown(run)  # a local endpoint lives only as long as this process
         path = stages.stage_report(run)

@@ -72,6 +72,8 @@ class EvaluationPart(_Part):
     models: dict[str, ModelEval] = Field(default_factory=dict)  # "base", "candidate", "production"
     production_version: str | None = None  # the registry version behind "production"
     seconds: float | None = None
+    source: str = "finetune"  # where the replies came from: the fine-tune job, or "endpoints" (Azure)
+    notes: list[str] = Field(default_factory=list)  # what was not measured on this backend, and why
 
 
 class FinetunePart(_Part):

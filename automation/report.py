@@ -23,7 +23,7 @@ import math
 import os
 from pathlib import Path
 
-from automation.evaluation import MODEL_LABELS, baseline_of, check_policy, delta
+from automation.evaluation import MODEL_LABELS, against, baseline_of, check_policy, delta
 from automation.record import EvaluationPart, RunRecord
 from automation.spec import Experiment
 
@@ -174,11 +174,11 @@ def _policy_line(record: RunRecord, experiment: Experiment) -> list[str]:
     result = check_policy(ev, experiment.promotion, record.finetune)
     if not result.checks:
         return ["**Promotion policy:** no limits set (`promotion:` in the experiment file).", ""]
-    against = MODEL_LABELS[result.baseline]
+    versus = against(result.baseline)
     if result.passed:
-        head = f"**Promotion policy: ✅ passes** against the {against}."
+        head = f"**Promotion policy: ✅ passes** {versus}."
     else:
-        head = f"**Promotion policy: ❌ not met** against the {against}; `promote` will refuse without an override."
+        head = f"**Promotion policy: ❌ not met** {versus}; `promote` will refuse without an override."
     rows = ["| rule | value | limit | |", "|---|---:|---:|:-:|"]
     for c in result.checks:
         sign = "≤" if c.rule.split(".")[-1].startswith("max") else "≥"
@@ -204,11 +204,14 @@ def _evaluation(ft, evaluation: EvaluationPart | None, experiment: Experiment, r
     columns = [k for k in ("base", "candidate", "production") if k in models]
     names = {"base": "base model", "candidate": "fine-tuned",
              "production": f"production v{evaluation.production_version}" if evaluation.production_version
-             else "production"}
+             else "production", "none": "no baseline"}
     test_rows = (record.data.rows.get(evaluation.test_split) if record.data else None)
+    where = " from the endpoints" if evaluation.source == "endpoints" else ""
+    change = (f"Change = fine-tuned − {names[base]}." if base != "none"
+              else "No baseline to compare with, so no change (see below).")
     lines.append(f"Eval loss on `{evaluation.test_split}`" + (f" ({test_rows} conversations)" if test_rows else "")
-                 + f"; replies to {len(evaluation.prompts)} held-out prompts of `{evaluation.prompt_split}`, "
-                 f"greedy, up to {evaluation.max_new_tokens} new tokens. Change = fine-tuned − {names[base]}.")
+                 + f"; replies{where} to {len(evaluation.prompts)} held-out prompts of `{evaluation.prompt_split}`, "
+                 f"greedy, up to {evaluation.max_new_tokens} new tokens. {change}")
     lines += ["", "| | " + " | ".join(names[c] for c in columns) + " | change |",
               "|---|" + "---:|" * len(columns) + "---:|"]
     rows = [("eval loss", "eval_loss", _fmt, _signed), ("perplexity", "perplexity", lambda v: _fmt(v, 2),
@@ -220,7 +223,10 @@ def _evaluation(ft, evaluation: EvaluationPart | None, experiment: Experiment, r
     for label, metric, show, show_delta in rows:
         values = [show(getattr(models[c], metric)) for c in columns]
         lines.append(f"| {label} | " + " | ".join(values) + f" | {show_delta(delta(evaluation, metric))} |")
-    return lines + [""]
+    lines.append("")
+    if evaluation.notes:
+        lines += [f"- {note}" for note in evaluation.notes] + [""]  # the project's own words: markdown
+    return lines
 
 
 def _training(ft) -> list[str]:
@@ -274,8 +280,9 @@ def _replies(evaluation: EvaluationPart) -> list[str]:
     shown = min(n, DETAILED_PROMPTS)
     limit = max(120, min(MAX_TEXT, TEXT_BUDGET // (shown * (len(models) + 2))))
     if shown < n:
-        lines += [f"The whole texts of the first {shown} prompts; all {n} are in `evaluation/evaluation.json` "
-                  "of the fine-tune's MLflow run.", ""]
+        where = ("`evaluation.json` of the run's record" if evaluation.source == "endpoints"
+                 else "`evaluation/evaluation.json` of the fine-tune's MLflow run")
+        lines += [f"The whole texts of the first {shown} prompts; all {n} are in {where}.", ""]
     for i, prompt in enumerate(evaluation.prompts[:shown]):
         last_user = prompt.messages[-1]["content"] if prompt.messages else ""
         lines += [f"<details><summary>{i + 1}. {cell(last_user, 80)}</summary>", ""]
@@ -335,13 +342,7 @@ def terminal_summary(record: RunRecord, experiment: Experiment, total_seconds: f
         lines.append(f"eval loss:  base {ft.base_eval_loss:.4f} -> fine-tuned {ft.eval_loss:.4f} "
                      f"({ft.eval_loss - ft.base_eval_loss:+.4f})")
     if ev and "candidate" in ev.models:
-        c = ev.models["candidate"]
-        base = baseline_of(ev)
-        lines.append(f"ROUGE-L:    {c.rouge_l:.3f} on {len(ev.prompts)} held-out prompts "
-                     f"({_plain_delta(delta(ev, 'rouge_l'))} vs {MODEL_LABELS[base]}); "
-                     f"empty {_pct(c.empty_rate)}, repetitive {_pct(c.repetitive_rate)}")
-        if "production" in ev.models:
-            lines.append(f"vs production v{ev.production_version}: eval loss {_plain_delta(delta(ev, 'eval_loss'))}")
+        lines += evaluation_summary(ev)
     if ft:
         policy = check_policy(ev, experiment.promotion, ft)
         if policy.checks:
@@ -361,6 +362,18 @@ def terminal_summary(record: RunRecord, experiment: Experiment, total_seconds: f
     if total_seconds is not None:
         minutes, seconds = divmod(int(round(total_seconds)), 60)
         lines.append(f"total:      {minutes} min {seconds:02d} s")
+    return lines
+
+
+def evaluation_summary(ev: EvaluationPart) -> list[str]:
+    """The held-out evaluation in two terminal lines: the candidate's figures and its change."""
+    c = ev.models["candidate"]
+    base = baseline_of(ev)
+    versus = "no baseline" if base == "none" else f"{_plain_delta(delta(ev, 'rouge_l'))} vs {MODEL_LABELS[base]}"
+    lines = [f"ROUGE-L:    {_fmt(c.rouge_l, 3)} on {len(ev.prompts)} held-out prompts ({versus}); "
+             f"empty {_pct(c.empty_rate)}, repetitive {_pct(c.repetitive_rate)}"]
+    if "production" in ev.models:
+        lines.append(f"vs production v{ev.production_version}: eval loss {_plain_delta(delta(ev, 'eval_loss'))}")
     return lines
 
 

@@ -21,10 +21,18 @@ from automation import naming
 from automation.backends import get_backend
 from automation.backends.base import Backend
 from automation.errors import AutomationError, BackendError, ConfigError
-from automation.record import DataPart, RunRecord, ScorePart, StageTime, now_iso
+from automation.record import (
+    DataPart,
+    DeployPart,
+    EvaluationPart,
+    RunRecord,
+    ScorePart,
+    StageTime,
+    now_iso,
+)
 from automation.serving.contract import score_request
 from automation.spec import Experiment, load_experiment
-from automation.workspace import run_dir
+from automation.workspace import run_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,12 @@ class Run:
     @property
     def dir(self) -> Path:
         return run_dir(self.experiment.name)
+
+    @property
+    def evaluation_file(self) -> Path:
+        """Every prompt, reference and reply of an endpoint evaluation, beside the record
+        (record.json: evaluation.json; record-7.json: evaluation-7.json)."""
+        return self.record_path.with_name(self.record_path.stem.replace("record", "evaluation", 1) + ".json")
 
 
 def git_sha() -> str:
@@ -170,6 +184,26 @@ def stage_deploy(run: Run) -> None:
     log.info("deploy: %s ready in %.1f s", name, run.record.stages["deploy"].seconds)
 
 
+def find_staging(run: Run) -> DeployPart:
+    """The run's live staging endpoint, found by its name and tags (never created here: the
+    promotion's identity may not create one)."""
+    from automation.backends.azure.endpoints import STAGING_DEPLOYMENT
+
+    name = naming.staging_endpoint_name(run.record.repo, run.record.pr, run.experiment.name)
+    match = {"repo": run.record.repo, "experiment": run.experiment.name, "stage": "staging",
+             "pr": "" if run.record.pr is None else str(run.record.pr)}
+    found = [e for e in run.backend.list_endpoints(match) if e.name == name and e.alive and e.deployments]
+    if not found:
+        raise ConfigError(f"{run.experiment.name}: the staging endpoint {name} is gone (torn down, or past its "
+                          "deployment.ttl_hours), so the candidate cannot answer the held-out prompts and the "
+                          "promotion policy cannot be checked; push a commit (or deploy it again with "
+                          "`automation deploy`), then promote")
+    endpoint = found[0]
+    deployment = STAGING_DEPLOYMENT if STAGING_DEPLOYMENT in endpoint.deployments else endpoint.deployments[0]
+    run.record.deploy = DeployPart(endpoint_name=name, deployment_name=deployment, url=endpoint.url)
+    return run.record.deploy
+
+
 def sample_request(run: Run) -> tuple[dict, list[dict], str | None, str | None]:
     """A seeded row of the sample split as the reference's request: the conversation up to its last
     user turn, and the assistant answer that followed it as the reference."""
@@ -202,6 +236,62 @@ def stage_score(run: Run) -> None:
             raise BackendError(f"endpoint {deploy.endpoint_name} answered without an output: {response!r}")
         run.record.score = ScorePart(request_file=str(request_file), messages=conversation, reference=reference,
                                      reply=reply, latency_seconds=round(latency, 3), prompt_id=prompt_id)
+
+
+BASE_NOT_DEPLOYED = ("base model: not evaluated on Azure (its replies would need a GPU endpoint of its own, "
+                     "deployed and billed for every pull request)")
+NO_PRODUCTION_LOSS = ("eval loss: the fine-tuned model's is its job's; an endpoint answers replies, not losses, so "
+                      "the production model's is not measured and `max_eval_loss_increase` is not checked against it")
+
+
+def stage_evaluate(run: Run) -> EvaluationPart | None:
+    """The held-out evaluation from the deployed endpoints, where the fine-tune does not run it
+    (Azure): the candidate on its staging deployment and, when the production endpoint serves a
+    model, that model, each answering the same `evaluation.prompts` conversations (the seeded choice
+    of the local backend) one greedy request at a time. The candidate's eval loss is its job's.
+    On a backend that evaluates in its fine-tune (local) this finds that evaluation and does nothing."""
+    from automation.evaluation import endpoint_replies, held_out_prompts, model_eval
+
+    finetune = _require(run, "finetune", "finetune")
+    if run.backend.evaluates_in_finetune:
+        return finetune.evaluation
+    deploy = _require(run, "deploy", "deploy")
+    model = _require(run, "registration", "register")
+    data = _require(run, "data", "data")
+    spec, d = run.experiment.evaluation, run.experiment.data
+    prompts = held_out_prompts(Path(data.out_dir) / f"{d.sample_split}.jsonl", spec.prompts, spec.seed)
+    kept = run.dir / "evaluation" / "replies.json"
+
+    def ask(endpoint: str, deployment: str, label: str, uri: str) -> list[str]:
+        return endpoint_replies(lambda request: run.backend.invoke(endpoint, request, deployment=deployment),
+                                prompts, max_new_tokens=spec.max_new_tokens, label=f"{label} ({endpoint}/{deployment})",
+                                kept=kept, key=f"{endpoint}/{deployment}/{uri}/{spec.max_new_tokens}")
+
+    with timed(run, "evaluate"):
+        started = time.monotonic()
+        part = EvaluationPart(test_split=d.test_split, prompt_split=d.sample_split, max_new_tokens=spec.max_new_tokens,
+                              prompts=prompts, source="endpoints", notes=[BASE_NOT_DEPLOYED])
+        log.info("evaluation: %d held-out prompts of %s on %s", len(prompts), d.sample_split, deploy.endpoint_name)
+        replies = ask(deploy.endpoint_name, deploy.deployment_name, "fine-tuned model", model.model_uri)
+        part.models["candidate"] = model_eval(model.model_uri, prompts, replies, finetune.eval_loss)
+        production_endpoint = naming.production_endpoint_name(run.record.repo, run.experiment.name)
+        production = run.backend.serving_model(production_endpoint)
+        if production is None:
+            part.notes.append(f"production: no model serves `{production_endpoint}` yet, so there is no baseline "
+                              "to compare with; the policy's candidate-only limits still apply")
+        else:
+            log.info("evaluation: production %s:%s on %s", production.model_name, production.version,
+                     production_endpoint)
+            replies = ask(production.endpoint_name, production.deployment_name, "production model",
+                          production.model_uri)
+            part.models["production"] = model_eval(production.model_uri, prompts, replies, None)
+            part.production_version = production.version
+            part.notes.append(NO_PRODUCTION_LOSS)
+        part.seconds = round(time.monotonic() - started, 2)
+        finetune.evaluation = part
+        text = json.dumps(part.model_dump(mode="json"), indent=1, ensure_ascii=False)
+        write_text_atomic(run.evaluation_file, text + "\n")
+    return part
 
 
 def stage_report(run: Run, out: Path | None = None) -> Path:
@@ -277,6 +367,8 @@ def run_all(run: Run, *, keep_endpoint: bool = False, drop_invalid: bool = False
         ("deploy", lambda: stage_deploy(run)),
         ("score", lambda: stage_score(run)),
     ]
+    if not run.backend.evaluates_in_finetune:
+        steps.append(("evaluate", lambda: stage_evaluate(run)))
     try:
         for name, step in steps:
             say(name)
@@ -311,6 +403,9 @@ def stage_bundle(run: Run, out: Path | None = None, *, with_weights: bool = Fals
     partial.mkdir(parents=True)
     files = [run.record_path, run.file]
     files += [Path(f) for f in (run.record.report_file, run.record.score and run.record.score.request_file) if f]
+    ev = run.record.finetune.evaluation if run.record.finetune else None
+    if ev is not None and ev.source == "endpoints":  # local: evaluation.json is in the MLflow store
+        files.append(run.evaluation_file)
     for file in files:
         if file.is_file():
             shutil.copy2(file, partial / file.name)

@@ -175,6 +175,12 @@ def promote(reconciler: Reconciler, pr: PullRequest, source: Source) -> str:
                      reconciler.backend)
     run.record.finetune = reconciler.backend.wait_finetune(experiment, current, stream=False)
     stages.stage_register(run)  # finds the version the staging flow registered for this job
+    if not reconciler.backend.evaluates_in_finetune:
+        # The policy needs the held-out evaluation, measured again here rather than read from the
+        # comment: the candidate on the PR's staging endpoint, the production model on its own.
+        stages.stage_data(run)
+        stages.find_staging(run)
+        stages.stage_evaluate(run)
     stages.stage_promote(run)
     p = run.record.promote
     return f"#{pr.number} {experiment.name}: version {p.model_version} serves {p.endpoint_name} ({p.deployment_name})"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,26 @@ def already_in_registry():
     msg = "A model with this name and version already exists in registry"
     return ValidationException(message=msg, no_personal_data_message=msg, target=ErrorTarget.MODEL,
                                error_category=ErrorCategory.USER_ERROR)
+
+
+def unknown_deployment(name: str | None):
+    """What `online_endpoints.invoke(..., deployment_name=name)` raises when the endpoint has no such
+    deployment (`_validate_deployment_name` in operations/_online_endpoint_operations.py); `None`:
+    the endpoint has no deployment at all."""
+    from azure.ai.ml.exceptions import (
+        ErrorCategory,
+        ErrorTarget,
+        ValidationErrorType,
+        ValidationException,
+    )
+
+    if name is None:
+        msg, private = "No deployment exists for this endpoint", "No deployment exists for this endpoint"
+    else:
+        msg, private = f"Deployment name {name} not found for this endpoint", "Deployment name not found for this endpoint"
+    return ValidationException(message=msg, target=ErrorTarget.ONLINE_ENDPOINT, no_personal_data_message=private,
+                               error_category=ErrorCategory.USER_ERROR,
+                               error_type=ValidationErrorType.RESOURCE_NOT_FOUND)
 
 
 class _TextResponse:
@@ -431,6 +452,8 @@ class OnlineEndpoints(_Ops):
         self.busy: dict[str, int] = {}  # name -> how many more reads answer "Updating"
         self.invocations: list[tuple[str, str | None, dict]] = []
         self.replies: dict[str, str] = {}  # deployment -> raw reply
+        # (endpoint, deployment, request) -> raw reply, or raises; when set, it answers instead of `replies`
+        self.respond: Callable[[str, str | None, dict], str] | None = None
 
     def _entity(self, endpoint, state: str):
         from azure.ai.ml.entities import ManagedOnlineEndpoint
@@ -473,10 +496,18 @@ class OnlineEndpoints(_Ops):
     def invoke(self, endpoint_name: str, *, request_file: str | None = None, deployment_name: str | None = None,
                input_data=None, params_override=None, local: bool = False, **kwargs) -> str:
         self._enter("invoke")
+        request = json.loads(Path(request_file).read_text())  # the SDK reads the file first
+        if deployment_name:  # then `_validate_deployment_name`: the endpoint's deployments, listed
+            deployments = self._client.online_deployments.of(endpoint_name)
+            if endpoint_name not in self.items:
+                raise not_found("endpoint", endpoint_name)  # listing a missing endpoint's deployments: 404
+            if deployment_name not in deployments:
+                raise unknown_deployment(deployment_name if deployments else None)
         if endpoint_name not in self.items:
             raise not_found("endpoint", endpoint_name)
-        request = json.loads(Path(request_file).read_text())
         self.invocations.append((endpoint_name, deployment_name, request))
+        if self.respond is not None:
+            return self.respond(endpoint_name, deployment_name, request)
         return self.replies.get(deployment_name or "", json.dumps({"output": "Hello from Azure."}))
 
 

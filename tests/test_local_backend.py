@@ -232,3 +232,51 @@ def test_preflight_runs_an_azure_experiment_locally(workspace, tmp_path, tiny_mo
 @pytest.mark.slow
 def test_preflight_on_smollm2(workspace, tmp_path, capsys):
     assert main(["preflight", str(preflight_file(tmp_path)), "--steps", "2"]) == 0
+
+
+LOG_MODEL_SCRIPT = r"""
+import json, logging, sys, warnings
+from pathlib import Path
+
+folder = Path(sys.argv[1])
+records = []
+logging.basicConfig(level=logging.WARNING)
+logging.getLogger().addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r.getMessage())})())
+import mlflow
+import mlflow.utils.environment as env
+
+real = env._get_package_version
+env._get_package_version = lambda name: None if name == "pip" else real(name)  # a uv venv: no pip
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from automation.backends.local.backend import _log_chat_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    (folder / "weights").mkdir()
+    (folder / "weights" / "config.json").write_text("{}")
+    with mlflow.start_run():
+        info = _log_chat_model(mlflow, folder / "weights")
+conda = (Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "conda.yaml").read_text()
+print(json.dumps({"warnings": [str(w.message) for w in caught], "logs": records, "conda": conda}))
+"""
+
+
+def test_logging_the_model_warns_about_nothing_the_project_causes(tmp_path):
+    """Neither MLflow's "Add type hints to the `predict` method" (predict is hinted) nor "Failed to
+    resolve installed pip version" in a venv without pip (the model's environment is given whole)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=str(REPO), MLFLOW_LOGGING_LEVEL="WARNING")
+    out = subprocess.run([sys.executable, "-c", LOG_MODEL_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    said = " ".join(result["warnings"] + result["logs"]) + out.stderr
+    assert "type hints" not in said and "pip version" not in said, said
+    from importlib.metadata import version
+
+    import yaml
+
+    conda = yaml.safe_load(result["conda"])
+    pip = conda["dependencies"][-1]["pip"]
+    assert f"transformers=={version('transformers')}" in pip and f"mlflow=={version('mlflow')}" in pip
+    assert f"torch=={version('torch').split('+')[0]}" in pip and "pip" in conda["dependencies"]

@@ -166,7 +166,11 @@ def test_finished_job_is_registered_deployed_scored_and_commented_once(world):
     assert "**Registered**" in body and "**Endpoint**" in body
     (model,) = world.workspace.models.versions
     assert world.endpoints() == [naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")]
-    assert len(world.workspace.online_endpoints.invocations) == 1
+    # the sample, then the 8 held-out prompts on the staging deployment (no production endpoint yet)
+    staging = naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")
+    assert [(e, d) for e, d, _ in world.workspace.online_endpoints.invocations] == [(staging, "demo")] * 9
+    assert "### Evaluation" in body and "replies from the endpoints to 8 held-out prompts" in body
+    assert "### Replies to the 8 held-out prompts" in body and "with no baseline" in body
     calls = len(world.workspace.calls)
     assert world.tick() == [] and len(world.workspace.calls) == calls + 2  # two listings, nothing else
 
@@ -317,3 +321,51 @@ def test_local_jobs_are_found_by_tags_in_mlflow(workspace):
     assert backend.list_jobs({"pr": "8"}) == []
     assert backend.job_progress("tiny-1111111-aaaaaaa") == Progress(step=2, loss=1.5)
     assert backend.cancel_job("tiny-1111111-aaaaaaa") is False  # it runs only inside its own process
+
+
+def test_promotion_checks_the_policy_on_a_fresh_evaluation_from_the_endpoints(world):
+    """The promote job trusts no artifact: on Azure it asks the staging and production endpoints the
+    held-out prompts again, and refuses when the candidate falls short of production."""
+    import json
+
+    from automation.errors import ConfigError
+    from automation.evaluation import PolicyNotMet
+    from automation.reconcile import Reconciler
+    from automation.stages import run_dir
+    from automation.ticks import promote
+
+    open_pr(world)
+    world.workspace.jobs.run_for(world.job_of(SHA1), 600)
+    world.tick(pr=7)
+    while "phase=done" not in world.comment():
+        world.clock.advance(TICK)
+        world.tick()
+    reconciler = Reconciler(world.backend, world.pulls, REPO_NAME, world.clock)
+    request = world.pulls.get(7)
+    source = world.pulls.experiments(request)["phi3-ultrachat"]
+    staging = naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")
+    production = naming.production_endpoint_name(REPO_NAME, "phi3-ultrachat")
+    invocations = world.workspace.online_endpoints.invocations
+    invocations.clear()
+    kept = run_dir("phi3-ultrachat") / "evaluation" / "replies.json"
+    kept.unlink()  # the promote job runs on a fresh runner: nothing kept from the tick's evaluation
+
+    assert "serves " + production in promote(reconciler, request, source)  # no production yet: no baseline
+    assert [(e, d) for e, d, _ in invocations][:8] == [(staging, "demo")] * 8
+    (serving,) = world.workspace.online_endpoints.items[production].traffic
+
+    def respond(endpoint, deployment, body):  # the candidate now answers nothing; production echoes
+        question = body["input_data"]["input_string"][0][-1]["content"]
+        return json.dumps({"output": "" if deployment == "demo" else f"{question} the and of to a in is it"})
+
+    world.workspace.online_endpoints.respond = respond
+    kept.unlink()
+    invocations.clear()
+    with pytest.raises(PolicyNotMet, match="not met against the production:\n  ROUGE-L change vs production: -0"):
+        promote(reconciler, request, source)
+    assert sorted({(e, d) for e, d, _ in invocations}) == [(production, serving), (staging, "demo")]
+    assert world.workspace.online_endpoints.items[production].traffic == {serving: 100}
+
+    world.workspace.online_endpoints.begin_delete(name=staging)
+    with pytest.raises(ConfigError, match=f"the staging endpoint {staging} is gone"):
+        promote(reconciler, request, source)

@@ -54,6 +54,17 @@ class JobInfo:
 
 
 @dataclass(frozen=True)
+class ServingModel:
+    """The model version an endpoint serves now: the deployment that takes its traffic."""
+
+    endpoint_name: str
+    deployment_name: str
+    model_name: str
+    version: str
+    model_uri: str
+
+
+@dataclass(frozen=True)
 class Progress:
     """The latest training step and loss of a running job, read from its tracking store."""
 
@@ -65,6 +76,9 @@ class Backend(ABC):
     name: ClassVar[str]
     # False where an endpoint lives only as long as the process that started it (the local backend).
     endpoints_outlive_job: ClassVar[bool] = True
+    # True where the fine-tune job runs the held-out evaluation itself (local); else the `evaluate`
+    # stage asks the deployed endpoints after `score` (Azure).
+    evaluates_in_finetune: ClassVar[bool] = True
 
     @abstractmethod
     def validate_compute(self, experiment: Experiment) -> list[str]:
@@ -125,6 +139,11 @@ class Backend(ABC):
     def promote(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
                 tags: dict[str, str]) -> PromotePart:
         """Mark the version for production and move the production endpoint to it, blue/green."""
+
+    def serving_model(self, endpoint_name: str) -> ServingModel | None:
+        """The model the endpoint serves now; None when there is no such endpoint or nothing takes its
+        traffic. Used by the endpoint evaluation of a backend that does not evaluate in its fine-tune."""
+        return None
 
     def log_run_files(self, finetune: FinetunePart, files: list[Path]) -> None:  # noqa: B027 (optional)
         """Attach files (the report, the scoring request, the experiment file) to the job's tracked run;

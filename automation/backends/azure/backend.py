@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from automation.backends.azure import compute, endpoints, pipeline, retry
-from automation.backends.base import IN_FLIGHT, Backend, EndpointInfo, JobInfo, Progress
+from automation.backends.base import (
+    IN_FLIGHT,
+    Backend,
+    EndpointInfo,
+    JobInfo,
+    Progress,
+    ServingModel,
+)
 from automation.errors import BackendError, ConfigError
 from automation.record import (
     DataPart,
@@ -64,6 +71,9 @@ def mlflow_metrics(tracking_uri: str, job_name: str) -> dict[str, Any]:
 
 class AzureBackend(Backend):
     name = "azure"
+    # chat_completion_pipeline 0.0.82 comments its model evaluation steps out (pipeline.py): the
+    # held-out evaluation asks the staging and production endpoints instead (stages.stage_evaluate).
+    evaluates_in_finetune = False
 
     def __init__(self, workspace_client=None, registry_client=None, *,
                  metrics_reader: Callable[[str, str], dict[str, Any]] | None = None,
@@ -345,6 +355,7 @@ class AzureBackend(Backend):
                           stage=tags.get("stage", "staging"))
 
     def invoke(self, endpoint_name: str, request: dict[str, Any], *, deployment: str | None = None) -> dict[str, Any]:
+        from azure.ai.ml.exceptions import ValidationException
         from azure.core.exceptions import ResourceNotFoundError
 
         with tempfile.TemporaryDirectory() as folder:
@@ -355,6 +366,11 @@ class AzureBackend(Backend):
                     endpoint_name=endpoint_name, request_file=str(request_file), deployment_name=deployment))
             except ResourceNotFoundError:
                 raise BackendError(f"no endpoint named {endpoint_name}; deploy first") from None
+            except ValidationException as err:  # invoke checks deployment_name against the endpoint's list
+                if not retry.is_not_found(err):
+                    raise BackendError(f"scoring {endpoint_name} failed: {retry.one_sentence(err)}") from err
+                raise BackendError(f"endpoint {endpoint_name} has no deployment {deployment}: "
+                                   f"{retry.one_sentence(err)}") from None
         try:
             answer = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
         except ValueError:
@@ -366,6 +382,33 @@ class AzureBackend(Backend):
         if not isinstance(answer, dict):
             raise BackendError(f"endpoint {endpoint_name} answered {answer!r}; expected a JSON object")
         return answer
+
+    def serving_model(self, endpoint_name: str) -> ServingModel | None:
+        """The version behind the deployment with the most traffic (promote gives one all of it), read
+        from the deployment's `model`/`model_version` tags that deploy and promote write, else from
+        its model id (`azureml:<name>:<version>` or `.../models/<name>/versions/<version>`)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        endpoint = self._endpoint(endpoint_name)
+        traffic = {k: v for k, v in ((endpoint.traffic or {}) if endpoint is not None else {}).items() if v}
+        if not traffic:
+            return None
+        name = max(traffic, key=lambda k: traffic[k])
+        try:
+            deployment = self._call(f"reading deployment {name} of {endpoint_name}",
+                                    lambda: self.workspace.online_deployments.get(name=name,
+                                                                                  endpoint_name=endpoint_name))
+        except ResourceNotFoundError:
+            return None
+        tags = dict(deployment.tags or {})
+        model_name, version = _model_name_version(str(getattr(deployment.model, "id", None) or deployment.model or ""))
+        model_name, version = tags.get("model") or model_name, tags.get("model_version") or version
+        if not model_name or not version:
+            log.warning("deployment %s of %s names no model version (%r); not compared", name, endpoint_name,
+                        deployment.model)
+            return None
+        return ServingModel(endpoint_name=endpoint_name, deployment_name=name, model_name=model_name,
+                            version=version, model_uri=f"azureml:{model_name}:{version}")
 
     def list_endpoints(self, match_tags: dict[str, str] | None = None) -> list[EndpointInfo]:
         found = self._call("listing endpoints", lambda: list(self.workspace.online_endpoints.list()))
@@ -483,6 +526,18 @@ def registration_spec(experiment: Experiment, job_name: str, *, model_name: str,
 def _register_part(model_name: str, version: str, timestamp_version: str) -> RegisterPart:
     return RegisterPart(model_name=model_name, version=version, timestamp_version=timestamp_version,
                         model_uri=f"azureml:{model_name}:{version}")
+
+
+def _model_name_version(model_id: str) -> tuple[str | None, str | None]:
+    """(name, version) of `azureml:<name>:<version>` or an ARM/registry id ending in
+    `/models/<name>/versions/<version>`; (None, None) for anything else."""
+    if model_id.startswith("azureml:") and "/" not in model_id:
+        name, _, version = model_id.removeprefix("azureml:").partition(":")
+        return (name, version) if name and version else (None, None)
+    parts = model_id.rstrip("/").split("/")
+    if len(parts) >= 4 and parts[-4] == "models" and parts[-2] == "versions":
+        return parts[-3], parts[-1]
+    return None, None
 
 
 def _same_model(current: Any, wanted: str) -> bool:

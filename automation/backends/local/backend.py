@@ -382,8 +382,28 @@ def _log_chat_model(mlflow, model_dir: Path):
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         return mlflow.pyfunc.log_model(
             name="model", python_model=chat_pyfunc.__file__, artifacts={"model": str(model_dir)},
-            pip_requirements=["torch", "transformers", "mlflow"], signature=chat_pyfunc.signature(),
+            conda_env=model_environment(), signature=chat_pyfunc.signature(),
         )
+
+
+MODEL_PACKAGES = ("mlflow", "torch", "transformers")
+
+
+def model_environment() -> dict[str, Any]:
+    """The logged model's environment, pinned to the versions that trained it (without a local
+    version label such as `+cpu`, which PyPI does not serve).
+
+    Given whole, because from `pip_requirements` MLflow writes conda.yaml itself and pins `pip` to
+    the installed pip's version (mlflow/utils/environment.py `_mlflow_conda_env`): the uv-made venv
+    has no pip, so it warned "Failed to resolve installed pip version" and wrote `pip` unpinned.
+    Here `pip` is unpinned on purpose (the model needs none of its features), and nothing is
+    looked up."""
+    import platform
+    from importlib.metadata import version
+
+    return {"name": "mlflow-env", "channels": ["conda-forge"],
+            "dependencies": [f"python={platform.python_version()}", "pip",
+                             {"pip": [f"{name}=={version(name).split('+')[0]}" for name in MODEL_PACKAGES]}]}
 
 
 def _run_description(experiment: Experiment, job_name: str) -> str:
