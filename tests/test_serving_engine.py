@@ -75,23 +75,43 @@ async def _generate(generator: Generator, prompt: list[int], delay_s: float) -> 
             raise AssertionError(value.message)
 
 
-def test_batched_chunked_and_late_requests_decode_exactly_as_greedy_alone(engine):
-    torch = engine._torch
+def _prompts(engine, lengths: list[int], seed: int) -> list[list[int]]:
     vocab = engine._model.config.vocab_size
     special = set(engine.tokenizer.all_special_ids) | engine._eos_ids
-    rng = random.Random(7)
-    lengths = [5, 300, 17, 120, 40, 9, 48, 49]
-    prompts = [[t for t in (rng.randrange(vocab) for _ in range(n * 2)) if t not in special][:n] for n in lengths]
-    # Arrivals: together, then while the first ones decode, then while a chunked prompt is in progress.
-    delays = [0, 0, 0, 0.05, 0.05, 0.1, 0.2, 0.2]
+    rng = random.Random(seed)
+    return [[t for t in (rng.randrange(vocab) for _ in range(n * 2)) if t not in special][:n] for n in lengths]
 
+
+def _run(engine, prompts: list[list[int]], delays: list[float]) -> list[list[int]]:
     async def all_of_them():
         return await asyncio.gather(*(_generate(engine, p, d) for p, d in zip(prompts, delays, strict=True)))
 
-    got = asyncio.run(all_of_them())
+    return asyncio.run(all_of_them())
+
+
+def test_batched_chunked_and_late_requests_decode_exactly_as_greedy_alone(engine):
+    prompts = _prompts(engine, [5, 300, 17, 120, 40, 9, 48, 49], seed=7)
+    # Arrivals: together, then while the first ones decode, then while a chunked prompt is in progress.
+    got = _run(engine, prompts, [0, 0, 0, 0.05, 0.05, 0.1, 0.2, 0.2])
     stats = engine.snapshot()
     assert stats["prefill_chunks"] >= 300 // 48 + 120 // 48  # both long prompts went in chunks
     assert stats["largest_batch"] > 1
     assert stats["tokens_in_flight"] == 0 and stats["queued"] == 0
     for prompt, tokens in zip(prompts, got, strict=True):
-        assert tokens == reference(engine._model, torch, prompt, engine._eos_ids), len(prompt)
+        assert tokens == reference(engine._model, engine._torch, prompt, engine._eos_ids), len(prompt)
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_decodes_the_same(engine):
+    """A system prompt many requests share: its cache is computed once and reused (in the same
+    prefill, by later arrivals, in part, and by a chunked prompt), with exactly the same tokens."""
+    system = _prompts(engine, [30], seed=11)[0]
+    rests = _prompts(engine, [3, 12, 25, 1, 7, 200, 9], seed=12)
+    prompts = [system + rest for rest in rests[:5]]
+    prompts.append(system + rests[5])  # above the budget: chunked, starting from the stored prefix
+    prompts.append(system[:20] + rests[6])  # shares only the first 20 tokens of the stored prefix
+    before = engine.snapshot()["prefix_tokens_reused"]
+    got = _run(engine, prompts, [0, 0, 0, 0.05, 0.1, 0.1, 0.15])
+    # How the arrivals group varies from run to run; at least two prompts reuse all 30 and one 20.
+    assert engine.snapshot()["prefix_tokens_reused"] - before >= 30 * 2 + 20
+    for prompt, tokens in zip(prompts, got, strict=True):
+        assert tokens == reference(engine._model, engine._torch, prompt, engine._eos_ids), len(prompt)

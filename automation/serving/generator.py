@@ -40,6 +40,17 @@ log = logging.getLogger("automation.serving")
 # (finish_reason "length") instead of as a timeout.
 GENERATION_SHARE_OF_TIMEOUT = 0.8
 REPLACEMENT = "\ufffd"  # what decoding half of a multi-byte character gives
+# A shared prompt prefix shorter than this is prefilled with each prompt: a separate pass over a
+# few tokens costs more than it saves.
+MIN_SHARED_PREFIX = 16
+
+
+def _common_length(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of a and b, at most `limit`."""
+    for index in range(min(limit, len(a), len(b))):
+        if a[index] != b[index]:
+            return index
+    return min(limit, len(a), len(b))
 
 
 def usable_cpus() -> int:
@@ -153,12 +164,15 @@ class Generator:
         self._lock = threading.Lock()
         self._in_flight = 0  # tokens reserved by admitted and waiting jobs
         self._stats = {"requests": 0, "replies": 0, "errors": 0, "cancelled": 0, "steps": 0,
-                       "largest_batch": 0, "decoded_rows": 0, "prefill_chunks": 0}
+                       "largest_batch": 0, "decoded_rows": 0, "prefill_chunks": 0,
+                       "prefix_tokens_reused": 0}
         self._running: list[Job] = []
         self._waiting: collections.deque[Job] = collections.deque()  # taken from the queue, not yet admitted
         self._chunked: Job | None = None  # a prompt above the per-step budget, prefilled a chunk per step
         self._chunk_cache: Any = None
         self._chunk_done = 0  # its prompt tokens already in `_chunk_cache`
+        self._prefix: tuple[list[int], list] | None = None  # a shared prompt prefix and its key/value cache
+        self._recent: collections.deque[list[int]] = collections.deque(maxlen=16)  # the last prompts prefilled
         self.tokenizer: Any = None
         self.model_name = Path(settings.model_dir).name
 
@@ -325,10 +339,15 @@ class Generator:
             self._chunked, self._chunk_cache, self._chunk_done = None, None, 0
         budget = self.settings.max_prefill_tokens
         joining = self._admit(budget)
-        if joining:
-            self._prefill(joining)
+        used = sum(len(job.prompt) - self._stored_match(job.prompt) for job in joining)
+        # Prompts that start with the stored prefix are prefilled on top of it, the others together.
+        reusing, fresh = [], []
+        for job in joining:
+            (reusing if self._stored_match(job.prompt) else fresh).append(job)
+        for group in (reusing, fresh):
+            if group:
+                self._prefill(group)
         if self._chunked is not None:  # what short prompts left of the budget, and at least a quarter of it
-            used = sum(len(job.prompt) for job in joining)
             self._prefill_chunk(max(budget - used, budget // 4))
         if self._running:
             self._decode()
@@ -355,7 +374,7 @@ class Generator:
             job = self._waiting.popleft()
             if self._drop_if_gone(job):
                 continue
-            size = len(job.prompt)
+            size = len(job.prompt) - self._stored_match(job.prompt)  # what its prefill will compute
             if room <= 0:
                 kept.append(job)
             elif size <= budget:
@@ -399,7 +418,12 @@ class Generator:
 
         job, done = self._chunked, self._chunk_done
         if self._chunk_cache is None:
-            self._chunk_cache = DynamicCache(config=self._model.config)
+            done, layers = self._stored_prefix([job])
+            self._count("prefix_tokens_reused", done)
+            self._recent.append(job.prompt)
+            self._chunk_cache = (DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers],
+                                              config=self._model.config)
+                                 if done else DynamicCache(config=self._model.config))
             if job.seed is not None:
                 job.generator = torch.Generator(device="cpu").manual_seed(job.seed)
         size = max(1, min(budget, len(job.prompt) - done))
@@ -419,15 +443,29 @@ class Generator:
             self._advance([job], out.logits[:, -1, :], offset=len(self._running) - 1)
 
     def _prefill(self, jobs: list[Job]) -> None:
-        """One forward pass over the new prompts (left-padded), then merge their cache into the batch."""
+        """One forward pass over the new prompts (left-padded), then merge their cache into the batch.
+
+        A prompt prefix the jobs share (a system prompt, the chat template's own default one) is
+        not computed once per row: its key/value cache comes from the stored prefix, or from one
+        pass over it, and only the rest of each prompt is prefilled. A row is then
+        [prefix][padding][rest], the padding masked out, the positions counted over prefix and rest."""
         torch = self._torch
         from transformers import DynamicCache
 
-        width = max(len(job.prompt) for job in jobs)
-        ids = torch.tensor([[0] * (width - len(j.prompt)) + j.prompt for j in jobs], device=self._device)
-        mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=self._device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model.config)
+        shared, layers = self._shared_prefix(jobs)
+        rests = [job.prompt[shared:] for job in jobs]
+        width = max(len(rest) for rest in rests)
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rests], device=self._device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=self._device)
+        positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+        if shared:
+            rows = len(jobs)
+            cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1).contiguous(),
+                                                  v.expand(rows, -1, -1, -1).contiguous()) for k, v in layers],
+                                 config=self._model.config)
+            mask = torch.cat([torch.ones((rows, shared), dtype=mask.dtype, device=self._device), mask], dim=1)
+        else:
+            cache = DynamicCache(config=self._model.config)
         self._running.extend(jobs)  # first: if the pass fails, the worker fails them with the rest
         out = self._with_prefill_threads(lambda: self._model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
@@ -437,6 +475,63 @@ class Generator:
                 job.generator = torch.Generator(device="cpu").manual_seed(job.seed)
         self._merge(cache, mask, [len(j.prompt) for j in jobs])
         self._advance(jobs, out.logits[:, -1, :], offset=len(self._running) - len(jobs))
+
+    def _stored_match(self, prompt: list[int]) -> int:
+        if self._prefix is None:
+            return 0
+        common = _common_length(self._prefix[0], prompt, len(prompt) - 1)
+        return common if common >= MIN_SHARED_PREFIX else 0
+
+    def _stored_prefix(self, jobs: list[Job]) -> tuple[int, list | None]:
+        """How much of the stored prefix every job's prompt starts with (leaving each at least one
+        token of its own to prefill), and its cache cut to that length."""
+        if self._prefix is None:
+            return 0, None
+        tokens, layers = self._prefix
+        common = min(len(tokens), *(len(job.prompt) - 1 for job in jobs))
+        for job in jobs:
+            common = _common_length(tokens, job.prompt, common)
+        if common < MIN_SHARED_PREFIX:
+            return 0, None
+        return common, [(k[..., :common, :], v[..., :common, :]) for k, v in layers]
+
+    def _shared_prefix(self, jobs: list[Job]) -> tuple[int, list | None]:
+        """(length, per-layer (keys, values) of one row) of a prefix all the jobs share, or (0, None).
+
+        The stored prefix when it matches. Otherwise the longest prefix the jobs share with each
+        other (two or more jobs) or, for one job, with one of the recent prompts: computed in a pass
+        of its own (no more tokens than prefilling it with the rest) and stored for what comes after."""
+        shared, layers = self._stored_prefix(jobs)
+        if shared:
+            self._count("prefix_tokens_reused", shared * len(jobs))
+        else:
+            shared = self._new_prefix(jobs)
+            if shared:
+                layers = self._prefix[1]
+                self._count("prefix_tokens_reused", shared * (len(jobs) - 1))
+        self._recent.extend(job.prompt for job in jobs)
+        return shared, layers
+
+    def _new_prefix(self, jobs: list[Job]) -> int:
+        torch = self._torch
+        from transformers import DynamicCache
+
+        first = jobs[0].prompt
+        common = min(len(job.prompt) - 1 for job in jobs)
+        if len(jobs) > 1:
+            for job in jobs[1:]:
+                common = _common_length(first, job.prompt, common)
+        else:
+            common = max((_common_length(first, recent, common) for recent in self._recent), default=0)
+        if common < MIN_SHARED_PREFIX:
+            return 0
+        cache = DynamicCache(config=self._model.config)
+        self._with_prefill_threads(lambda: self._model(
+            input_ids=torch.tensor([first[:common]], device=self._device),
+            position_ids=torch.arange(common, device=self._device)[None, :], cache=cache, use_cache=True,
+            logits_to_keep=1))
+        self._prefix = (first[:common], [(layer.keys, layer.values) for layer in cache.layers])
+        return common
 
     def _merge(self, cache, mask, lengths: list[int]) -> None:
         torch = self._torch
