@@ -339,11 +339,11 @@ class Generator:
             self._chunked, self._chunk_cache, self._chunk_done = None, None, 0
         budget = self.settings.max_prefill_tokens
         joining = self._admit(budget)
-        used = sum(len(job.prompt) - self._stored_match(job.prompt) for job in joining)
+        matched = [self._stored_match(job.prompt) for job in joining]
+        used = sum(len(job.prompt) - match for job, match in zip(joining, matched, strict=True))
         # Prompts that start with the stored prefix are prefilled on top of it, the others together.
-        reusing, fresh = [], []
-        for job in joining:
-            (reusing if self._stored_match(job.prompt) else fresh).append(job)
+        reusing = [job for job, match in zip(joining, matched, strict=True) if match]
+        fresh = [job for job, match in zip(joining, matched, strict=True) if not match]
         for group in (reusing, fresh):
             if group:
                 self._prefill(group)
