@@ -115,3 +115,13 @@ def test_a_shared_prompt_prefix_is_computed_once_and_decodes_the_same(engine):
     assert engine.snapshot()["prefix_tokens_reused"] - before >= 30 * 2 + 20
     for prompt, tokens in zip(prompts, got, strict=True):
         assert tokens == reference(engine._model, engine._torch, prompt, engine._eos_ids), len(prompt)
+
+
+def test_stats_match_their_published_schema_before_and_after_loading(engine, tiny_model_dir):
+    from automation.serving.contract import Stats
+
+    loading = Generator(Settings(model_dir=str(tiny_model_dir), api_key="k", threads=1, prefill_threads=2))
+    before = Stats.model_validate(loading.snapshot())  # /stats while the model loads: no 5xx
+    assert not before.ready and (before.threads, before.prefill_threads) == (1, 2)
+    after = Stats.model_validate(engine.snapshot())  # extra="forbid": a new counter must be described
+    assert after.ready and after.steps > 0

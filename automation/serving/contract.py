@@ -156,3 +156,28 @@ class ErrorBody(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+class Stats(BaseModel):
+    """`GET /stats`: the engine's counters since the server started, and its state now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(description="requests admitted")
+    replies: int = Field(description="replies finished (stop or length)")
+    errors: int = Field(description="requests failed inside the engine")
+    cancelled: int = Field(description="requests whose client went away before the reply")
+    steps: int = Field(description="decoding steps")
+    largest_batch: int = Field(description="most requests decoded in one step")
+    decoded_rows: int = Field(description="tokens decoded over all steps and rows")
+    mean_batch: float = Field(description="decoded_rows / steps")
+    prefill_chunks: int = Field(description="chunks of prompts above the per-step prefill budget")
+    prefix_tokens_reused: int = Field(description="prompt tokens whose cache came from a shared prefix")
+    queued: int = Field(description="requests waiting to be admitted")
+    running: int = Field(description="requests being decoded")
+    tokens_in_flight: int = Field(description="prompt + max_new_tokens reserved by admitted and waiting requests")
+    max_tokens_in_flight: int = Field(description="beyond it a request gets 429")
+    threads: int = Field(description="torch threads while decoding")
+    prefill_threads: int = Field(description="torch threads while prefilling")
+    ready: bool = Field(description="the model is loaded")
+

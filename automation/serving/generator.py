@@ -166,6 +166,8 @@ class Generator:
         self._stats = {"requests": 0, "replies": 0, "errors": 0, "cancelled": 0, "steps": 0,
                        "largest_batch": 0, "decoded_rows": 0, "prefill_chunks": 0,
                        "prefix_tokens_reused": 0}
+        self._threads = settings.threads or default_threads()
+        self._prefill_threads = settings.prefill_threads or default_prefill_threads()
         self._running: list[Job] = []
         self._waiting: collections.deque[Job] = collections.deque()  # taken from the queue, not yet admitted
         self._chunked: Job | None = None  # a prompt above the per-step budget, prefilled a chunk per step
@@ -279,8 +281,6 @@ class Generator:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        self._threads = self.settings.threads or default_threads()
-        self._prefill_threads = self.settings.prefill_threads or default_prefill_threads()
         torch.set_num_threads(self._threads)
         try:
             torch.set_num_interop_threads(1)  # the worker is the only thread that runs torch

@@ -19,6 +19,7 @@ from automation.serving.contract import (
     ModelList,
     ScoreBody,
     ScoreReply,
+    Stats,
     Status,
 )
 
@@ -37,7 +38,7 @@ ERRORS = {
 def openapi_document(settings, model_name: str) -> dict[str, Any]:
     _, defs = models_json_schema(
         [(m, "validation") for m in (ScoreBody, ChatBody)]
-        + [(m, "serialization") for m in (ScoreReply, ChatCompletion, ModelList, ErrorBody, Status)],
+        + [(m, "serialization") for m in (ScoreReply, ChatCompletion, ModelList, ErrorBody, Status, Stats)],
         ref_template="#/components/schemas/{model}")
     schemas = defs["$defs"]
     cap = settings.max_new_tokens_cap
@@ -47,7 +48,6 @@ def openapi_document(settings, model_name: str) -> dict[str, Any]:
         for option in schemas["ChatBody"]["properties"][name]["anyOf"]:
             if option.get("type") == "integer":
                 option["maximum"] = cap
-    schemas["Stats"] = {"type": "object", "additionalProperties": True}
 
     def ref(name: str) -> dict[str, str]:
         return {"$ref": f"#/components/schemas/{name}"}
