@@ -98,3 +98,24 @@ def tiny_experiment(tmp_path, tiny_model_dir) -> Path:
     body = json.loads(json.dumps(TINY_EXPERIMENT))
     body["model"]["path"] = str(tiny_model_dir)
     return write_experiment(tmp_path / "experiments", body)
+
+
+# -- the fake Azure workspace and registry, shared by the Azure backend's tests ------------------
+
+@pytest.fixture(scope="module")
+def component():
+    """The real chat_completion_pipeline 0.0.82 spec, loaded by the SDK."""
+    from azure.ai.ml import load_component
+
+    from tests.fake_azure import COMPONENT_SPEC
+
+    return load_component(COMPONENT_SPEC)
+
+
+@pytest.fixture
+def clients(component):
+    """A fake workspace client and registry client holding the component and the current models."""
+    from tests.fake_azure import reference_clients
+
+    return reference_clients(component)
+

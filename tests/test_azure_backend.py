@@ -9,7 +9,6 @@ import sys
 from datetime import date
 
 import pytest
-from azure.ai.ml import load_component
 from azure.ai.ml.entities import VmSize
 from azure.core.exceptions import ServiceRequestError
 
@@ -19,7 +18,6 @@ from automation.backends.azure.backend import AzureBackend
 from automation.errors import BackendError, ConfigError
 from tests.conftest import REPO
 from tests.fake_azure import (
-    COMPONENT_SPEC,
     experiment,
     plain_text_answer,
     quota_error,
@@ -32,22 +30,12 @@ A100 = "Standard_NC24ads_A100_v4"
 PHI3 = "Phi-3-mini-4k-instruct"
 
 
-@pytest.fixture(scope="module")
-def component():
-    return load_component(COMPONENT_SPEC)
-
-
 def retag(registry, tags: dict[str, str], name: str = "Phi-4", version: str = "8") -> None:
     """Replace a registry model's tags (as the registry stores them: strings) and drop its system
     metadata, so only these tags speak."""
     properties = registry.models.payloads[name][version]["properties"]
     properties["tags"] = dict(tags)
     properties.pop("systemMetadata", None)
-
-
-@pytest.fixture
-def clients(component):
-    return reference_clients(component)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from azure.ai.ml import load_component
 
 from automation import naming
 from automation.backends.azure.backend import AzureBackend, _model_name_version
@@ -19,27 +18,15 @@ from automation.report import render
 from automation.serving.contract import score_request
 from automation.stages import Run, stage_deploy, stage_evaluate, stage_promote
 from tests.fake_azure import (
-    COMPONENT_SPEC,
     data_dir,
     experiment,
     http_error,
-    reference_clients,
     unavailable,
 )
 
 REPO_NAME = "org/repo"
 PROMPTS = 3
 NAME = "phi4-ultrachat"
-
-
-@pytest.fixture(scope="module")
-def component():
-    return load_component(COMPONENT_SPEC)
-
-
-@pytest.fixture
-def clients(component):
-    return reference_clients(component)
 
 
 @pytest.fixture

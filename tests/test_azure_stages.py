@@ -15,7 +15,6 @@ from automation.errors import BackendError, ConfigError
 from automation.record import DataPart, FinetunePart
 from automation.stages import teardown
 from tests.fake_azure import (
-    COMPONENT_SPEC,
     FakeMLClient,
     data_dir,
     experiment,
@@ -30,16 +29,6 @@ A100 = "Standard_NC24ads_A100_v4"
 MODEL_ID = "azureml://registries/azureml/models/Phi-4/versions/8"
 TAGS = naming.resource_tags(repo="org/repo", pr=7, experiment="phi3-ultrachat", sha="abc1234def",
                             stage="staging", ttl_hours=48)
-
-
-@pytest.fixture(scope="module")
-def component():
-    return load_component(COMPONENT_SPEC)  # the real chat_completion_pipeline 0.0.82
-
-
-@pytest.fixture
-def clients(component):
-    return reference_clients(component)
 
 
 @pytest.fixture
