@@ -232,16 +232,20 @@ def test_cluster_created_when_asked_falling_back_to_low_priority(backend, client
 # -- faults ----------------------------------------------------------------------------------
 
 
-def test_transient_errors_are_retried_honouring_retry_after(sleeps):
-    answers = [throttled("7"), unavailable(), ServiceRequestError("Connection reset by peer"), "ok"]
-
-    def flaky():
+def answering(answers: list):
+    """A call that raises or returns the next of `answers` each time."""
+    def call():
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
         return answer
+    return call
 
-    assert retry.call("reading", flaky, sleep=sleeps.append, base_delay=2) == "ok"
+
+def test_transient_errors_are_retried_honouring_retry_after(sleeps):
+    answers = [throttled("7"), unavailable(), ServiceRequestError("Connection reset by peer"), "ok"]
+
+    assert retry.call("reading", answering(answers), sleep=sleeps.append, base_delay=2) == "ok"
     assert sleeps == [7.0, 4.0, 8.0]
 
 
@@ -273,13 +277,7 @@ def test_plain_text_gateway_answers_are_retried(sleeps, status, body):
     assert type(error) is MlException and str(error) == body
     answers = [error, error, '{"output": "hi"}']
 
-    def flaky():
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    assert retry.call("scoring ep", flaky, sleep=sleeps.append, base_delay=2) == '{"output": "hi"}'
+    assert retry.call("scoring ep", answering(answers), sleep=sleeps.append, base_delay=2) == '{"output": "hi"}'
     assert sleeps == [2.0, 4.0]
 
 
