@@ -414,16 +414,13 @@ class Generator:
         """Prefill the next chunk (up to `budget` tokens, at least one) of the chunked prompt into its
         own cache; on its last chunk it joins the batch."""
         torch = self._torch
-        from transformers import DynamicCache
 
         job, done = self._chunked, self._chunk_done
         if self._chunk_cache is None:
             done, layers = self._stored_prefix([job])
             self._count("prefix_tokens_reused", done)
             self._recent.append(job.prompt)
-            self._chunk_cache = (DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers],
-                                              config=self._model.config)
-                                 if done else DynamicCache(config=self._model.config))
+            self._chunk_cache = self._cache_from(layers if done else None, rows=1)
             if job.seed is not None:
                 job.generator = torch.Generator(device="cpu").manual_seed(job.seed)
         size = max(1, min(budget, len(job.prompt) - done))
@@ -450,7 +447,6 @@ class Generator:
         pass over it, and only the rest of each prompt is prefilled. A row is then
         [prefix][padding][rest], the padding masked out, the positions counted over prefix and rest."""
         torch = self._torch
-        from transformers import DynamicCache
 
         shared, layers = self._shared_prefix(jobs)
         rests = [job.prompt[shared:] for job in jobs]
@@ -458,14 +454,9 @@ class Generator:
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rests], device=self._device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=self._device)
         positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._cache_from(layers if shared else None, rows=len(jobs))
         if shared:
-            rows = len(jobs)
-            cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1).contiguous(),
-                                                  v.expand(rows, -1, -1, -1).contiguous()) for k, v in layers],
-                                 config=self._model.config)
-            mask = torch.cat([torch.ones((rows, shared), dtype=mask.dtype, device=self._device), mask], dim=1)
-        else:
-            cache = DynamicCache(config=self._model.config)
+            mask = torch.cat([torch.ones((len(jobs), shared), dtype=mask.dtype, device=self._device), mask], dim=1)
         self._running.extend(jobs)  # first: if the pass fails, the worker fails them with the rest
         out = self._with_prefill_threads(lambda: self._model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
@@ -475,6 +466,15 @@ class Generator:
                 job.generator = torch.Generator(device="cpu").manual_seed(job.seed)
         self._merge(cache, mask, [len(j.prompt) for j in jobs])
         self._advance(jobs, out.logits[:, -1, :], offset=len(self._running) - len(jobs))
+
+    def _cache_from(self, layers: list | None, rows: int):
+        """A new cache for `rows` rows: empty, or each row a copy of one row's per-layer (keys, values)."""
+        from transformers import DynamicCache
+
+        if not layers:
+            return DynamicCache(config=self._model.config)
+        return DynamicCache(ddp_cache_data=[(k.repeat(rows, 1, 1, 1), v.repeat(rows, 1, 1, 1)) for k, v in layers],
+                            config=self._model.config)
 
     def _stored_match(self, prompt: list[int]) -> int:
         if self._prefix is None:
