@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from automation import __version__
-from automation.errors import AutomationError, ConfigError, ExperimentInvalid
+from automation.errors import AutomationError, BackendError, ConfigError, ExperimentInvalid
 
 log = logging.getLogger("automation")
 
@@ -273,6 +273,13 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tag {bad[0]!r}: expected KEY=VALUE, e.g. experiment=my-exp")
     backend = get_backend(args.backend)
     endpoints = backend.list_endpoints(dict(t.split("=", 1) for t in args.tag))
+    if args.backend == "local":
+        from automation.serving import process
+
+        standby = process.get_standby()
+        if standby is not None and standby.alive:
+            _out(f"(warm standby: pid {standby.pid}, since {standby.created_at}; `automation endpoints warm --stop` "
+                 "removes it)")
     if not endpoints:
         _out("no endpoints")
         return EXIT_OK
@@ -285,6 +292,25 @@ def cmd_endpoints(args: argparse.Namespace) -> int:
             age_text = "?"
         tags = " ".join(f"{k}={v}" for k, v in sorted(e.tags.items()) if v)
         _out(f"{e.name}  {'live' if e.alive else 'dead'}  age {age_text}  {e.url}  {tags}")
+    return EXIT_OK
+
+
+def cmd_endpoints_warm(args: argparse.Namespace) -> int:
+    from automation.serving import process
+
+    if args.stop:
+        _out("standby stopped" if process.stop_standby() else "no standby")
+        return EXIT_OK
+    if args.idle_minutes <= 0:
+        raise ConfigError(f"--idle-minutes must be above 0, got {args.idle_minutes:g}")
+    existing = process.get_standby()
+    record = process.start_standby(idle_timeout_s=max(1, round(args.idle_minutes * 60)), replenish=not args.once)
+    if not process.standby_warm():
+        raise BackendError(f"the standby (pid {record.pid}) did not get warm; see {record.log_file}")
+    already = existing is not None and existing.alive and existing.pid == record.pid
+    _out(f"standby {'already ' if already else ''}warm: pid {record.pid}; the next local endpoint start claims it; "
+         f"unclaimed it exits after {record.idle_timeout_s / 60:g} min"
+         + ("" if record.replenish else "; not replaced once claimed"))
     return EXIT_OK
 
 
@@ -357,12 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stand-in", metavar="MODEL_DIR", help="local model folder to train instead of SmolLM2-135M-Instruct")
     p.set_defaults(handler=cmd_preflight)
 
-    p = commands.add_parser("endpoints", help="endpoints: list")
+    p = commands.add_parser("endpoints", help="endpoints: list, warm")
     endpoints = p.add_subparsers(dest="endpoints_command", required=True)
     p = endpoints.add_parser("list", help="live endpoints with age and tags")
     p.add_argument("--backend", default="local")
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="only endpoints with this tag")
     p.set_defaults(handler=cmd_endpoints)
+    p = endpoints.add_parser("warm", help="local: keep a warm standby server (imports done), so that the next "
+                                          "endpoint starts in about a second; --stop removes it")
+    p.add_argument("--idle-minutes", type=float, default=30.0, help="the standby exits if unclaimed this long")
+    p.add_argument("--once", action="store_true", help="do not start the next standby after a claim")
+    p.add_argument("--stop", action="store_true", help="stop the standby instead")
+    p.set_defaults(handler=cmd_endpoints_warm)
 
     from automation.backends.azure import catalog  # models: the registry's fine-tunable chat models
 

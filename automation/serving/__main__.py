@@ -1,5 +1,8 @@
 """`python -m automation.serving --model-dir DIR --key-file FILE [--port 0 --port-file FILE]`.
 
+Or `python -m automation.serving --standby SOCKET --standby-id ID [--idle-timeout-s N]`: a warm
+spare that does its imports now and takes these arguments later, over SOCKET (see `standby.py`).
+
 Binds the socket first, so the port is known (and written to --port-file) before the model loads,
 then serves /health at once and /ready once the model is loaded. Exits with code 1 if the model
 cannot be loaded, so whoever started the process sees the failure.
@@ -87,9 +90,24 @@ def write_atomically(path: str, text: str) -> None:
     os.replace(tmp, target)
 
 
+def parse_standby_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m automation.serving --standby",
+                                     description="a warm spare server process (see standby.py)")
+    parser.add_argument("--standby", required=True, metavar="SOCKET", help="Unix socket to wait on for a claim")
+    parser.add_argument("--standby-id", required=True, help="marks the process as this standby (in its arguments)")
+    parser.add_argument("--idle-timeout-s", type=_positive, default=1800, help="exit if unclaimed this long")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--standby" in argv:
+        from automation.serving import standby
+
+        options = parse_standby_args(argv)
+        return standby.serve(options.standby, options.idle_timeout_s, main)
     args = parse_args(argv)
     import uvicorn
 

@@ -3,19 +3,29 @@
 The workspace keeps, per endpoint, `<home>/endpoints/<name>.json` (the record), `<name>.key`
 (the API key, mode 0600) and `<name>.log` (the server's output, kept after a stop). A record is
 only a hint: before signalling a pid we check that the process really is our server for that
-key file, so a pid reused by the system is never killed. Importing this module imports no torch.
+key file (or, for a server that was a warm standby, for that standby id), so a pid reused by the
+system is never killed. Importing this module imports no torch.
+
+A warm standby (`start_standby`, `automation endpoints warm`) is a server process that has done its
+imports and waits for a model (`standby.py`): `start_endpoint` claims it when there is one, and the
+endpoint is ready in about a second instead of six. Its files are in `<home>/standby/`:
+`standby.json` (the record), `standby.log` (its output until claimed) and `standby.sock`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,7 +59,24 @@ class EndpointRecord(BaseModel):
     created_at: str
     key_file: str
     log_file: str
+    standby_id: str | None = None  # set when a warm standby became this server: its process marker
     alive: bool = False  # computed when read; not meaningful in the stored file
+
+    @property
+    def marker(self) -> str:
+        """What the server's arguments contain: its key file, or the id of the standby it was."""
+        return self.standby_id or self.key_file
+
+
+class StandbyRecord(BaseModel):
+    pid: int
+    standby_id: str
+    socket: str
+    idle_timeout_s: int
+    replenish: bool  # a claim starts the next standby once the claimed endpoint is ready
+    created_at: str
+    log_file: str
+    alive: bool = False  # computed when read
 
 
 def endpoints_dir() -> Path:
@@ -86,11 +113,12 @@ def _cmdline(pid: int) -> list[str] | None:
     return line.split(None, 1)[1].split()
 
 
-def _is_our_server(pid: int, key_file: str) -> bool:
+def _is_our_server(pid: int, marker: str) -> bool:
+    """Is pid a live `python -m automation.serving` whose arguments hold marker (a key file or a standby id)?"""
     if _gone(pid):
         return False
     args = _cmdline(pid)
-    return bool(args) and "automation.serving" in args and key_file in args
+    return bool(args) and "automation.serving" in args and marker in args
 
 
 def _gone(pid: int) -> bool:
@@ -176,7 +204,7 @@ def _read_record(path: Path) -> EndpointRecord | None:
     except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable endpoint record %s: %s", path, exc)
         return None
-    record.alive = _is_our_server(record.pid, record.key_file)
+    record.alive = _is_our_server(record.pid, record.marker)
     return record
 
 
@@ -280,8 +308,8 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
     with contextlib.suppress(FileNotFoundError):
         paths["port"].unlink()
     log_start = paths["log"].stat().st_size if paths["log"].exists() else 0
-    command = [
-        sys.executable, "-m", "automation.serving", "--model-dir", model_dir, "--host", HOST,
+    arguments = [
+        "--model-dir", model_dir, "--host", HOST,
         "--port", "0", "--port-file", str(paths["port"]), "--key-file", str(paths["key"]),
         "--max-new-tokens-cap", str(max_new_tokens_cap), "--request-timeout-ms", str(request_timeout_ms),
         "--device", device, "--max-batch-size", str(max_batch_size),
@@ -289,24 +317,33 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         "--max-prefill-tokens", str(max_prefill_tokens),
         "--threads", str(threads), "--prefill-threads", str(prefill_threads),
     ]
-    with paths["log"].open("ab") as log_file:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env=_child_env())
-    _children[process.pid] = process
-    log.info("started endpoint %s (pid %d) for %s; waiting until it is ready", name, process.pid, model_dir)
+    standby = _claim_standby(arguments, paths["log"])
+    if standby is not None:
+        pid, standby_id = standby.pid, standby.standby_id
+        log.info("endpoint %s: warm standby (pid %d) claimed for %s; waiting until it is ready", name, pid, model_dir)
+    else:
+        with paths["log"].open("ab") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "automation.serving", *arguments],
+                                       stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                       start_new_session=True, env=_child_env())
+        _children[process.pid] = process
+        pid, standby_id = process.pid, None
+        log.info("started endpoint %s (pid %d) for %s; waiting until it is ready", name, pid, model_dir)
     try:
-        port = _wait_ready(process, paths["port"], ready_timeout_s)
+        port = _wait_ready(pid, paths["port"], ready_timeout_s)
     except BackendError as exc:
-        _abandon(process, paths)
+        _abandon(pid, paths)
         raise BackendError(f"endpoint {name} did not start: {exc}\n--- last lines of {paths['log']} ---\n"
                            f"{_log_tail(paths['log'], log_start, key)}") from None
     record = EndpointRecord(
-        name=name, pid=process.pid, port=port, url=f"http://{HOST}:{port}", model_dir=model_dir,
+        name=name, pid=pid, port=port, url=f"http://{HOST}:{port}", model_dir=model_dir,
         tags={str(k): str(v) for k, v in tags.items()}, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        key_file=str(paths["key"]), log_file=str(paths["log"]), alive=True,
+        key_file=str(paths["key"]), log_file=str(paths["log"]), standby_id=standby_id, alive=True,
     )
     write_text_atomic(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
     paths["port"].unlink(missing_ok=True)
+    if standby is not None and standby.replenish:  # the next start is warm too
+        start_standby(idle_timeout_s=standby.idle_timeout_s, replenish=True)
     return record
 
 
@@ -319,26 +356,154 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _wait_ready(process: subprocess.Popen, port_file: Path, timeout_s: float) -> int:
+def _wait_ready(pid: int, port_file: Path, timeout_s: float) -> int:
     until = time.monotonic() + timeout_s
     port = None
     while time.monotonic() < until:
-        code = process.poll()
-        if code is not None:
-            raise BackendError(f"the server exited with code {code}")
+        child = _children.get(pid)  # before _gone(), which forgets a child once it has exited
+        if _gone(pid):
+            code = child.returncode if child is not None else None
+            raise BackendError(f"the server exited with code {code}" if code is not None else "the server exited")
         if port is None and port_file.exists():
             port = int(port_file.read_text().strip())
         if port is not None and _is_ready(f"http://{HOST}:{port}"):
             return port
-        time.sleep(0.2)
+        time.sleep(0.05 if port is not None else 0.1)
     raise BackendError(f"the server was not ready within {timeout_s:g} s")
 
 
-def _abandon(process: subprocess.Popen, paths: dict[str, Path]) -> None:
+def _abandon(pid: int, paths: dict[str, Path]) -> None:
     """Kill a server that failed to start, and remove what it would have needed."""
-    if process.poll() is None:
-        _signal_group(process.pid, signal.SIGKILL)
-    process.wait()
-    _children.pop(process.pid, None)
+    if not _gone(pid):
+        _signal_group(pid, signal.SIGKILL)
+        _wait_gone(pid, 5.0)
+    _children.pop(pid, None)
     for kind in ("key", "port"):
         paths[kind].unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The warm standby
+
+def _standby_paths() -> dict[str, Path]:
+    folder = home() / "standby"
+    sock = folder / "standby.sock"
+    if len(str(sock).encode()) > 100:  # AF_UNIX paths are limited to 108 bytes
+        digest = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+        sock = Path(tempfile.gettempdir()) / f"automation-standby-{digest}.sock"
+    return {"json": folder / "standby.json", "log": folder / "standby.log", "sock": sock}
+
+
+def get_standby() -> StandbyRecord | None:
+    """The workspace's standby as recorded (with `alive`), or None when none was started."""
+    path = _standby_paths()["json"]
+    try:
+        record = StandbyRecord.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable standby record %s: %s", path, exc)
+        return None
+    record.alive = _is_our_server(record.pid, record.standby_id)
+    return record
+
+
+def _ask_standby(record: StandbyRecord, message: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+    """One request to the standby; None when it does not answer in time (gone, or still importing).
+    A standby that has just started binds its socket within a second: until then, retry."""
+    until = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(max(0.1, until - time.monotonic()))
+                conn.connect(record.socket)
+                conn.sendall(json.dumps(message).encode() + b"\n")
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return None
+                    data += chunk
+            return json.loads(data)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() >= until or _gone(record.pid):
+                return None
+            time.sleep(0.05)
+        except (OSError, ValueError):
+            return None
+
+
+def standby_warm(timeout_s: float = 60.0) -> bool:
+    """Wait until the workspace's standby has done its imports; False if there is none (or it is stuck)."""
+    record = get_standby()
+    if record is None or not record.alive:
+        return False
+    answer = _ask_standby(record, {"op": "status"}, timeout_s)
+    return bool(answer and answer.get("warm"))
+
+
+def _claim_standby(arguments: list[str], log_path: Path) -> StandbyRecord | None:
+    """Hand a cold start's arguments to the workspace's standby; its record when it took them."""
+    from automation.serving.standby import fingerprint
+
+    record = get_standby()
+    if record is None:
+        return None
+    _standby_paths()["json"].unlink(missing_ok=True)  # claimed or dead, it is nobody's standby any more
+    if not record.alive:
+        log.info("the recorded standby (pid %d) is gone; starting cold", record.pid)
+        return None
+    # It answers once its imports are done: waiting for that beats importing again from nothing.
+    answer = _ask_standby(record, {"op": "claim", "argv": arguments, "log_file": str(log_path),
+                                   "fingerprint": fingerprint(_child_env())}, timeout_s=60.0)
+    if not answer or not answer.get("ok"):
+        reason = (answer or {}).get("reason", "it did not answer")
+        log.info("standby (pid %d) not used: %s; starting cold", record.pid, reason)
+        if not _wait_gone(record.pid, 5.0):  # a standby that refuses exits by itself
+            _terminate(record.pid)
+        return None
+    if answer.get("pid") != record.pid:  # another standby had taken over the socket: it serves now
+        args = _cmdline(int(answer["pid"])) or []
+        marker = args[args.index("--standby-id") + 1] if "--standby-id" in args[:-1] else record.standby_id
+        record = record.model_copy(update={"pid": int(answer["pid"]), "standby_id": marker})
+    return record
+
+
+def start_standby(idle_timeout_s: int = 1800, replenish: bool = True) -> StandbyRecord:
+    """Start a warm standby for this workspace (one at most: a live one is returned as it is).
+
+    It imports torch, transformers and the server, then waits up to idle_timeout_s for
+    `start_endpoint` to claim it. With replenish, each claim starts the next standby once the
+    claimed endpoint is ready (in the background, about 5 CPU-seconds of imports)."""
+    existing = get_standby()
+    if existing is not None and existing.alive:
+        return existing
+    paths = _standby_paths()
+    paths["json"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    standby_id = f"standby-{secrets.token_hex(8)}"
+    command = [sys.executable, "-m", "automation.serving", "--standby", str(paths["sock"]),
+               "--standby-id", standby_id, "--idle-timeout-s", str(idle_timeout_s)]
+    with paths["log"].open("ab") as log_file:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env=_child_env())
+    _children[process.pid] = process
+    record = StandbyRecord(pid=process.pid, standby_id=standby_id, socket=str(paths["sock"]),
+                           idle_timeout_s=idle_timeout_s, replenish=replenish,
+                           created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                           log_file=str(paths["log"]), alive=True)
+    write_text_atomic(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
+    log.info("started a warm standby (pid %d); it exits if unclaimed for %d s", process.pid, idle_timeout_s)
+    return record
+
+
+def stop_standby() -> bool:
+    """Stop the workspace's standby; True if there was one."""
+    record = get_standby()
+    if record is None:
+        return False
+    _standby_paths()["json"].unlink(missing_ok=True)
+    if record.alive:
+        _terminate(record.pid)
+    _children.pop(record.pid, None)
+    Path(record.socket).unlink(missing_ok=True)
+    return True

@@ -1,0 +1,161 @@
+"""A warm spare: a server process that has done its imports and waits for a model.
+
+A cold start spends most of its time importing torch and transformers (about 5 of its 6 s on the
+2-core VM, see bench/RESULTS.md "Serving"); reading the tokenizer and the weights of a cached model
+takes about half a second. `python -m automation.serving --standby SOCKET --standby-id ID` does the
+imports ahead of time and then waits on a Unix socket for one claim: the arguments a cold start
+would have been given. It then runs exactly what a cold start runs (`__main__.main`), in the same
+process, with its output moved to the endpoint's log. `process.start_endpoint` claims a live
+standby when the workspace has one and starts cold otherwise; `automation endpoints warm` starts one.
+
+What the imports depended on must not have changed between the standby's start and the claim: the
+Python, this package's source, and the environment variables torch, transformers and the server
+read. The claim carries a fingerprint of those (`fingerprint()`); a standby whose own differs refuses
+the claim and exits, and the claimer starts cold. An unclaimed standby exits after its idle timeout.
+
+The protocol, one JSON line each way on the socket (same user only: the socket lives in the
+workspace's 0700 endpoints folder):
+  {"op": "status"}                                        -> {"warm": true, "pid": int}
+                                                           (answered once the imports are done)
+  {"op": "claim", "argv": [...], "log_file": PATH, "fingerprint": HEX}
+                                                          -> {"ok": true, "pid": int}
+                                                           | {"ok": false, "reason": TEXT}
+Importing this module imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+log = logging.getLogger("automation.serving")
+
+# Environment variables whose value at import time shapes the imported modules (thread pools,
+# offline mode, caches, devices, import paths): a claim from an environment that differs in any of
+# them must not reuse this process.
+ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "HF_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_",
+                "PYTHON", "AUTOMATION_", "TOKENIZERS_")
+MAX_LINE = 1 << 20  # a claim is a few hundred bytes; anything near this is not ours
+
+
+def fingerprint(environ: Mapping[str, str] | None = None) -> str:
+    """What a standby's imports depended on, as one digest (see the module's docstring). `environ`:
+    the environment the server would run with (default: this process's)."""
+    environ = os.environ if environ is None else environ
+    digest = hashlib.sha256()
+    digest.update(f"{sys.executable}\0{sys.version}\0".encode())
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*.py")):
+        digest.update(f"{path.relative_to(package)}\0".encode())
+        digest.update(path.read_bytes())
+    for key in sorted(environ):
+        if key.startswith(ENV_PREFIXES):
+            digest.update(f"{key}={environ[key]}\0".encode())
+    return digest.hexdigest()
+
+
+def preload() -> None:
+    """The imports a start would do: the server, torch, and transformers' model-loading machinery
+    (the bulk: ~3 s of torch.distributed, torch._dynamo and scipy modules that transformers pulls in)."""
+    import torch  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the default model's family)
+    import uvicorn  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: F401
+
+    import automation.serving.server  # noqa: F401
+
+
+def _read_line(conn: socket.socket) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_LINE:
+            raise ValueError("message too long")
+    return json.loads(data or b"{}")
+
+
+def _answer(conn: socket.socket, message: dict) -> None:
+    conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _move_output(log_file: str) -> None:
+    """From now on, stdout and stderr go to the endpoint's log (appended), as for a cold start."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def serve(socket_path: str, idle_timeout_s: float, main: Callable[[list[str]], int]) -> int:
+    """Wait, warm, for one claim; then run `main` with its arguments. 0 when the idle timeout (or a
+    refused claim) ends the wait."""
+    expected = fingerprint()  # the source and environment the imports below are made from
+    old_umask = os.umask(0o077)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)
+        listener.bind(socket_path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(8)
+    # Stopped while waiting: leave through the finally below, so the socket file goes too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        began = time.monotonic()
+        preload()
+        log.info("standby warm after %.2f s (pid %d); waiting up to %.0f s for a claim", time.monotonic() - began,
+                 os.getpid(), idle_timeout_s)
+        until = time.monotonic() + idle_timeout_s
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                log.info("standby: no claim within %.0f s; exiting", idle_timeout_s)
+                return 0
+            listener.settimeout(left)
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                try:
+                    message = _read_line(conn)
+                except (OSError, ValueError) as exc:
+                    log.warning("standby: unreadable message (%s); ignored", exc)
+                    continue
+                if message.get("op") == "status":
+                    _answer(conn, {"warm": True, "pid": os.getpid()})
+                    continue
+                if message.get("op") != "claim" or not isinstance(message.get("argv"), list):
+                    _answer(conn, {"ok": False, "reason": "expected a claim or a status request"})
+                    continue
+                if message.get("fingerprint") != expected:
+                    _answer(conn, {"ok": False, "reason": "the code or the environment changed since this "
+                                                          "standby started; start cold"})
+                    log.info("standby: refused a claim from a different code or environment; exiting")
+                    return 0
+                argv = [str(a) for a in message["argv"]]
+                _answer(conn, {"ok": True, "pid": os.getpid()})
+            break
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)
+    log.info("standby claimed: serving %s", argv[argv.index("--model-dir") + 1] if "--model-dir" in argv else argv)
+    _move_output(str(message["log_file"]))
+    return main(argv)

@@ -1,0 +1,101 @@
+"""The warm standby, for real: a server process that did its imports and becomes an endpoint when claimed."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from automation import cli
+from automation.serving import process
+from automation.serving.contract import score_request
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AUTOMATION_HOME", str(tmp_path / "ws"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield tmp_path / "ws"
+    for record in process.list_endpoints():
+        process.stop_endpoint(record.name)
+    process.stop_standby()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return process._cmdline(pid) is None  # a zombie not yet reaped is gone too
+
+
+def _answers(record: process.EndpointRecord) -> bool:
+    reply = process.invoke(record, score_request([[{"role": "user", "content": "Hello"}]], {"max_new_tokens": 4}))
+    return isinstance(reply.get("output"), str)
+
+
+def test_a_claimed_standby_becomes_the_endpoint_and_the_next_one_starts(home, tiny_model_dir):
+    standby = process.start_standby(idle_timeout_s=300, replenish=True)
+    assert process.standby_warm(timeout_s=120)
+    assert process.start_standby().pid == standby.pid  # one per workspace: a live one is returned
+
+    record = process.start_endpoint("warm", tiny_model_dir, tags={"pr": "1"}, ready_timeout_s=60)
+    assert record.pid == standby.pid and record.standby_id == standby.standby_id
+    assert _answers(record)
+    again = process.get_endpoint("warm")
+    assert again.alive and again.standby_id == standby.standby_id
+    log = Path(record.log_file).read_text()
+    assert "listening on 127.0.0.1" in log and "model loaded" in log  # its output moved to the endpoint's log
+    assert "standby claimed" in Path(standby.log_file).read_text()
+
+    following = process.get_standby()  # replenish: the next start is warm too
+    assert following is not None and following.alive and following.pid != standby.pid
+
+    assert process.stop_endpoint("warm") is True
+    assert _gone(record.pid)
+    assert process.stop_standby() is True
+    assert _gone(following.pid) and not Path(following.socket).exists()
+    assert process.get_standby() is None
+
+
+def test_a_standby_from_another_environment_refuses_and_the_endpoint_starts_cold(home, tiny_model_dir,
+                                                                                  monkeypatch):
+    standby = process.start_standby(idle_timeout_s=300, replenish=True)
+    assert process.standby_warm(timeout_s=120)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # read by torch at import: the standby's imports do not fit
+
+    record = process.start_endpoint("cold", tiny_model_dir, tags={}, ready_timeout_s=120)
+    assert record.pid != standby.pid and record.standby_id is None
+    assert _answers(record)
+    deadline = time.monotonic() + 10
+    while not _gone(standby.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(standby.pid) and not Path(standby.socket).exists()
+    assert "refused a claim" in Path(standby.log_file).read_text()
+    assert process.get_standby() is None  # not replaced: it was never claimed
+
+
+def test_an_unclaimed_standby_exits_after_its_idle_time_and_a_start_goes_cold(home, tiny_model_dir, capsys):
+    assert cli.main(["endpoints", "warm", "--idle-minutes", "0.02", "--once"]) == 0  # 1 s
+    out = capsys.readouterr().out
+    assert "standby warm" in out and "not replaced once claimed" in out
+    standby = process.get_standby()
+    deadline = time.monotonic() + 30
+    while not _gone(standby.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(standby.pid) and not Path(standby.socket).exists()
+    assert "no claim within 1 s" in Path(standby.log_file).read_text()
+
+    record = process.start_endpoint("after", tiny_model_dir, tags={}, ready_timeout_s=120)
+    assert record.standby_id is None and _answers(record)
+    assert process.get_standby() is None  # the stale record is gone
+    assert cli.main(["endpoints", "warm", "--stop"]) == 0
+    assert capsys.readouterr().out.strip() == "no standby"
+
+
+def test_warm_refuses_a_non_positive_idle_time(home):
+    assert cli.main(["endpoints", "warm", "--idle-minutes", "0"]) == 2
+    assert process.get_standby() is None
