@@ -66,14 +66,20 @@ def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment):
     assert inputs["train_sft"].dataset.digest == manifest["splits"]["train_sft"]["sha256"][:36]
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(ft.run_id, "evaluation")]
     assert artifacts == ["evaluation/evaluation.json"]
-    # The logged model has a signature, and `mlflow models serve`'s documented request validates and answers.
-    from mlflow.models import Model, validate_serving_input
+    # The logged model has a signature, and `mlflow models serve`'s documented request validates and
+    # answers: through the app that command serves (`scoring_server.init`), in process.
+    from mlflow.models import Model
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
 
     assert Model.load(ft.model_uri).signature.inputs.input_names() == ["messages"]
     request = json.dumps({"inputs": [{"messages": [{"role": "user", "content": "Hi"}]}],
                           "params": {"max_new_tokens": 4}})
-    assert isinstance(validate_serving_input(ft.model_uri, request)[0], str)
     model = mlflow.pyfunc.load_model(ft.model_uri)
+    with TestClient(scoring_server.init(model)) as http:
+        answer = http.post("/invocations", content=request, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert isinstance(answer.json()["predictions"][0], str)
     reply = model.predict([{"messages": [{"role": "user", "content": "Hi"}]}], params={"max_new_tokens": 4})
     assert isinstance(reply[0], str)
     # Again: the finished job is found, not trained a second time.
