@@ -99,3 +99,23 @@ def test_an_unclaimed_standby_exits_after_its_idle_time_and_a_start_goes_cold(ho
 def test_warm_refuses_a_non_positive_idle_time(home):
     assert cli.main(["endpoints", "warm", "--idle-minutes", "0"]) == 2
     assert process.get_standby() is None
+
+
+def test_the_fingerprint_follows_what_the_imports_depend_on(monkeypatch, tmp_path):
+    from automation.serving import standby
+
+    base = standby.fingerprint()
+    assert standby.fingerprint() == base
+    monkeypatch.setenv("SOMETHING_TORCH_NEVER_READS", "1")
+    assert standby.fingerprint() == base
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # read by transformers at import
+    assert standby.fingerprint() != base
+    assert standby.fingerprint({**os.environ, "OMP_NUM_THREADS": "7"}) != standby.fingerprint()
+
+    folder = tmp_path / "site-packages"
+    folder.mkdir()
+    monkeypatch.setattr(standby.site, "getsitepackages", lambda: [str(folder)])
+    before = standby.fingerprint()
+    (folder / "newpkg-1.0.dist-info").mkdir()  # a package installed
+    os.utime(folder, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    assert standby.fingerprint() != before

@@ -9,8 +9,8 @@ process, with its output moved to the endpoint's log. `process.start_endpoint` c
 standby when the workspace has one and starts cold otherwise; `automation endpoints warm` starts one.
 
 What the imports depended on must not have changed between the standby's start and the claim: the
-Python, this package's source, and the environment variables torch, transformers and the server
-read. The claim carries a fingerprint of those (`fingerprint()`); a standby whose own differs refuses
+Python and its installed packages, this package's source, and the environment variables torch,
+transformers and the server read. The claim carries a fingerprint of those (`fingerprint()`); a standby whose own differs refuses
 the claim and exits, and the claimer starts cold. An unclaimed standby exits after its idle timeout.
 
 The protocol, one JSON line each way on the socket (same user only: the socket lives in the
@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import site
 import socket
 import sys
 import time
@@ -53,6 +54,9 @@ def fingerprint(environ: Mapping[str, str] | None = None) -> str:
     environ = os.environ if environ is None else environ
     digest = hashlib.sha256()
     digest.update(f"{sys.executable}\0{sys.version}\0".encode())
+    for folder in site.getsitepackages():  # a package installed, removed or upgraded changes its folder's mtime
+        with contextlib.suppress(OSError):
+            digest.update(f"{folder}:{os.stat(folder).st_mtime_ns}\0".encode())
     package = Path(__file__).resolve().parents[1]
     for path in sorted(package.rglob("*.py")):
         digest.update(f"{path.relative_to(package)}\0".encode())
@@ -103,7 +107,6 @@ def _move_output(log_file: str) -> None:
 def serve(socket_path: str, idle_timeout_s: float, main: Callable[[list[str]], int]) -> int:
     """Wait, warm, for one claim; then run `main` with its arguments. 0 when the idle timeout (or a
     refused claim) ends the wait."""
-    expected = fingerprint()  # the source and environment the imports below are made from
     old_umask = os.umask(0o077)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -118,6 +121,8 @@ def serve(socket_path: str, idle_timeout_s: float, main: Callable[[list[str]], i
     try:
         began = time.monotonic()
         preload()
+        # After the imports: a first import may itself write into site-packages (a __pycache__ folder).
+        expected = fingerprint()
         log.info("standby warm after %.2f s (pid %d); waiting up to %.0f s for a claim", time.monotonic() - began,
                  os.getpid(), idle_timeout_s)
         until = time.monotonic() + idle_timeout_s
