@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ import httpx
 from pydantic import BaseModel
 
 from automation.errors import BackendError, ConfigError
+from automation.serving.standby import fingerprint, read_message, send_message
 from automation.workspace import home, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,10 @@ class StandbyRecord(BaseModel):
     created_at: str
     log_file: str
     alive: bool = False  # computed when read
+
+    @property
+    def marker(self) -> str:
+        return self.standby_id
 
 
 def endpoints_dir() -> Path:
@@ -198,11 +202,15 @@ def _log_tail(path: Path, start: int, secret: str | None = None) -> str:
     return "\n".join(text.splitlines()[-LOG_TAIL_LINES:]) or "(the log is empty)"
 
 
-def _read_record(path: Path) -> EndpointRecord | None:
+def _read_record(path: Path, kind: type[EndpointRecord] | type[StandbyRecord] = EndpointRecord):
+    """The record at path with `alive` set, or None when there is none (or it cannot be read)."""
     try:
-        record = EndpointRecord.model_validate_json(path.read_text(encoding="utf-8"))
+        record = kind.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable endpoint record %s: %s", path, exc)
+        log.warning("ignoring unreadable %s %s: %s", "standby record" if kind is StandbyRecord else "endpoint record",
+                    path, exc)
         return None
     record.alive = _is_our_server(record.pid, record.marker)
     return record
@@ -322,12 +330,7 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         pid, standby_id = standby.pid, standby.standby_id
         log.info("endpoint %s: warm standby (pid %d) claimed for %s; waiting until it is ready", name, pid, model_dir)
     else:
-        with paths["log"].open("ab") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "automation.serving", *arguments],
-                                       stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env=_child_env())
-        _children[process.pid] = process
-        pid, standby_id = process.pid, None
+        pid, standby_id = _spawn(arguments, paths["log"]), None
         log.info("started endpoint %s (pid %d) for %s; waiting until it is ready", name, pid, model_dir)
     try:
         port = _wait_ready(pid, paths["port"], ready_timeout_s)
@@ -345,6 +348,15 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
     if standby is not None and standby.replenish:  # the next start is warm too
         start_standby(idle_timeout_s=standby.idle_timeout_s, replenish=True)
     return record
+
+
+def _spawn(arguments: list[str], log_path: Path) -> int:
+    """`python -m automation.serving ARGUMENTS`, detached (its own session), output appended to log_path."""
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "automation.serving", *arguments], stdin=subprocess.DEVNULL,
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=_child_env())
+    _children[process.pid] = process
+    return process.pid
 
 
 def _child_env() -> dict[str, str]:
@@ -396,16 +408,7 @@ def _standby_paths() -> dict[str, Path]:
 
 def get_standby() -> StandbyRecord | None:
     """The workspace's standby as recorded (with `alive`), or None when none was started."""
-    path = _standby_paths()["json"]
-    try:
-        record = StandbyRecord.model_validate_json(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable standby record %s: %s", path, exc)
-        return None
-    record.alive = _is_our_server(record.pid, record.standby_id)
-    return record
+    return _read_record(_standby_paths()["json"], StandbyRecord)
 
 
 def _ask_standby(record: StandbyRecord, message: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
@@ -417,14 +420,8 @@ def _ask_standby(record: StandbyRecord, message: dict[str, Any], timeout_s: floa
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(max(0.1, until - time.monotonic()))
                 conn.connect(record.socket)
-                conn.sendall(json.dumps(message).encode() + b"\n")
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return None
-                    data += chunk
-            return json.loads(data)
+                send_message(conn, message)
+                return read_message(conn) or None
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() >= until or _gone(record.pid):
                 return None
@@ -444,8 +441,6 @@ def standby_warm(timeout_s: float = 60.0) -> bool:
 
 def _claim_standby(arguments: list[str], log_path: Path) -> StandbyRecord | None:
     """Hand a cold start's arguments to the workspace's standby; its record when it took them."""
-    from automation.serving.standby import fingerprint
-
     record = get_standby()
     if record is None:
         return None
@@ -481,18 +476,14 @@ def start_standby(idle_timeout_s: int = 1800, replenish: bool = True) -> Standby
     paths = _standby_paths()
     paths["json"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     standby_id = f"standby-{secrets.token_hex(8)}"
-    command = [sys.executable, "-m", "automation.serving", "--standby", str(paths["sock"]),
-               "--standby-id", standby_id, "--idle-timeout-s", str(idle_timeout_s)]
-    with paths["log"].open("ab") as log_file:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env=_child_env())
-    _children[process.pid] = process
-    record = StandbyRecord(pid=process.pid, standby_id=standby_id, socket=str(paths["sock"]),
+    pid = _spawn(["--standby", str(paths["sock"]), "--standby-id", standby_id, "--idle-timeout-s", str(idle_timeout_s)],
+                 paths["log"])
+    record = StandbyRecord(pid=pid, standby_id=standby_id, socket=str(paths["sock"]),
                            idle_timeout_s=idle_timeout_s, replenish=replenish,
                            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                            log_file=str(paths["log"]), alive=True)
     write_text_atomic(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
-    log.info("started a warm standby (pid %d); it exits if unclaimed for %d s", process.pid, idle_timeout_s)
+    log.info("started a warm standby (pid %d); it exits if unclaimed for %d s", pid, idle_timeout_s)
     return record
 
 

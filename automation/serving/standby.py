@@ -78,7 +78,8 @@ def preload() -> None:
     import automation.serving.server  # noqa: F401
 
 
-def _read_line(conn: socket.socket) -> dict:
+def read_message(conn: socket.socket) -> dict:
+    """One JSON line from the other side; {} when it closed without one."""
     data = b""
     while not data.endswith(b"\n"):
         chunk = conn.recv(65536)
@@ -90,7 +91,7 @@ def _read_line(conn: socket.socket) -> dict:
     return json.loads(data or b"{}")
 
 
-def _answer(conn: socket.socket, message: dict) -> None:
+def send_message(conn: socket.socket, message: dict) -> None:
     conn.sendall(json.dumps(message).encode() + b"\n")
 
 
@@ -139,23 +140,23 @@ def serve(socket_path: str, idle_timeout_s: float, main: Callable[[list[str]], i
             with conn:
                 conn.settimeout(10)
                 try:
-                    message = _read_line(conn)
+                    message = read_message(conn)
                 except (OSError, ValueError) as exc:
                     log.warning("standby: unreadable message (%s); ignored", exc)
                     continue
                 if message.get("op") == "status":
-                    _answer(conn, {"warm": True, "pid": os.getpid()})
+                    send_message(conn, {"warm": True, "pid": os.getpid()})
                     continue
                 if message.get("op") != "claim" or not isinstance(message.get("argv"), list):
-                    _answer(conn, {"ok": False, "reason": "expected a claim or a status request"})
+                    send_message(conn, {"ok": False, "reason": "expected a claim or a status request"})
                     continue
                 if message.get("fingerprint") != expected:
-                    _answer(conn, {"ok": False, "reason": "the code or the environment changed since this "
+                    send_message(conn, {"ok": False, "reason": "the code or the environment changed since this "
                                                           "standby started; start cold"})
                     log.info("standby: refused a claim from a different code or environment; exiting")
                     return 0
                 argv = [str(a) for a in message["argv"]]
-                _answer(conn, {"ok": True, "pid": os.getpid()})
+                send_message(conn, {"ok": True, "pid": os.getpid()})
             break
     finally:
         listener.close()
