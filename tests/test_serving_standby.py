@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,15 @@ def _gone(pid: int) -> bool:
     return process._cmdline(pid) is None  # a zombie not yet reaped is gone too
 
 
+def _warm(standby: process.StandbyRecord) -> None:
+    """The standby has done its imports; if not, what there is to know about it."""
+    if process.standby_warm(timeout_s=120):
+        return
+    log = Path(standby.log_file).read_text() if Path(standby.log_file).exists() else "(no log)"
+    pytest.fail(f"standby pid {standby.pid} not warm; alive: {not _gone(standby.pid)}; "
+                f"record: {process.get_standby()}; socket exists: {Path(standby.socket).exists()}; log:\n{log}")
+
+
 def _answers(record: process.EndpointRecord) -> bool:
     reply = process.invoke(record, score_request([[{"role": "user", "content": "Hello"}]], {"max_new_tokens": 4}))
     return isinstance(reply.get("output"), str)
@@ -39,7 +49,7 @@ def _answers(record: process.EndpointRecord) -> bool:
 
 def test_a_claimed_standby_becomes_the_endpoint_and_the_next_one_starts(home, tiny_model_dir):
     standby = process.start_standby(idle_timeout_s=300, replenish=True)
-    assert process.standby_warm(timeout_s=120)
+    _warm(standby)
     assert process.start_standby().pid == standby.pid  # one per workspace: a live one is returned
 
     record = process.start_endpoint("warm", tiny_model_dir, tags={"pr": "1"}, ready_timeout_s=60)
@@ -61,10 +71,24 @@ def test_a_claimed_standby_becomes_the_endpoint_and_the_next_one_starts(home, ti
     assert process.get_standby() is None
 
 
+def test_two_starts_at_once_claim_the_standby_once(home, tiny_model_dir):
+    standby = process.start_standby(idle_timeout_s=300, replenish=False)
+    _warm(standby)
+    with ThreadPoolExecutor(2) as pool:
+        starts = [pool.submit(process.start_endpoint, name, tiny_model_dir, tags={}, ready_timeout_s=120)
+                  for name in ("first", "second")]
+        records = [start.result() for start in starts]
+    assert sorted(r.standby_id is None for r in records) == [False, True]  # one warm, one cold
+    warm = next(r for r in records if r.standby_id)
+    assert warm.pid == standby.pid
+    assert all(_answers(r) and process.get_endpoint(r.name).alive for r in records)
+    assert process.get_standby() is None
+
+
 def test_a_standby_from_another_environment_refuses_and_the_endpoint_starts_cold(home, tiny_model_dir,
                                                                                   monkeypatch):
     standby = process.start_standby(idle_timeout_s=300, replenish=True)
-    assert process.standby_warm(timeout_s=120)
+    _warm(standby)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # read by torch at import: the standby's imports do not fit
 
     record = process.start_endpoint("cold", tiny_model_dir, tags={}, ready_timeout_s=120)

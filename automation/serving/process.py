@@ -9,12 +9,14 @@ system is never killed. Importing this module imports no torch.
 A warm standby (`start_standby`, `automation endpoints warm`) is a server process that has done its
 imports and waits for a model (`standby.py`): `start_endpoint` claims it when there is one, and the
 endpoint is ready in about a second instead of six. Its files are in `<home>/standby/`:
-`standby.json` (the record), `standby.log` (its output until claimed) and `standby.sock`.
+`standby.json` (the record), `standby.log` (its output until claimed), `standby.sock` and
+`standby.lock` (one start, claim or stop at a time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -413,21 +415,29 @@ def get_standby() -> StandbyRecord | None:
 
 def _ask_standby(record: StandbyRecord, message: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
     """One request to the standby; None when it does not answer in time (gone, or still importing).
-    A standby that has just started binds its socket within a second: until then, retry."""
+    Until its socket takes the connection (a standby just started binds it within a second), the
+    connection is tried again; once the message is sent, never again: a claim must not go twice."""
     until = time.monotonic() + timeout_s
     while True:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            try:
                 conn.settimeout(max(0.1, until - time.monotonic()))
                 conn.connect(record.socket)
+            except OSError as exc:
+                if time.monotonic() >= until or _gone(record.pid):
+                    log.warning("standby (pid %d) not reached: %s: %s", record.pid, type(exc).__name__, exc)
+                    return None
+                time.sleep(0.05)
+                continue
+            try:
                 send_message(conn, message)
-                return read_message(conn) or None
-        except (FileNotFoundError, ConnectionRefusedError):
-            if time.monotonic() >= until or _gone(record.pid):
+                answer = read_message(conn)
+            except (OSError, ValueError) as exc:
+                log.warning("standby (pid %d) did not answer: %s: %s", record.pid, type(exc).__name__, exc)
                 return None
-            time.sleep(0.05)
-        except (OSError, ValueError):
-            return None
+            if not answer:
+                log.warning("standby (pid %d) closed the connection without an answer", record.pid)
+            return answer or None
 
 
 def standby_warm(timeout_s: float = 60.0) -> bool:
@@ -439,29 +449,42 @@ def standby_warm(timeout_s: float = 60.0) -> bool:
     return bool(answer and answer.get("warm"))
 
 
+@contextlib.contextmanager
+def _standby_lock():
+    """One start, claim or stop of the workspace's standby at a time (across processes): two claims
+    at once would both ask the one standby, and the one it did not answer would stop it."""
+    folder = _standby_paths()["json"].parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with (folder / "standby.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _claim_standby(arguments: list[str], log_path: Path) -> StandbyRecord | None:
     """Hand a cold start's arguments to the workspace's standby; its record when it took them."""
-    record = get_standby()
-    if record is None:
+    if not _standby_paths()["json"].exists():
         return None
-    _standby_paths()["json"].unlink(missing_ok=True)  # claimed or dead, it is nobody's standby any more
-    if not record.alive:
-        log.info("the recorded standby (pid %d) is gone; starting cold", record.pid)
-        return None
-    # It answers once its imports are done: waiting for that beats importing again from nothing.
-    answer = _ask_standby(record, {"op": "claim", "argv": arguments, "log_file": str(log_path),
-                                   "fingerprint": fingerprint(_child_env())}, timeout_s=60.0)
-    if not answer or not answer.get("ok"):
-        reason = (answer or {}).get("reason", "it did not answer")
-        log.info("standby (pid %d) not used: %s; starting cold", record.pid, reason)
-        if not _wait_gone(record.pid, 5.0):  # a standby that refuses exits by itself
-            _terminate(record.pid)
-        return None
-    if answer.get("pid") != record.pid:  # another standby had taken over the socket: it serves now
-        args = _cmdline(int(answer["pid"])) or []
-        marker = args[args.index("--standby-id") + 1] if "--standby-id" in args[:-1] else record.standby_id
-        record = record.model_copy(update={"pid": int(answer["pid"]), "standby_id": marker})
-    return record
+    with _standby_lock():
+        record = get_standby()
+        if record is None:
+            return None
+        _standby_paths()["json"].unlink(missing_ok=True)  # claimed or dead, it is nobody's standby any more
+        if not record.alive:
+            log.info("the recorded standby (pid %d) is gone; starting cold", record.pid)
+            return None
+        # It answers once its imports are done: waiting for that beats importing again from nothing.
+        answer = _ask_standby(record, {"op": "claim", "argv": arguments, "log_file": str(log_path),
+                                       "fingerprint": fingerprint(_child_env())}, timeout_s=60.0)
+        if not answer or not answer.get("ok") or answer.get("pid") != record.pid:
+            reason = (answer or {}).get("reason", "it did not answer")
+            log.info("standby (pid %d) not used: %s; starting cold", record.pid, reason)
+            if not _wait_gone(record.pid, 5.0):  # a standby that refuses exits by itself
+                _terminate(record.pid)
+            return None
+        return record
 
 
 def start_standby(idle_timeout_s: int = 1800, replenish: bool = True) -> StandbyRecord:
@@ -470,31 +493,34 @@ def start_standby(idle_timeout_s: int = 1800, replenish: bool = True) -> Standby
     It imports torch, transformers and the server, then waits up to idle_timeout_s for
     `start_endpoint` to claim it. With replenish, each claim starts the next standby once the
     claimed endpoint is ready (in the background, about 5 CPU-seconds of imports)."""
-    existing = get_standby()
-    if existing is not None and existing.alive:
-        return existing
     paths = _standby_paths()
-    paths["json"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    standby_id = f"standby-{secrets.token_hex(8)}"
-    pid = _spawn(["--standby", str(paths["sock"]), "--standby-id", standby_id, "--idle-timeout-s", str(idle_timeout_s)],
-                 paths["log"])
-    record = StandbyRecord(pid=pid, standby_id=standby_id, socket=str(paths["sock"]),
-                           idle_timeout_s=idle_timeout_s, replenish=replenish,
-                           created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                           log_file=str(paths["log"]), alive=True)
-    write_text_atomic(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
+    with _standby_lock():
+        existing = get_standby()
+        if existing is not None and existing.alive:
+            return existing
+        standby_id = f"standby-{secrets.token_hex(8)}"
+        pid = _spawn(["--standby", str(paths["sock"]), "--standby-id", standby_id,
+                      "--idle-timeout-s", str(idle_timeout_s)], paths["log"])
+        record = StandbyRecord(pid=pid, standby_id=standby_id, socket=str(paths["sock"]),
+                               idle_timeout_s=idle_timeout_s, replenish=replenish,
+                               created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                               log_file=str(paths["log"]), alive=True)
+        write_text_atomic(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
     log.info("started a warm standby (pid %d); it exits if unclaimed for %d s", pid, idle_timeout_s)
     return record
 
 
 def stop_standby() -> bool:
     """Stop the workspace's standby; True if there was one."""
-    record = get_standby()
-    if record is None:
+    if not _standby_paths()["json"].exists():
         return False
-    _standby_paths()["json"].unlink(missing_ok=True)
-    if record.alive:
-        _terminate(record.pid)
-    _children.pop(record.pid, None)
-    Path(record.socket).unlink(missing_ok=True)
+    with _standby_lock():
+        record = get_standby()
+        if record is None:
+            return False
+        _standby_paths()["json"].unlink(missing_ok=True)
+        if record.alive:
+            _terminate(record.pid)
+        _children.pop(record.pid, None)
+        Path(record.socket).unlink(missing_ok=True)
     return True

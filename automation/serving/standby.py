@@ -117,6 +117,8 @@ def serve(socket_path: str, idle_timeout_s: float, main: Callable[[list[str]], i
     finally:
         os.umask(old_umask)
     listener.listen(8)
+    message: dict = {}
+    argv: list[str] = []
     # Stopped while waiting: leave through the finally below, so the socket file goes too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -141,27 +143,32 @@ def serve(socket_path: str, idle_timeout_s: float, main: Callable[[list[str]], i
                 conn.settimeout(10)
                 try:
                     message = read_message(conn)
-                except (OSError, ValueError) as exc:
-                    log.warning("standby: unreadable message (%s); ignored", exc)
+                    if message.get("op") == "status":
+                        send_message(conn, {"warm": True, "pid": os.getpid()})
+                        continue
+                    if (message.get("op") != "claim" or not isinstance(message.get("argv"), list)
+                            or not isinstance(message.get("log_file"), str)):
+                        send_message(conn, {"ok": False, "reason": "expected a claim (argv, log_file) or a status request"})
+                        continue
+                    if message.get("fingerprint") != expected:
+                        send_message(conn, {"ok": False, "reason": "the code or the environment changed since this "
+                                                                  "standby started; start cold"})
+                        log.info("standby: refused a claim from a different code or environment; exiting")
+                        return 0
+                    argv = [str(a) for a in message["argv"]]
+                    send_message(conn, {"ok": True, "pid": os.getpid()})
+                except (OSError, ValueError) as exc:  # the other side left, or sent what is not ours
+                    if message.get("op") == "claim" and argv:
+                        log.warning("standby: the claimer left before the answer (%s); exiting", exc)
+                        return 0
+                    log.warning("standby: unreadable message or a client gone (%s); ignored", exc)
                     continue
-                if message.get("op") == "status":
-                    send_message(conn, {"warm": True, "pid": os.getpid()})
-                    continue
-                if message.get("op") != "claim" or not isinstance(message.get("argv"), list):
-                    send_message(conn, {"ok": False, "reason": "expected a claim or a status request"})
-                    continue
-                if message.get("fingerprint") != expected:
-                    send_message(conn, {"ok": False, "reason": "the code or the environment changed since this "
-                                                          "standby started; start cold"})
-                    log.info("standby: refused a claim from a different code or environment; exiting")
-                    return 0
-                argv = [str(a) for a in message["argv"]]
-                send_message(conn, {"ok": True, "pid": os.getpid()})
             break
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
     log.info("standby claimed: serving %s", argv[argv.index("--model-dir") + 1] if "--model-dir" in argv else argv)
-    _move_output(str(message["log_file"]))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on, a server like any other
+    _move_output(message["log_file"])
     return main(argv)
