@@ -463,15 +463,26 @@ def _standby_lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _claim_standby(arguments: list[str], log_path: Path) -> StandbyRecord | None:
-    """Hand a cold start's arguments to the workspace's standby; its record when it took them."""
-    if not _standby_paths()["json"].exists():
-        return None
+@contextlib.contextmanager
+def _taken_standby():
+    """Under the standby lock: the workspace's standby record, already removed from the workspace
+    (whatever the caller then does with it, claim or stop, it is nobody's standby any more), or None."""
+    path = _standby_paths()["json"]
+    if not path.exists():
+        yield None
+        return
     with _standby_lock():
         record = get_standby()
+        if record is not None:
+            path.unlink(missing_ok=True)
+        yield record
+
+
+def _claim_standby(arguments: list[str], log_path: Path) -> StandbyRecord | None:
+    """Hand a cold start's arguments to the workspace's standby; its record when it took them."""
+    with _taken_standby() as record:
         if record is None:
             return None
-        _standby_paths()["json"].unlink(missing_ok=True)  # claimed or dead, it is nobody's standby any more
         if not record.alive:
             log.info("the recorded standby (pid %d) is gone; starting cold", record.pid)
             return None
@@ -512,13 +523,9 @@ def start_standby(idle_timeout_s: int = 1800, replenish: bool = True) -> Standby
 
 def stop_standby() -> bool:
     """Stop the workspace's standby; True if there was one."""
-    if not _standby_paths()["json"].exists():
-        return False
-    with _standby_lock():
-        record = get_standby()
+    with _taken_standby() as record:
         if record is None:
             return False
-        _standby_paths()["json"].unlink(missing_ok=True)
         if record.alive:
             _terminate(record.pid)
         _children.pop(record.pid, None)

@@ -13,8 +13,8 @@ Python and its installed packages, this package's source, and the environment va
 transformers and the server read. The claim carries a fingerprint of those (`fingerprint()`); a standby whose own differs refuses
 the claim and exits, and the claimer starts cold. An unclaimed standby exits after its idle timeout.
 
-The protocol, one JSON line each way on the socket (same user only: the socket lives in the
-workspace's 0700 endpoints folder):
+The protocol, one JSON line each way on the socket (same user only: the socket is created with
+umask 077, in the workspace's 0700 `standby/` folder):
   {"op": "status"}                                        -> {"warm": true, "pid": int}
                                                            (answered once the imports are done)
   {"op": "claim", "argv": [...], "log_file": PATH, "fingerprint": HEX}
