@@ -29,6 +29,13 @@ class BackendError(AutomationError):
     exit_code = 1
 
 
+class AuthenticationError(AutomationError):
+    """No credential could be obtained (e.g. GitHub's OIDC token service kept failing). Exit code 1:
+    the stage failed; the experiment is not at fault."""
+
+    exit_code = 1
+
+
 @dataclass(frozen=True)
 class Issue:
     """One problem found in an experiment file, located as precisely as we can."""

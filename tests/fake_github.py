@@ -279,6 +279,13 @@ class _Handler(BaseHTTPRequestHandler):
                     failure.times -= 1
                     self._send(failure.status, failure.body, failure.headers)
                     return
+            if parts.path == "/_oidc/token":
+                # The runner's ID token service (ACTIONS_ID_TOKEN_REQUEST_URL, which ends in
+                # `?api-version=2.0`): only the job's request token, never another GitHub token,
+                # and the query must keep its api-version beside the audience (actions/toolkit appends
+                # `&audience=...`); `httpx.get(url, params=...)` would drop the api-version.
+                self._oidc_token(method, token, parse_qs(parts.query))
+                return
             identity = github.tokens.get(token or "")
             if token is None:
                 self._error(401, "Requires authentication")
@@ -288,6 +295,20 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self._route(method, parts.path, parse_qs(parts.query), body, identity)
 
+    def _oidc_token(self, method: str, token: str | None, query: dict[str, list[str]]) -> None:
+        """A fresh JWT per request, for the audience asked for."""
+        github = self.github
+        if token != OIDC_REQUEST_TOKEN:
+            self._error(401, "Bad credentials" if token else "Requires authentication")
+        elif method != "GET":
+            self._error(404, "Not Found")
+        elif query.get("api-version") != ["2.0"] or not query.get("audience", [""])[0]:
+            self._error(400, "api-version=2.0 and audience are required")
+        else:
+            audience = query["audience"][0]
+            github.oidc_requests.append(audience)
+            self._send(200, {"value": f"eyJ.fake-oidc-{len(github.oidc_requests)}.{audience}", "count": 1})
+
     def _route(self, method: str, path: str, query: dict[str, list[str]], body: Any, me: Identity) -> None:
         github = self.github
         if path == "/user" and method == "GET":
@@ -295,12 +316,6 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(403, "Resource not accessible by integration")
             else:
                 self._send(200, {**me.user, "name": "The Octocat", "public_repos": 8})
-            return
-        if path == "/_oidc/token" and method == "GET":
-            # The runner's ID token service (ACTIONS_ID_TOKEN_REQUEST_URL): a fresh JWT per request.
-            audience = query.get("audience", [""])[0]
-            github.oidc_requests.append(audience)
-            self._send(200, {"value": f"eyJ.fake-oidc-{len(github.oidc_requests)}.{audience}", "count": 1})
             return
         if match := re.fullmatch(r"/repos/([\w.-]+/[\w.-]+)/pulls", path):
             state = query.get("state", ["open"])[0]

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
-from automation.errors import ConfigError
+from automation.errors import AuthenticationError, ConfigError
 
 log = logging.getLogger(__name__)
 
 AUDIENCE = "api://AzureADTokenExchange"  # what Entra ID's federated credentials expect
 REQUEST_URL, REQUEST_TOKEN = "ACTIONS_ID_TOKEN_REQUEST_URL", "ACTIONS_ID_TOKEN_REQUEST_TOKEN"
+# actions/toolkit's getIDToken (packages/core/src/oidc-utils.ts) makes up to 10 attempts; so do we,
+# backing off 1, 2, 4, 8, then 10 s between them: at most 10 x OIDC_TIMEOUT_S + 65 s for one token.
+OIDC_ATTEMPTS, OIDC_TIMEOUT_S, OIDC_MAX_DELAY_S = 10, 10.0, 10.0
 
 
 def github_oidc_available(env: Mapping[str, str] | None = None) -> bool:
@@ -32,27 +37,64 @@ def github_oidc_available(env: Mapping[str, str] | None = None) -> bool:
     return bool(env.get(REQUEST_URL) and env.get(REQUEST_TOKEN))
 
 
-def github_oidc_token_provider(env: Mapping[str, str] | None = None, *, timeout_s: float = 30.0,
-                               audience: str = AUDIENCE) -> Callable[[], str]:
+def oidc_token_url(request_url: str, audience: str) -> str:
+    """The token service's URL with the audience appended, as actions/toolkit builds it
+    (`${url}&audience=${encodeURIComponent(audience)}`): the URL already carries `?api-version=2.0`,
+    which `httpx.get(url, params=...)` would replace (httpx 0.28, encode/httpx#3433)."""
+    separator = "&" if "?" in request_url else "?"
+    encoded = quote(audience, safe="-_.!~*'()")  # what encodeURIComponent leaves as it is
+    return f"{request_url}{separator}audience={encoded}"
+
+
+def _transient(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+def github_oidc_token_provider(env: Mapping[str, str] | None = None, *, timeout_s: float = OIDC_TIMEOUT_S,
+                               audience: str = AUDIENCE, attempts: int = OIDC_ATTEMPTS,
+                               sleep: Callable[[float], None] = time.sleep) -> Callable[[], str]:
     """A function returning a fresh GitHub OIDC token for `audience` on every call (each token
-    is valid for minutes; the request token behind it lasts as long as the job)."""
+    is valid for minutes; the request token behind it lasts as long as the job).
+
+    5xx, 429 and connection errors are retried with backoff (at most `attempts` tries); what still
+    fails raises AuthenticationError, naming the last answer."""
     env = dict(os.environ if env is None else env)
     url, token = env.get(REQUEST_URL), env.get(REQUEST_TOKEN)
     if not url or not token:
         raise ConfigError(f"{REQUEST_URL} and {REQUEST_TOKEN} are not set: grant the job `id-token: write`")
+    token_url = oidc_token_url(url, audience)
+    headers = {"Authorization": f"bearer {token}", "Accept": "application/json"}
 
     def fetch() -> str:
         import httpx
 
-        try:
-            response = httpx.get(url, params={"audience": audience}, timeout=timeout_s,
-                                 headers={"Authorization": f"bearer {token}", "Accept": "application/json"})
-            response.raise_for_status()
-            value = response.json()["value"]
-        except (httpx.HTTPError, ValueError, KeyError) as err:
-            raise ConfigError(f"could not get a GitHub OIDC token: {type(err).__name__}: {err}") from err
-        log.debug("fetched a fresh GitHub OIDC token for %s", audience)
-        return value
+        last = "no attempt made"
+        for attempt in range(1, attempts + 1):
+            delay = min(2.0 ** (attempt - 1), OIDC_MAX_DELAY_S)
+            try:
+                response = httpx.get(token_url, timeout=timeout_s, headers=headers)
+            except httpx.TransportError as err:  # connection refused/reset, timeouts: worth another try
+                last = f"{type(err).__name__}: {err}"
+            else:
+                if response.status_code == 200:
+                    try:
+                        value = response.json()["value"]
+                    except (ValueError, KeyError, TypeError) as err:
+                        raise AuthenticationError(f"GitHub's OIDC token service answered without a token: "
+                                                  f"{type(err).__name__}: {err}") from err
+                    log.debug("fetched a fresh GitHub OIDC token for %s", audience)
+                    return value
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                if not _transient(response.status_code):
+                    break
+                retry_after = response.headers.get("Retry-After", "")
+                if retry_after.isdigit():
+                    delay = min(float(retry_after), OIDC_MAX_DELAY_S)
+            if attempt < attempts:
+                log.warning("GitHub OIDC token request failed (%s); retrying in %.0f s", last, delay)
+                sleep(delay)
+        raise AuthenticationError(f"could not get a GitHub OIDC token for {audience} after {attempt} "
+                                  f"attempt(s): {last}")
 
     return fetch
 
