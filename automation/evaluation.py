@@ -6,7 +6,9 @@ Every model answers the same prompts with greedy decoding, so the replies are co
 model:
 
 - eval loss and perplexity on the test split (computed by the backend);
-- ROUGE-L F1 of each reply against its reference (torchmetrics' port of `rouge-score`, Porter stemming), averaged;
+- ROUGE-L F1 of each reply against its reference, averaged: Google's `rouge-score` (its tokenizer,
+  nltk's Porter stemmer, the longest common subsequence), written out here so that every install
+  computes it without torch (`rouge_l_f1`);
 - mean reply length in words;
 - empty rate: replies with no text once whitespace is stripped;
 - repetitive rate: replies of 12 or more word/punctuation tokens in which fewer than half of the
@@ -23,6 +25,7 @@ request per prompt in the seed's request form.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -41,6 +44,7 @@ from automation.workspace import write_text_atomic
 
 MODEL_LABELS = {"base": "base model", "candidate": "fine-tuned", "production": "production", "none": "no baseline"}
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+_NOT_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
 REPETITION_MIN_TOKENS, REPETITION_NGRAM, REPETITION_MIN_DISTINCT = 12, 4, 0.5
 
 
@@ -69,14 +73,54 @@ def held_out_prompts(split_file: Path, count: int, seed: int) -> list[EvalPrompt
 
 def rouge_l(references: list[str | None], replies: list[str]) -> list[float]:
     """ROUGE-L F1 of each reply against its reference (0.0 where either is empty)."""
-    # torchmetrics' ROUGE is a port of Google's rouge-score (same tokenizer, Porter stemmer from
-    # nltk) that ships as a wheel; rouge-score itself is an sdist only, and no install here builds
-    # from source.
-    from torchmetrics.functional.text.rouge import rouge_score
-
-    return [float(rouge_score(reply, ref, rouge_keys="rougeL", use_stemmer=True)["rougeL_fmeasure"])
-            if ref and ref.strip() and reply.strip() else 0.0
+    return [rouge_l_f1(ref, reply) if ref and ref.strip() and reply.strip() else 0.0
             for ref, reply in zip(references, replies, strict=True)]
+
+
+def rouge_l_f1(reference: str, reply: str) -> float:
+    """ROUGE-L F1 as Google's rouge-score computes it with `use_stemmer=True` (and torchmetrics'
+    port of it): the longest common subsequence of the two token lists, over the reply's length
+    (precision) and the reference's (recall). rouge-score itself ships only as an sdist, and no
+    install here builds from source; tests/test_evaluation.py holds this to torchmetrics' port."""
+    ref, hyp = rouge_tokens(reference), rouge_tokens(reply)
+    if not ref or not hyp:
+        return 0.0
+    common = lcs_length(hyp, ref)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(hyp), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """rouge-score's tokenizer: lowercased, every run of characters outside [a-z0-9] a space (so
+    accented letters and other scripts split words), split, and words longer than 3 characters
+    Porter-stemmed (nltk's default mode, as rouge-score uses it)."""
+    words = _NOT_ALPHANUMERIC.sub(" ", text.lower()).split()
+    return [token for token in (_stem(w) if len(w) > 3 else w for w in words) if token]
+
+
+@functools.lru_cache(maxsize=65536)
+def _stem(word: str) -> str:
+    return _porter_stemmer().stem(word)
+
+
+@functools.cache
+def _porter_stemmer():
+    from nltk.stem.porter import PorterStemmer  # nltk's package import takes a second or more
+
+    return PorterStemmer()
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of `a` and `b` (one row of the table at a time)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
 
 
 def is_repetitive(text: str) -> bool:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from automation.errors import ConfigError
 from automation.evaluation import (
@@ -14,6 +18,8 @@ from automation.evaluation import (
     mlflow_metrics,
     model_eval,
     rouge_l,
+    rouge_l_f1,
+    rouge_tokens,
 )
 from automation.record import EvalPrompt, EvaluationPart
 from automation.spec import PromotionSpec
@@ -43,6 +49,58 @@ def test_rouge_l_against_the_reference():
                      ["the cats sat on the mat", "Fly a kite.", "anything", "   "])
     assert scores[0] == pytest.approx(1.0), "case and stemming (cats -> cat) do not count"
     assert scores[1] == 0.0 and scores[2] == 0.0 and scores[3] == 0.0
+
+
+def test_rouge_tokens_follow_rouge_score():
+    assert rouge_tokens("The cats' RUNNING-shoes, 2x faster!") == ["the", "cat", "run", "shoe", "2x", "faster"]
+    assert rouge_tokens("café naïve \u212a") == ["caf", "na", "ve", "k"], "outside [a-z0-9] splits; K (Kelvin) lowers to k"
+    assert rouge_tokens("  ...  ") == [] and rouge_tokens("") == []
+
+
+# Pairs that share words in many forms, so the scores spread over (0, 1) rather than sit at 0.
+WORDS = ("the a an of to in running runs ran runner connection connected connecting generously generous "
+         "happiness happy relational conditional rational caresses ponies ties caress cats cat sky skies "
+         "dying lying agreed feed plastered bled motoring sing hopping tanned falling hissing fizzed failing "
+         "filing happily universal university 2024 3.14 x86_64 gpt-4 o'clock can't U.S.A. e-mail").split()
+ODD = ["", " ", "\n\t", "...", "!!", "—", "café", "naïve", "İstanbul", "straße", "ﬁnance", "\u212aelvin",
+       "東京", "😀", "ÀÉÎÕÜ", "1,000.5", "#hashtag", "@user", "(nested [brackets])", "\u00a0", "\u200b"]
+
+
+def random_text(rng: random.Random) -> str:
+    pool = WORDS + ODD if rng.random() < 0.5 else WORDS
+    words = [rng.choice(pool) for _ in range(rng.choice((0, 1, 2, 5, 12, 30, 80)))]
+    return rng.choice((" ", "  ", ", ", "\n")).join(w.upper() if rng.random() < 0.1 else w for w in words)
+
+
+@pytest.fixture
+def torchmetrics_rouge_l():
+    """torchmetrics' ROUGE-L F1 (its port of rouge-score, stemmed), computed in float64 so the two
+    figures can be compared exactly (its tensors are float32 by default)."""
+    torch = pytest.importorskip("torch")
+    from torchmetrics.functional.text.rouge import rouge_score
+
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield lambda reference, reply: float(rouge_score(reply, reference, rouge_keys="rougeL",
+                                                     use_stemmer=True)["rougeL_fmeasure"])
+    torch.set_default_dtype(dtype)
+
+
+def test_rouge_l_equals_torchmetrics_on_seeded_pairs(torchmetrics_rouge_l):
+    rng = random.Random(20)
+    pairs = [(random_text(rng), random_text(rng)) for _ in range(400)]
+    pairs += [(r, r) for r, _ in pairs[:20]] + [("", ""), ("a", ""), ("", "a"), ("The cat.", "the CATS!")]
+    scores = {(ref, reply): rouge_l_f1(ref, reply) for ref, reply in pairs}
+    assert sum(0 < s < 1 for s in scores.values()) > 150, "the pairs exercise partial matches"
+    mismatches = [(ref, reply, mine, torchmetrics_rouge_l(ref, reply)) for (ref, reply), mine in scores.items()
+                  if mine != torchmetrics_rouge_l(ref, reply)]
+    assert mismatches == []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(reference=st.text(max_size=60), reply=st.text(max_size=60))
+def test_rouge_l_equals_torchmetrics_on_any_text(torchmetrics_rouge_l, reference, reply):
+    assert rouge_l_f1(reference, reply) == torchmetrics_rouge_l(reference, reply)
 
 
 def test_repetitive_replies_are_loops_not_prose():
