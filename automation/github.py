@@ -11,6 +11,7 @@ Everything a workflow step needs from GitHub goes through here:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -72,7 +73,42 @@ def append_step_summary(markdown: str) -> bool:
         return False
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(markdown.rstrip("\n") + "\n")
+    with _summary_ledger(path).open("a", encoding="utf-8") as handle:
+        handle.write(_summary_digest(markdown) + "\n")
     return True
+
+
+def _summary_ledger(summary: str) -> Path:
+    # Each step has its own summary file, and GitHub shows them one after another as the job's
+    # summary: what this job already wrote is kept beside them, in the job's temporary folder.
+    return Path(os.environ.get("RUNNER_TEMP") or Path(summary).parent) / "automation-job-summary.sha256"
+
+
+def _summary_digest(markdown: str) -> str:
+    """The digest of what a reader sees: hidden lines (the report's marker, a comment's status line) left out."""
+    shown = [line for line in markdown.strip().splitlines() if not re.fullmatch(r"\s*<!--.*-->\s*", line)]
+    return hashlib.sha256("\n".join(shown).strip().encode()).hexdigest()
+
+
+def in_job_summary(markdown: str) -> bool:
+    """Whether this job already wrote `markdown` to its summary (in this step or an earlier one)."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    try:
+        written = _summary_ledger(path).read_text(encoding="utf-8").split() if path else []
+    except OSError:
+        return False
+    return _summary_digest(markdown) in written
+
+
+def report_to_summary(experiment: str, body: str) -> None:
+    """Where a PR comment could not be posted (a fork's read-only token): the report in the job
+    summary, once. When the report stage of this job already wrote it there, a line that says so."""
+    reason = "could not be posted as a PR comment: the token is read-only, as on pull requests from forks"
+    if in_job_summary(body):
+        append_step_summary(f"The report for <code>{experiment}</code> above {reason}.")
+        return
+    append_step_summary(f"<details open><summary>Report for <code>{experiment}</code> ({reason})</summary>"
+                        f"\n\n{body}\n</details>")
 
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")

@@ -338,13 +338,11 @@ def cmd_comment(args: argparse.Namespace) -> int:
             result = github.upsert_comment(client, pr, fitted, marker)
     except github.GitHubPermissionError as err:
         # A fork's pull request gets a read-only token: the report goes to the job summary instead.
-        github.append_step_summary(
-            f"<details open><summary>Report for <code>{name}</code> (could not be posted as a PR comment: "
-            f"the token is read-only, as on pull requests from forks)</summary>\n\n{body}\n</details>")
+        github.report_to_summary(name, body)
         _out(github.annotation("notice", f"could not comment on pull request #{pr} ({err}); the report of "
                                f"{name} is in the job summary", title="report in the job summary"))
         return EXIT_OK
-    if fitted != body:
+    if fitted != body and not github.in_job_summary(body):
         github.append_step_summary(body)
     github.append_step_summary(f"PR comment {result.action}: {result.url}")
     _out(f"comment {result.action} on pull request #{pr}: {result.url}"

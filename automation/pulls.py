@@ -95,6 +95,4 @@ class PullRequests:
             github.upsert_comment(self.client, pr, github.fit_comment(body), marker)
         except github.GitHubPermissionError as err:  # a fork's read-only token: the job summary instead
             log.warning("could not comment on #%s (%s); the report is in the job summary", pr, err)
-            github.append_step_summary(
-                f"<details open><summary>Report for <code>{experiment}</code> (could not be posted as a PR "
-                f"comment: the token is read-only, as on pull requests from forks)</summary>\n\n{body}\n</details>")
+            github.report_to_summary(experiment, body)

@@ -314,3 +314,35 @@ def test_fit_comment_always_fits(chunk, repeat):
     assert len(fitted) <= 2000
     if len(body) <= 2000:
         assert fitted == body
+
+
+# ---------------------------------------------------------------------------------------------
+# A fork's job summary: the report once
+
+@pytest.mark.parametrize("steps", ["one step (a reconcile leg)", "two steps (report, then comment)"])
+def test_a_forks_job_summary_holds_the_report_once(fake, tmp_path, monkeypatch, steps):
+    from automation.pulls import PullRequests
+
+    monkeypatch.setenv("RUNNER_TEMP", str(tmp_path))
+    summaries = [tmp_path / "step_summary_1", tmp_path / "step_summary_2"]
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summaries[0]))
+    report = f"{MARKER}\n## Experiment `tiny-pr`\n\n" + "\n".join(f"| row {i} | eval loss 1.{i:03d} |" for i in range(400))
+    assert github.append_step_summary(report)  # what the report stage writes
+    if steps.startswith("two"):
+        monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summaries[1]))
+    with client(fake, READ_TOKEN) as gh:  # a fork's token: the comment answers 403
+        # The reconcile leg comments the report with its status line after the marker.
+        body = report.replace(MARKER, f"{MARKER}\n<!-- automation:status job=j phase=done -->", 1)
+        PullRequests(gh).comment(57, "tiny-pr", body)
+    assert fake.issue_comments(REPO_NAME, 57) == []
+    job_summary = "".join(p.read_text() for p in summaries if p.exists())  # what GitHub shows
+    assert job_summary.count("| row 399 | eval loss 1.399 |") == 1
+    assert "The report for <code>tiny-pr</code> above could not be posted as a PR comment" in job_summary
+
+    monkeypatch.setenv("RUNNER_TEMP", str(tmp_path / "another-job"))  # a job without the report stage
+    (tmp_path / "another-job").mkdir()
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "another-job" / "step_summary"))
+    with client(fake, READ_TOKEN) as gh:
+        PullRequests(gh).comment(57, "tiny-pr", body)
+    alone = (tmp_path / "another-job" / "step_summary").read_text()
+    assert alone.count("| row 399 | eval loss 1.399 |") == 1 and "Report for <code>tiny-pr</code>" in alone
