@@ -6,14 +6,23 @@ through `validate_response`). Errors are the types azure-ai-ml 1.35 raises, read
 a lookup by version raises ResourceNotFoundError, by label "latest" ValidationException
 (RESOURCE_NOT_FOUND, after listing the active versions only); a share into a registry that holds
 the version ValidationException("A model with this name and version already exists in registry");
-a job name that exists HttpResponseError 400. Long-running operations return pollers, and faults
-can be queued per operation (`fail("online_endpoints.begin_create_or_update", error, times=2)`) to
-play transient 429/503 answers, dropped connections, quota refusals or a gateway's plain text.
+a job name that exists HttpResponseError 400; a 404 or 409 of an ARM operation ResourceNotFoundError
+or ResourceExistsError (map_error); a model version registered again with another path
+AssetPathException. Long-running operations return pollers, and faults can be queued per operation
+(`fail("online_endpoints.begin_create_or_update", error, times=2)`) to play transient 429/503
+answers, 409 conflicts, dropped connections, quota refusals or a gateway's plain text.
+
+Queued faults first meet azure-core's RetryPolicy as connection.py configures it
+(`retry.AZURE_CORE_RETRY`): what it retries for the operation's HTTP method (429/5xx on GET/PUT/
+DELETE, 500/503/504 on POST, anything with Retry-After, connection failures on GET/PUT/DELETE) is
+absorbed up to its budget (`core_retries` records each), as the real pipeline would; only the rest
+reaches the code under test.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,14 +36,21 @@ from automation.spec import Experiment
 from tests.conftest import chat_row, write_jsonl
 
 
+class FakeRequest:
+    def __init__(self, method: str = "GET"):
+        self.method = method
+
+
 class FakeResponse:
-    """Enough of an HTTP response for HttpResponseError to read status, headers and error body."""
+    """Enough of an HTTP response for HttpResponseError to read status, headers, error body and the
+    request's method (set by the fake operation that raises it)."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         self.status_code = status
         self.reason = message
         self.headers = headers or {}
         self.content_type = "application/json"
+        self.request = FakeRequest()
         self._body = json.dumps({"error": {"code": code, "message": message}})
 
     def text(self, encoding: str | None = None) -> str:
@@ -45,8 +61,37 @@ class FakeResponse:
 
 
 def http_error(status: int, code: str, message: str, retry_after: str | None = None) -> HttpResponseError:
+    """The error an ARM operation raises for this answer: the generated code's `map_error` turns 401,
+    404 and 409 into their azure.core types (every 409 is ResourceExistsError), the rest stays
+    HttpResponseError."""
+    from azure.core.exceptions import ClientAuthenticationError
+
     headers = {"Retry-After": retry_after} if retry_after is not None else {}
-    return HttpResponseError(response=FakeResponse(status, code, message, headers))
+    kind = {401: ClientAuthenticationError, 404: ResourceNotFoundError, 409: ResourceExistsError}.get(
+        status, HttpResponseError)
+    return kind(response=FakeResponse(status, code, message, headers))
+
+
+def conflict(message: str = "Conflict: an operation on this resource is in progress") -> HttpResponseError:
+    """A 409 answer to a begin_*: the resource is busy (the SDK raises ResourceExistsError for it)."""
+    return http_error(409, "Conflict", message)
+
+
+def asset_path_changed(name: str, version: str):
+    """What `models.create_or_update` raises when the version exists with another path
+    (operations/_model_operations.py: the service's "(UserError) Asset paths cannot be updated.")."""
+    from azure.ai.ml._artifacts._constants import (
+        ASSET_PATH_ERROR,
+        CHANGED_ASSET_PATH_MSG,
+        CHANGED_ASSET_PATH_MSG_NO_PERSONAL_DATA,
+    )
+    from azure.ai.ml.exceptions import AssetPathException, ErrorCategory, ErrorTarget
+
+    error = AssetPathException(message=CHANGED_ASSET_PATH_MSG, target=ErrorTarget.MODEL,
+                               no_personal_data_message=CHANGED_ASSET_PATH_MSG_NO_PERSONAL_DATA,
+                               error_category=ErrorCategory.USER_ERROR)
+    error.__cause__ = HttpResponseError(message=ASSET_PATH_ERROR)
+    return error
 
 
 def throttled(retry_after: str = "7") -> HttpResponseError:
@@ -124,14 +169,43 @@ class _TextResponse:
 
 def plain_text_answer(status: int, text: str) -> Exception:
     """The exception `online_endpoints.invoke` raises for a non-JSON error answer, made by the SDK's
-    own `validate_response`: an MlException carrying the body, the status dropped."""
+    own `validate_response`: an MlException carrying the body, the status dropped (kept aside here
+    only so the fake's azure-core layer knows what the wire said)."""
     from azure.ai.ml._utils._endpoint_utils import validate_response
 
     try:
         validate_response(_TextResponse(status, text))
     except Exception as err:  # whatever the SDK raises is the point
+        err._wire_status = status
         return err
     raise AssertionError(f"validate_response accepted a {status} answer")
+
+
+# The HTTP method of each fake operation, for azure-core's retry rules (it retries by method).
+HTTP_METHODS = {"create_or_update": "PUT", "begin_create_or_update": "PUT", "begin_delete": "DELETE",
+                "invoke": "POST", "begin_cancel": "POST", "share": "POST"}
+
+
+def azure_core_retry_kind(error: BaseException, method: str) -> str | None:
+    """Which of azure-core's retry counters this answer spends ("status", "connect", "read"), or None
+    when its RetryPolicy hands it on at once (azure/core/pipeline/policies/_retry.py)."""
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+
+    from automation.backends.azure.retry import CORE_RETRIED_METHODS, CORE_RETRIED_ON_POST, TRANSIENT_STATUS
+
+    if isinstance(error, ServiceRequestError):
+        return "connect" if method in CORE_RETRIED_METHODS else None
+    if isinstance(error, ServiceResponseError):
+        return "read" if method in CORE_RETRIED_METHODS else None
+    status = getattr(error, "status_code", None) or getattr(error, "_wire_status", None)
+    if status is None or status < 400:
+        return None
+    headers = getattr(getattr(error, "response", None), "headers", None) or {}
+    if any(str(k).lower() == "retry-after" for k in headers):
+        return "status"
+    if method in ("POST", "PATCH"):
+        return "status" if status in CORE_RETRIED_ON_POST else None
+    return "status" if status in TRANSIENT_STATUS else None
 
 
 class Poller:
@@ -158,10 +232,25 @@ class _Ops:
         self._client, self._prefix = client, prefix
 
     def _enter(self, method: str) -> None:
-        self._client.calls.append(f"{self._prefix}.{method}")
-        queue = self._client.faults.get(f"{self._prefix}.{method}")
-        if queue:
-            raise queue.pop(0)
+        from automation.backends.azure.retry import AZURE_CORE_RETRY
+
+        operation = f"{self._prefix}.{method}"
+        self._client.calls.append(operation)
+        queue = self._client.faults.get(operation)
+        http = HTTP_METHODS.get(method, "GET")
+        left = {"total": AZURE_CORE_RETRY["retry_total"], "connect": AZURE_CORE_RETRY["retry_connect"],
+                "read": AZURE_CORE_RETRY["retry_read"], "status": AZURE_CORE_RETRY["retry_status"]}
+        while queue:
+            error = queue.pop(0)
+            request = getattr(getattr(error, "response", None), "request", None)
+            if isinstance(request, FakeRequest):
+                request.method = http
+            kind = azure_core_retry_kind(error, http)
+            if kind is None or min(left["total"], left[kind]) < 1:
+                raise error
+            left["total"] -= 1
+            left[kind] -= 1
+            self._client.core_retries.append((operation, error))
 
 
 class Models(_Ops):
@@ -272,7 +361,7 @@ class Models(_Ops):
         self._enter("create_or_update")
         stored = self.versions.get(model.name, {}).get(str(model.version))
         if stored is not None and stored is not model and stored.path != model.path:
-            raise ResourceExistsError(f"model {model.name} version {model.version} exists with another path")
+            raise asset_path_changed(model.name, str(model.version))
         return self.add(model)
 
     def share(self, name: str, version: str, *, share_with_name: str, share_with_version: str, registry_name: str):
@@ -557,6 +646,11 @@ class OnlineDeployments(_Ops):
         return Poller(None)
 
 
+# What a workspace answers as its mlflow_tracking_uri (the ARM scope of the workspace in the path).
+TRACKING_URI = ("azureml://westeurope.api.azureml.ms/mlflow/v1.0/subscriptions/00000000-0000-0000-0000-000000000000"
+                "/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws")
+
+
 class Workspaces(_Ops):
     def __init__(self, client):
         super().__init__(client, "workspaces")
@@ -566,7 +660,7 @@ class Workspaces(_Ops):
 
         self._enter("get")
         workspace = Workspace(name=name or self._client.workspace_name)
-        workspace._mlflow_tracking_uri = "azureml://westeurope.api.azureml.ms/mlflow/v1.0/subscriptions/s/ws"
+        workspace._mlflow_tracking_uri = TRACKING_URI
         return workspace
 
 
@@ -579,6 +673,7 @@ class FakeMLClient:
         self.registries: dict[str, FakeMLClient] = {}  # what `models.share(registry_name=...)` can reach
         self.calls: list[str] = []
         self.faults: dict[str, list[BaseException]] = defaultdict(list)
+        self.core_retries: list[tuple[str, BaseException]] = []  # what azure-core's retries absorbed
         self.rest_payloads: list[dict] = []
         self.models = Models(self, registry_name)
         self.components = Components(self)
@@ -671,3 +766,65 @@ def reference_clients(component, models=CURRENT_MODELS) -> tuple[FakeMLClient, F
     workspace.compute.sizes = [VmSize(name="Standard_NC24rs_v3", gpus=4), VmSize(name=a100, gpus=1),
                                VmSize(name="Standard_NC48ads_A100_v4", gpus=2), VmSize(name="Standard_D4s_v3", gpus=0)]
     return workspace, registry
+
+
+# ---------------------------------------------------------------------------------------------
+# The real SDK clients, offline: a credential that needs no sign-in and an azure-core transport
+# that answers each request from a function, so the SDK's own pipeline (retries, error mapping,
+# deserialization) runs as it does against Azure.
+
+class StaticCredential:
+    """A TokenCredential that hands out one token: no Entra ID, no interactive sign-in."""
+
+    def __init__(self, token: str = "fake-access-token"):
+        self.token, self.scopes = token, []
+
+    def get_token(self, *scopes, **kwargs):
+        from azure.core.credentials import AccessToken
+
+        self.scopes.append(scopes)
+        return AccessToken(self.token, 4102444800)
+
+    def get_token_info(self, *scopes, options=None):
+        from azure.core.credentials import AccessTokenInfo
+
+        self.scopes.append(scopes)
+        return AccessTokenInfo(self.token, 4102444800)
+
+
+class CannedTransport:
+    """An azure-core HttpTransport whose answers come from `answer(request) -> (status, json body[,
+    headers])`; it records the requests and the retry policy's sleeps instead of sleeping."""
+
+    def __init__(self, answer: Callable[[Any], tuple]):
+        self.answer, self.requests, self.sleeps = answer, [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        pass
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def send(self, request, **kwargs):
+        import requests
+        from azure.core.rest._requests_basic import RestRequestsTransportResponse
+
+        self.requests.append(request)
+        status, body, *rest = self.answer(request)
+        raw = requests.Response()
+        raw.status_code, raw._content, raw.url = status, json.dumps(body).encode(), request.url
+        raw._content_consumed, raw.raw = True, io.BytesIO(raw._content)
+        raw.headers.update({"Content-Type": "application/json", **(rest[0] if rest else {})})
+        raw.reason = "OK" if status < 400 else "Error"
+        response = RestRequestsTransportResponse(request=request, internal_response=raw, block_size=4096)
+        response._content = raw._content  # read already, as after a non-streamed request
+        return response

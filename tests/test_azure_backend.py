@@ -18,7 +18,9 @@ from automation.backends.azure.backend import AzureBackend
 from automation.errors import BackendError, ConfigError
 from tests.conftest import REPO
 from tests.fake_azure import (
+    conflict,
     experiment,
+    http_error,
     plain_text_answer,
     quota_error,
     reference_clients,
@@ -242,11 +244,71 @@ def answering(answers: list):
     return call
 
 
-def test_transient_errors_are_retried_honouring_retry_after(sleeps):
-    answers = [throttled("7"), unavailable(), ServiceRequestError("Connection reset by peer"), "ok"]
+def test_what_azure_core_retried_is_not_retried_again(sleeps):
+    """A 429/503 answer that reaches retry.call has been through azure-core's own retries (its
+    RetryPolicy retries them on GET/PUT/DELETE): one layer of retries, so it fails at once."""
+    for error in (throttled("7"), unavailable()):
+        with pytest.raises(BackendError, match="^reading failed: "):
+            retry.call("reading", answering([error, "ok"]), sleep=sleeps.append)
+    assert sleeps == []
 
+
+def test_what_azure_core_leaves_alone_is_retried_honouring_retry_after(sleeps):
+    """A connection never made (ServiceRequestError), and a 429/502 answer to a POST without
+    Retry-After: azure-core does not retry those."""
+    post_429, post_502 = http_error(429, "TooManyRequests", "slow down"), http_error(502, "BadGateway", "bad")
+    post_429.response.request.method = post_502.response.request.method = "POST"
+    answers = [ServiceRequestError("Connection refused"), post_429, "ok"]
     assert retry.call("reading", answering(answers), sleep=sleeps.append, base_delay=2) == "ok"
-    assert sleeps == [7.0, 4.0, 8.0]
+    assert sleeps == [2.0, 4.0]
+    assert retry.call("scoring", answering([post_502, "ok"]), sleep=sleeps.append) == "ok"
+    assert not retry.retried_by_azure_core(post_502) and retry.retried_by_azure_core(throttled("7"))
+
+
+def test_a_conflict_on_a_begin_operation_is_retried_until_the_resource_is_free(sleeps):
+    """Every 409 of an ARM operation is ResourceExistsError; on a begin_* it means "operation in
+    progress": backed off and retried (bounded), never taken for "already exists"."""
+    from azure.core.exceptions import ResourceExistsError
+
+    assert isinstance(conflict(), ResourceExistsError)
+    answers = [conflict(), conflict(), "done"]
+    assert retry.call("creating deployment demo", answering(answers), sleep=sleeps.append, begin=True) == "done"
+    assert sleeps == [15.0, 30.0]
+    sleeps.clear()
+    with pytest.raises(BackendError, match="after 6 attempts .*stayed busy.*in progress"):
+        retry.call("moving traffic", answering([conflict()] * 6), sleep=sleeps.append, begin=True)
+    assert sleeps == [15.0, 30.0, 60.0, 120.0, 120.0]
+    with pytest.raises(BackendError, match="^reading failed: .*in progress"):  # not a begin: not retried
+        retry.call("reading", answering([conflict()]), sleep=sleeps.append)
+
+
+def test_the_clients_get_one_explicit_retry_layer_from_azure_core():
+    """A real MLClient built by connection.py: every request is tried at most 4 times by azure-core
+    (retry_total=3) with its backoff, and the transports connect within 30 s."""
+    from azure.ai.ml.operations._compute_operations import ComputeOperations
+
+    from tests.fake_azure import CannedTransport, StaticCredential
+
+    transport = CannedTransport(lambda request: (503, {"error": {"code": "ServiceUnavailable", "message": "busy"}}))
+    settings = connection.WorkspaceSettings("00000000-0000-0000-0000-000000000000", "rg", "ws", "test")
+    client = connection.workspace_client(settings, credential_=StaticCredential(), transport=transport)
+    assert isinstance(client.compute, ComputeOperations)
+    with pytest.raises(Exception) as caught:
+        client.compute.get("gpu-a100")
+    assert getattr(caught.value, "status_code", None) == 503
+    assert [r.method for r in transport.requests] == ["GET"] * 4 and transport.sleeps == [2.0, 4.0]
+    with pytest.raises(BackendError, match="reading cluster gpu-a100 failed: .*busy"):
+        retry.call("reading cluster gpu-a100", lambda: client.compute.get("gpu-a100"), sleep=transport.sleeps.append)
+    assert len(transport.requests) == 8 and transport.sleeps == [2.0, 4.0, 2.0, 4.0]  # no second layer
+
+    plain = connection.workspace_client(settings, credential_=StaticCredential())
+    timeouts = {c._client._pipeline._transport.connection_config.timeout
+                for c in _service_clients(plain) if hasattr(c._client._pipeline._transport, "connection_config")}
+    assert timeouts == {30}
+
+
+def _service_clients(ml_client):
+    return [v for k, v in vars(ml_client).items() if k.startswith("_service_client") and hasattr(v, "_client")]
 
 
 def test_quota_errors_are_not_retried_and_read_in_one_sentence(sleeps):
@@ -291,32 +353,36 @@ def test_plain_text_refusals_and_sdk_validation_are_not_retried(sleeps):
     assert sleeps == []
 
 
-def test_not_found_and_already_exists_pass_through_in_the_sdk_types(component):
+def test_not_found_passes_through_and_already_exists_only_where_the_caller_asks(component):
     """What the callers catch is what the SDK raises: they are not wrapped, whatever their type."""
     from azure.ai.ml.exceptions import ValidationException
     from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-    from tests.fake_azure import already_in_registry, http_error, no_latest_version
+    from tests.fake_azure import already_in_registry, no_latest_version
 
-    passing = [no_latest_version("x", "registry azureml"), already_in_registry(), ResourceNotFoundError("gone"),
-               http_error(400, "UserError", "A job with this ID already exists.")]
-    for error in passing:
+    for error in (no_latest_version("x", "registry azureml"), ResourceNotFoundError("gone")):
         with pytest.raises(type(error)):
             retry.call("reading", lambda e=error: (_ for _ in ()).throw(e), sleep=lambda s: None)
-    assert retry.is_not_found(passing[0]) and retry.is_not_found(passing[2])
-    assert retry.is_already_exists(passing[1]) and retry.is_already_exists(passing[3])
+    existing = [already_in_registry(), http_error(400, "UserError", "A job with this ID already exists."), conflict()]
+    for error in existing:
+        with pytest.raises(BackendError):
+            retry.call("creating", lambda e=error: (_ for _ in ()).throw(e), sleep=lambda s: None)
+        with pytest.raises(type(error)):
+            retry.call("creating", lambda e=error: (_ for _ in ()).throw(e), sleep=lambda s: None,
+                       passthrough=retry.is_already_exists)
+        assert retry.is_already_exists(error)
     other = ValidationException(message="Cannot specify both version and label.", no_personal_data_message="x")
     assert not retry.is_not_found(other) and not retry.is_already_exists(other)
-    assert isinstance(passing[3], HttpResponseError) and not retry.is_already_exists(http_error(400, "X", "bad"))
+    assert isinstance(existing[1], HttpResponseError) and not retry.is_already_exists(http_error(400, "X", "bad"))
 
 
 def test_retries_give_up_with_the_count(sleeps):
     def always():
-        raise unavailable()
+        raise ServiceRequestError("Connection refused")
 
-    with pytest.raises(BackendError, match="after 3 attempts: .*temporarily unavailable"):
-        retry.call("listing endpoints", always, attempts=3, sleep=sleeps.append)
-    assert len(sleeps) == 2
+    with pytest.raises(BackendError, match="after 3 attempts: Connection refused"):
+        retry.call("listing endpoints", always, sleep=sleeps.append)
+    assert sleeps == [2.0, 4.0]
 
 
 def test_mlflow_metrics_reads_the_pipeline_runs_and_the_loss_curve(tmp_path):

@@ -16,6 +16,7 @@ from automation.record import DataPart, FinetunePart
 from automation.stages import teardown
 from tests.fake_azure import (
     FakeMLClient,
+    conflict,
     data_dir,
     experiment,
     plain_text_answer,
@@ -237,6 +238,22 @@ def test_register_payload_and_rerun(backend, clients):
     assert again == first and workspace.calls.count("models.create_or_update") == 1
 
 
+def test_a_version_taken_by_another_jobs_output_is_named(backend, clients):
+    """The SDK raises AssetPathException (not ResourceExistsError) when the version exists with another
+    path: it is reported as such, not as an SDK validation failure."""
+    from azure.ai.ml.exceptions import AssetPathException
+
+    workspace, _ = clients
+    name = "Phi-4-ultrachat-200k"
+    backend.register(experiment(), FinetunePart(job_name="job-1"), model_name=name, timestamp_version="17", tags=TAGS)
+    workspace.models.versions[name]["17"].tags = {}  # registered by hand: no job tag to find it by
+    with pytest.raises(BackendError, match=f"^model {name} version 17 exists for another job's output") as caught:
+        backend.register(experiment(), FinetunePart(job_name="job-2"), model_name=name, timestamp_version="17",
+                         tags=TAGS)
+    assert isinstance(caught.value.__cause__, AssetPathException)
+    assert workspace.calls.count("models.create_or_update") == 2
+
+
 # -- deploy, score, teardown -----------------------------------------------------------------
 
 
@@ -277,10 +294,52 @@ def test_deploy_quota_error_is_one_sentence_not_retried(backend, clients):
     assert workspace.calls.count("online_deployments.begin_create_or_update") == 1
 
 
-def test_transient_fault_during_deploy_is_retried(backend, clients):
+def test_transient_fault_during_deploy_is_retried_by_azure_core_alone(clients):
+    """Two 429s on a PUT are retried inside azure-core's pipeline (as configured in connection.py);
+    nothing reaches our own retries. A third and fourth would exhaust it: then the stage fails."""
     workspace, _ = clients
+    sleeps: list[float] = []
+    backend = AzureBackend(*clients, sleep=sleeps.append, poll_s=0)
     workspace.fail("online_endpoints.begin_create_or_update", throttled("1"), times=2)
     assert backend.deploy(experiment(), _registered(backend), endpoint_name="ep-1", tags=TAGS).endpoint_name == "ep-1"
+    assert len(workspace.core_retries) == 2 and sleeps == []
+    workspace.fail("online_endpoints.begin_create_or_update", throttled("1"), times=4)
+    with pytest.raises(BackendError, match="^creating endpoint ep-2 failed: .*Rate limit"):
+        backend.deploy(experiment(), _registered(backend), endpoint_name="ep-2", tags=TAGS)
+    assert sleeps == []
+
+
+@pytest.mark.parametrize("operation", ["online_deployments.begin_create_or_update",
+                                       "online_endpoints.begin_create_or_update"])
+def test_a_busy_endpoint_answering_409_is_waited_for_not_a_crash(clients, operation):
+    """409 "operation in progress" on a begin_*: ResourceExistsError in the SDK, which is not "already
+    exists" there; backed off and retried, and the deployment is made."""
+    workspace, _ = clients
+    sleeps: list[float] = []
+    backend = AzureBackend(*clients, sleep=sleeps.append, poll_s=0)
+    workspace.fail(operation, conflict(), times=2)
+    part = backend.deploy(experiment(), _registered(backend), endpoint_name="ep-1", tags=TAGS)
+    assert part.endpoint_name == "ep-1" and workspace.online_endpoints.items["ep-1"].traffic == {"demo": 100}
+    assert sleeps == [15.0, 30.0] and workspace.core_retries == []
+
+
+def test_a_409_that_does_not_pass_fails_the_stage_in_one_sentence(clients):
+    workspace, _ = clients
+    backend = AzureBackend(*clients, sleep=lambda s: None, poll_s=0)
+    workspace.fail("online_deployments.begin_create_or_update", conflict(), times=6)
+    with pytest.raises(BackendError, match="creating deployment demo on ep-1 failed after 6 attempts "
+                                           r"\(the resource stayed busy"):
+        backend.deploy(experiment(), _registered(backend), endpoint_name="ep-1", tags=TAGS)
+
+
+def test_a_cancel_or_delete_on_a_busy_resource_is_retried(backend, clients, data):
+    workspace, _ = clients
+    backend.deploy(experiment(), _registered(backend), endpoint_name="ep-1", tags=TAGS)
+    workspace.fail("online_endpoints.begin_delete", conflict())
+    assert backend.delete_endpoint("ep-1") is True and "ep-1" not in workspace.online_endpoints.items
+    backend.submit_finetune(experiment(), data, job_name="job-c", tags=TAGS)
+    workspace.fail("jobs.begin_cancel", conflict())
+    assert backend.cancel_job("job-c") is True and workspace.jobs.cancelled == ["job-c"]
 
 
 def test_score_sends_the_request_file(backend, clients):
@@ -387,7 +446,8 @@ def test_transient_plain_text_scoring_failures_are_retried(backend, clients):
     workspace.fail("online_endpoints.invoke", plain_text_answer(503, "no healthy upstream"))
     request = {"input_data": {"input_string": [{"role": "user", "content": "Hi"}], "parameters": {}}, "params": {}}
     assert backend.invoke("ep-1", request, deployment="demo") == {"output": "Hello from Azure."}
-    assert workspace.calls.count("online_endpoints.invoke") == 3
+    # the 502 reaches us (azure-core does not retry a POST's 502); the 503 is retried inside azure-core
+    assert workspace.calls.count("online_endpoints.invoke") == 2 and len(workspace.core_retries) == 1
 
 
 def test_dry_run_plan_matches_the_submitted_job(backend, clients, data):

@@ -111,8 +111,10 @@ class AzureBackend(Backend):
             self._registries[key] = registry_client(key)
         return self._registries[key]
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        return retry.call(what, fn, sleep=self._sleep)
+    def _call(self, what: str, fn: Callable[[], Any], **options: Any) -> Any:
+        """retry.call with this backend's sleep; `begin=True` for a `begin_*`, `passthrough` for the
+        errors the caller reads itself (by default "not found")."""
+        return retry.call(what, fn, sleep=self._sleep, **options)
 
     # -- validate ---------------------------------------------------------------------------
     def validate_compute(self, experiment: Experiment) -> list[str]:
@@ -177,7 +179,7 @@ class AzureBackend(Backend):
         job = self.build_job(experiment, data, job_name=job_name, tags=tags)
         try:
             created = self._call(f"submitting job {job_name}", lambda: self.workspace.jobs.create_or_update(
-                job, experiment_name=experiment.name))
+                job, experiment_name=experiment.name), passthrough=retry.is_already_exists)
         except AzureError as err:
             # another run submitted it between our get and create: the service refuses the name (400)
             if retry.is_already_exists(err) and self._existing_job(job_name) is not None:
@@ -248,7 +250,8 @@ class AzureBackend(Backend):
         try:
             # The poller ends when the service accepted the request (CancelRequested); the job
             # reaches Canceled later, on its own. Never wait for that here.
-            self._call(f"cancelling job {job_name}", lambda: self.workspace.jobs.begin_cancel(job_name))
+            self._call(f"cancelling job {job_name}", lambda: self.workspace.jobs.begin_cancel(job_name),
+                       begin=True, passthrough=retry.is_not_found)
         except ResourceNotFoundError:
             return False
         return True
@@ -282,23 +285,41 @@ class AzureBackend(Backend):
         except ResourceNotFoundError:
             return []
 
+    def _registered_version(self, model_name: str, job_name: str) -> RegisterPart | None:
+        for existing in self._versions(model_name):
+            if (existing.tags or {}).get("job_name") == job_name:
+                log.info("job %s is already registered as %s:%s", job_name, model_name, existing.version)
+                return _register_part(model_name, str(existing.version),
+                                      existing.tags.get("timestamp_version", str(existing.version)))
+        return None
+
     def register(self, experiment: Experiment, finetune: FinetunePart, *, model_name: str,
                  timestamp_version: str, tags: dict[str, str]) -> RegisterPart:
         from azure.ai.ml.entities import Model
-        from azure.core.exceptions import ResourceExistsError
+        from azure.ai.ml.exceptions import AssetPathException
 
-        for existing in self._versions(model_name):
-            if (existing.tags or {}).get("job_name") == finetune.job_name:
-                log.info("job %s is already registered as %s:%s", finetune.job_name, model_name, existing.version)
-                return _register_part(model_name, str(existing.version),
-                                      existing.tags.get("timestamp_version", str(existing.version)))
+        found = self._registered_version(model_name, finetune.job_name)
+        if found is not None:
+            return found
         model = Model(**registration_spec(experiment, finetune.job_name, model_name=model_name,
                                           version=timestamp_version, tags=tags))
+
+        def taken(err: BaseException) -> bool:
+            # the version exists with another path (AssetPathException, what the SDK raises for the
+            # service's "Asset paths cannot be updated"), or as a 409 / "already exists"
+            return isinstance(err, AssetPathException) or retry.is_already_exists(err)
+
         try:
             created = self._call(f"registering {model_name}:{timestamp_version}",
-                                 lambda: self.workspace.models.create_or_update(model))
-        except ResourceExistsError as err:
-            raise BackendError(f"model {model_name} version {timestamp_version} exists for another job") from err
+                                 lambda: self.workspace.models.create_or_update(model), passthrough=taken)
+        except Exception as err:
+            if not taken(err):
+                raise
+            found = self._registered_version(model_name, finetune.job_name)  # registered in between
+            if found is not None:
+                return found
+            raise BackendError(f"model {model_name} version {timestamp_version} exists for another job's "
+                               f"output: {retry.one_sentence(err)}") from err
         return _register_part(model_name, str(created.version), timestamp_version)
 
     # -- endpoints --------------------------------------------------------------------------
@@ -318,20 +339,22 @@ class AzureBackend(Backend):
         if endpoint is None:
             entity = endpoints.build_endpoint(endpoints.endpoint_spec(name, tags))
             endpoint = self._call(f"creating endpoint {name}", lambda: self.workspace.online_endpoints.
-                                  begin_create_or_update(entity).result())
+                                  begin_create_or_update(entity).result(), begin=True)
         return endpoint
 
     def _create_deployment(self, spec: dict[str, Any]):
         entity = endpoints.build_deployment(spec)
         self._endpoint(spec["endpoint_name"])  # never race an update of the endpoint
         return self._call(f"creating deployment {spec['name']} on {spec['endpoint_name']}",
-                          lambda: self.workspace.online_deployments.begin_create_or_update(entity).result())
+                          lambda: self.workspace.online_deployments.begin_create_or_update(entity).result(),
+                          begin=True)
 
     def _set_traffic(self, name: str, traffic: dict[str, int]):
         endpoint = self._endpoint(name)
         endpoint.traffic = dict(traffic)
         return self._call(f"moving traffic of {name}",
-                          lambda: self.workspace.online_endpoints.begin_create_or_update(endpoint).result())
+                          lambda: self.workspace.online_endpoints.begin_create_or_update(endpoint).result(),
+                          begin=True)
 
     def deploy(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
                tags: dict[str, str]) -> DeployPart:
@@ -426,7 +449,7 @@ class AzureBackend(Backend):
             return False
         try:
             self._call(f"deleting endpoint {name}",
-                       lambda: self.workspace.online_endpoints.begin_delete(name=name).result())
+                       lambda: self.workspace.online_endpoints.begin_delete(name=name).result(), begin=True)
         except ResourceNotFoundError:
             return False
         return True
@@ -456,7 +479,8 @@ class AzureBackend(Backend):
                 self._call(f"sharing {model.model_name}:{model.version} into {self.production_registry}",
                            lambda: models.share(model.model_name, model.version, share_with_name=model.model_name,
                                                 share_with_version=model.version,
-                                                registry_name=self.production_registry))
+                                                registry_name=self.production_registry),
+                           passthrough=retry.is_already_exists)
             except MlException as err:  # shared in between: ValidationException "already exists in registry"
                 if not retry.is_already_exists(err):
                     raise
@@ -497,7 +521,7 @@ class AzureBackend(Backend):
             except BackendError:  # the old version keeps serving; the broken one would only cost money
                 with contextlib.suppress(ResourceNotFoundError, BackendError):
                     self._call(f"deleting deployment {new}",
-                               lambda: ops.begin_delete(name=new, endpoint_name=endpoint_name).result())
+                               lambda: ops.begin_delete(name=new, endpoint_name=endpoint_name).result(), begin=True)
                 raise
             endpoint = self._set_traffic(endpoint_name, {new: 100})
         else:
@@ -506,7 +530,7 @@ class AzureBackend(Backend):
             try:
                 self._endpoint(endpoint_name)
                 self._call(f"deleting deployment {name}",
-                           lambda n=name: ops.begin_delete(name=n, endpoint_name=endpoint_name).result())
+                           lambda n=name: ops.begin_delete(name=n, endpoint_name=endpoint_name).result(), begin=True)
             except ResourceNotFoundError:
                 pass
         return PromotePart(endpoint_name=endpoint_name, deployment_name=new, url=endpoint.scoring_uri or "",

@@ -1,4 +1,6 @@
-"""Clients for the workspace and the model registry, authenticated with DefaultAzureCredential.
+"""Clients for the workspace and the model registry, with the project's credential (credentials.py)
+and azure-core's retry policy set explicitly (`retry.AZURE_CORE_RETRY`: one layer of retries, not
+azure-core's ten tries under ours).
 
 The workspace comes from the environment (AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP,
 AZURE_ML_WORKSPACE) or, when none of them is set, from an Azure ML `config.json` (the file the
@@ -12,6 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from automation.errors import ConfigError
 
@@ -73,15 +76,26 @@ def credential():
     return make()
 
 
-def workspace_client(settings: WorkspaceSettings | None = None):
+def client_options(**extra: Any) -> dict[str, Any]:
+    """What every MLClient gets besides its scope: MLClient hands its keyword arguments to each
+    service client (their Configuration builds `RetryPolicy(**kwargs)`, their transport reads
+    `connection_timeout`) and to the pipeline that `online_endpoints.invoke` posts through."""
+    from automation.backends.azure.retry import AZURE_CORE_RETRY
+
+    return {**AZURE_CORE_RETRY, **extra}
+
+
+def workspace_client(settings: WorkspaceSettings | None = None, *, credential_=None, **extra: Any):
     from azure.ai.ml import MLClient
 
     s = settings or workspace_settings()
-    return MLClient(credential(), subscription_id=s.subscription_id, resource_group_name=s.resource_group,
-                    workspace_name=s.workspace_name)
+    return MLClient(credential_ or credential(), subscription_id=s.subscription_id,
+                    resource_group_name=s.resource_group, workspace_name=s.workspace_name,
+                    **client_options(**extra))
 
 
-def registry_client(registry: str | None = None):
+def registry_client(registry: str | None = None, *, credential_=None, **extra: Any):
     from azure.ai.ml import MLClient
 
-    return MLClient(credential(), registry_name=registry or DEFAULT_REGISTRY)
+    return MLClient(credential_ or credential(), registry_name=registry or DEFAULT_REGISTRY,
+                    **client_options(**extra))
