@@ -17,7 +17,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from automation.backends.azure import compute, endpoints, pipeline, retry
+from automation.backends.azure import compute, endpoints, jobs, pipeline, retry
 from automation.backends.base import (
     IN_FLIGHT,
     Backend,
@@ -40,9 +40,9 @@ from automation.spec import Experiment, apply_model_specific_defaults, run_displ
 
 log = logging.getLogger(__name__)
 
-TERMINAL = {"completed", "failed", "canceled", "cancelled", "notresponding"}
 PRODUCTION_REGISTRY_VARIABLE = "AZURE_ML_PRODUCTION_REGISTRY"
 COMPONENT_VERSION_VARIABLE = "AZURE_ML_COMPONENT_VERSION"
+MAX_WAIT_S = 72 * 3600.0  # the longest `wait_finetune` waits for a job (the reconcile loop never waits)
 SMOKE_REQUEST = score_request([[{"role": "user", "content": "Say hello."}]], {"max_new_tokens": 8, "do_sample": False})
 
 
@@ -79,8 +79,11 @@ class AzureBackend(Backend):
                  metrics_reader: Callable[[str, str], dict[str, Any]] | None = None,
                  sleep: Callable[[float], None] = time.sleep, poll_s: float = 30,
                  component_version: str | None = None, production_registry: str | None = None,
-                 registry_clients: dict[str, Any] | None = None, today: Callable[[], date] = compute.today_utc):
+                 registry_clients: dict[str, Any] | None = None, today: Callable[[], date] = compute.today_utc,
+                 clock: Callable[[], float] = time.monotonic, max_wait_s: float = MAX_WAIT_S):
         self._workspace = workspace_client
+        self._clock = clock
+        self._max_wait_s = max_wait_s
         self._today = today
         self._registry = registry_client
         self._registries: dict[str, Any] = dict(registry_clients or {})
@@ -193,13 +196,11 @@ class AzureBackend(Backend):
         if job is None:
             raise BackendError(f"fine-tune job {job_name} does not exist; run `automation finetune`")
         error = getattr(job, "error", None)
-        if str(job.status or "").lower() not in TERMINAL:
-            if stream:
-                try:
-                    self.workspace.jobs.stream(job_name)
-                except Exception as err:  # the SDK raises JobException carrying the job's error
-                    error = " ".join(str(err).split())[:500]
-            job = self._poll_until_done(job_name)
+        if not jobs.is_terminal(job.status):
+            started = self._clock()
+            if stream and jobs.stall_deadline_s(job.status) is None:
+                error = self._stream(job_name) or error
+            job = self._poll_until_done(job_name, started)
         status = str(job.status or "unknown")
         if status.lower() != "completed":
             detail = error or "no error detail in the job"
@@ -217,12 +218,50 @@ class AzureBackend(Backend):
         return part.model_copy(update={"eval_loss": found.get("eval_loss"), "train_loss": found.get("train_loss"),
                                        "train_loss_curve": curve})
 
-    def _poll_until_done(self, job_name: str):
+    def _stream(self, job_name: str) -> str | None:
+        """`jobs.stream` (the job's logs until it ends, NotResponding or Paused), in a daemon thread
+        given at most `max_wait_s`; the job's error when the SDK raised one (JobException)."""
+        import threading
+
+        outcome: dict[str, BaseException] = {}
+
+        def follow() -> None:
+            try:
+                self.workspace.jobs.stream(job_name)
+            except Exception as err:
+                outcome["error"] = err
+
+        thread = threading.Thread(target=follow, name=f"stream-{job_name}", daemon=True)
+        thread.start()
+        thread.join(self._max_wait_s)
+        if thread.is_alive():
+            log.warning("stopped following the logs of %s after %.0f h", job_name, self._max_wait_s / 3600)
+            return None
+        err = outcome.get("error")
+        return " ".join(str(err).split())[:500] if err is not None else None
+
+    def _poll_until_done(self, job_name: str, started: float | None = None):
+        """The job once it has ended; BackendError when it stays NotResponding or Paused past its
+        deadline (jobs.STALL_DEADLINES_S) or has not ended `max_wait_s` after `started`."""
+        started = self._clock() if started is None else started
+        status_key, since = None, started
         while True:
             job = self._call(f"reading job {job_name}", lambda: self.workspace.jobs.get(job_name))
-            if str(job.status or "").lower() in TERMINAL:
+            status = str(job.status or "Unknown")
+            if jobs.is_terminal(status):
                 return job
-            log.info("job %s is %s", job_name, job.status)
+            now = self._clock()
+            if status.lower() != status_key:
+                status_key, since = status.lower(), now
+            deadline = jobs.stall_deadline_s(status)
+            if deadline is not None and now - since >= deadline:
+                raise BackendError(jobs.stuck_message(job_name, status, now - since, job.studio_url))
+            if now - started >= self._max_wait_s:
+                raise BackendError(f"fine-tune job {job_name} is still {status} after waiting "
+                                   f"{self._max_wait_s / 3600:g} h; it goes on in Azure ML: let the reconcile "
+                                   f"loop follow it, or cancel it; see {job.studio_url or 'the Azure ML studio'}")
+            note = jobs.job_state(status).note
+            log.info("job %s is %s%s", job_name, status, f" ({note})" if note else "")
             self._sleep(self._poll_s)
 
     # -- jobs, observed without waiting (the reconcile loop) ---------------------------------

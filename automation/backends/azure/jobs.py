@@ -1,8 +1,16 @@
 """Azure ML jobs as the reconcile loop sees them: found by name or tags, read without waiting,
-cancelled with `jobs.begin_cancel` (Running -> CancelRequested -> Canceled)."""
+cancelled with `jobs.begin_cancel` (Running -> CancelRequested -> Canceled).
+
+`JOB_STATES` is the one table of the service's job statuses (the REST enum JobStatus, azure-ai-ml
+1.35 `azure.ai.ml.constants.JobStatus`), used by the reconcile loop and by the waits alike. Two of
+them are not an end although the SDK's own `jobs.stream` stops on them (RunHistoryConstants
+.TERMINAL_STATUSES): NotResponding (the job stopped reporting; it may recover) and Paused. A job that
+stays in one of them past its deadline (`STALL_DEADLINES_S`) is treated as failed: stuck.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from automation.backends.base import (
@@ -15,14 +23,59 @@ from automation.backends.base import (
     JobInfo,
 )
 
-# azure.ai.ml's JobStatus values (the REST enum), lower-cased, mapped to the normalised states.
-STATES = {
-    "notstarted": JOB_WAITING, "queued": JOB_WAITING, "preparing": JOB_WAITING, "provisioning": JOB_WAITING,
-    "starting": JOB_WAITING, "paused": JOB_WAITING, "unknown": JOB_WAITING,
-    "running": JOB_RUNNING, "finalizing": JOB_RUNNING, "notresponding": JOB_RUNNING,
-    "cancelrequested": JOB_CANCELING,
-    "completed": JOB_COMPLETED, "failed": JOB_FAILED, "canceled": JOB_CANCELED, "cancelled": JOB_CANCELED,
-}
+
+@dataclass(frozen=True)
+class JobState:
+    status: str  # the service's word, as the REST enum spells it
+    state: str  # the normalised JOB_* state
+    note: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED)
+
+
+# Every value of the REST enum JobStatus, keyed lower-case.
+JOB_STATES: dict[str, JobState] = {s.status.lower(): s for s in (
+    JobState("NotStarted", JOB_WAITING),
+    JobState("Starting", JOB_WAITING),
+    JobState("Provisioning", JOB_WAITING),
+    JobState("Preparing", JOB_WAITING),
+    JobState("Queued", JOB_WAITING),
+    JobState("Running", JOB_RUNNING),
+    JobState("Finalizing", JOB_RUNNING),
+    JobState("CancelRequested", JOB_CANCELING),
+    JobState("Completed", JOB_COMPLETED),
+    JobState("Failed", JOB_FAILED),
+    JobState("Canceled", JOB_CANCELED),
+    JobState("NotResponding", JOB_RUNNING, "may recover"),
+    JobState("Paused", JOB_WAITING, "paused"),
+)}
+# How long a job may stay in a state that is not an end but may never end either.
+STALL_DEADLINES_S = {"notresponding": 2 * 3600.0, "paused": 24 * 3600.0}
+UNKNOWN = JobState("Unknown", JOB_WAITING, "a status this project does not know")
+
+
+def job_state(status: str | None) -> JobState:
+    """The table's entry for a status (any case); "Cancelled" is read as Canceled; anything else is
+    waiting, with a note, rather than an end the service never said."""
+    key = str(status or "").lower()
+    return JOB_STATES.get("canceled" if key == "cancelled" else key, UNKNOWN)
+
+
+def is_terminal(status: str | None) -> bool:
+    return job_state(status).terminal
+
+
+def stall_deadline_s(status: str | None) -> float | None:
+    return STALL_DEADLINES_S.get(str(status or "").lower())
+
+
+def stuck_message(job_name: str, status: str, seconds: float, url: str | None = None) -> str:
+    deadline = stall_deadline_s(status) or 0
+    return (f"fine-tune job {job_name} has been {status} for {seconds / 60:.0f} min, past the "
+            f"{deadline / 3600:g} h this project waits for a job in that state: treated as stuck (failed); "
+            f"cancel it or resubmit; see {url or 'the Azure ML studio'}")
 
 
 def _created_at(job: Any) -> str | None:
@@ -36,6 +89,6 @@ def _created_at(job: Any) -> str | None:
 def job_info(job: Any) -> JobInfo:
     status = str(getattr(job, "status", None) or "Unknown")
     error = getattr(job, "error", None)
-    return JobInfo(name=job.name, state=STATES.get(status.lower(), JOB_WAITING), backend_status=status,
+    return JobInfo(name=job.name, state=job_state(status).state, backend_status=status,
                    tags=dict(getattr(job, "tags", None) or {}), url=getattr(job, "studio_url", None),
                    created_at=_created_at(job), error=str(error) if error else None)
