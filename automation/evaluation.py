@@ -11,8 +11,14 @@ model:
   computes it without torch (`rouge_l_f1`);
 - mean reply length in words;
 - empty rate: replies with no text once whitespace is stripped;
-- repetitive rate: replies of 12 or more word/punctuation tokens in which fewer than half of the
-  4-grams are distinct (a model stuck in a loop; normal prose keeps ~95 % distinct).
+- repetitive rate: replies stuck in a loop (`is_repetitive`): a line or sentence of four or more
+  words said three times or more, repeated lines or sentences making up a third of the reply, or
+  12 or more word/punctuation tokens of which fewer than half of the 4-grams are distinct
+  (normal prose keeps ~95 % distinct).
+
+Every compared figure carries its sample size and a 95 % interval (automation/stats.py): a paired
+bootstrap of the candidate − baseline difference over prompts (ROUGE-L) and conversations (eval
+loss, where the backend records it per conversation), a Wilson interval for the candidate's shares.
 
 The baseline is the production model when one exists, else the base model (none when neither was
 evaluated: an Azure run before the first promotion); `promote` checks the experiment's
@@ -25,6 +31,7 @@ request per prompt in the seed's request form.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -40,12 +47,17 @@ from typing import Any
 from automation.errors import AutomationError, BackendError, ConfigError
 from automation.record import EvalPrompt, EvaluationPart, FinetunePart, ModelEval
 from automation.spec import PromotionSpec
+from automation.stats import Interval, paired_bootstrap, wilson
 from automation.workspace import write_text_atomic
 
 MODEL_LABELS = {"base": "base model", "candidate": "fine-tuned", "production": "production", "none": "no baseline"}
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _NOT_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
 REPETITION_MIN_TOKENS, REPETITION_NGRAM, REPETITION_MIN_DISTINCT = 12, 4, 0.5
+REPETITION_UNIT_WORDS, REPETITION_UNIT_TIMES, REPETITION_UNIT_SHARE = 4, 3, 1 / 3
+_UNIT_SPLIT = re.compile(r"\n+|(?<=[.!?])\s+")  # lines, and sentences within a line
+_TOKEN_WORD = re.compile(r"[^\W_]+")
+_LIST_MARKER = re.compile(r"^\s*(?:[-*+•]|\d+[.)])\s+")  # "1. ", "- ": the same step numbered twice
 
 
 def held_out_prompts(split_file: Path, count: int, seed: int) -> list[EvalPrompt]:
@@ -124,11 +136,34 @@ def lcs_length(a: list[str], b: list[str]) -> int:
 
 
 def is_repetitive(text: str) -> bool:
+    """A reply stuck in a loop: the same line or sentence over and over, or a run of repeated n-grams."""
+    return _repeats_units(text) or _repeats_ngrams(text)
+
+
+def _repeats_ngrams(text: str) -> bool:
     tokens = _TOKEN.findall(text.lower())
     if len(tokens) < REPETITION_MIN_TOKENS:
         return False
     grams = [tuple(tokens[i:i + REPETITION_NGRAM]) for i in range(len(tokens) - REPETITION_NGRAM + 1)]
     return len(set(grams)) / len(grams) < REPETITION_MIN_DISTINCT
+
+
+def _repeats_units(text: str) -> bool:
+    """A line or sentence of 4+ words said 3+ times, or repeats (every copy after the first) that
+    make up a third or more of the reply's words. Units are compared by their words, lowercased, so
+    a repeat that differs only in punctuation, numbering or spacing still counts."""
+    units = [words for part in _UNIT_SPLIT.split(text)
+             if len(words := tuple(_TOKEN_WORD.findall(_LIST_MARKER.sub("", part.lower()))))
+             >= REPETITION_UNIT_WORDS]
+    if len(units) < 2:
+        return False
+    counts: dict[tuple[str, ...], int] = {}
+    for unit in units:
+        counts[unit] = counts.get(unit, 0) + 1
+    if max(counts.values()) >= REPETITION_UNIT_TIMES:
+        return True
+    repeated_words = sum(len(unit) * (times - 1) for unit, times in counts.items())
+    return repeated_words / sum(len(unit) for unit in units) >= REPETITION_UNIT_SHARE
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -251,21 +286,45 @@ class PolicyCheck:
     value: float | None
     limit: float
     passed: bool
+    interval: Interval | None = None  # 95 % interval of `value`, where per-item figures exist
+    decide_on: str = "point"
 
     @property
     def measured(self) -> bool:
         return self.value is not None
 
+    @property
+    def upper_limit(self) -> bool:
+        return self.rule.split(".")[-1].startswith("max")
+
+    @property
+    def evidence(self) -> str:
+        """How the interval stands to the limit: "clear" (all of it passes), "against" (none of it
+        does), "undecided" (it straddles the limit), or "no interval" (no per-item figures)."""
+        if self.interval is None:
+            return "no interval"
+        low, high = self.interval.low, self.interval.high
+        if self.upper_limit:
+            return "clear" if high <= self.limit + 1e-12 else ("against" if low > self.limit + 1e-12 else "undecided")
+        return "clear" if low >= self.limit - 1e-12 else ("against" if high < self.limit - 1e-12 else "undecided")
+
     def describe(self) -> str:
-        shown = "not measured in this run, so not enforced" if self.value is None else f"{self.value:+.4f}"
-        sign = "≤" if self.rule.split(".")[-1].startswith("max") else "≥"
-        return f"{self.what}: {shown} (needs {sign} {self.limit:g}; {self.rule})"
+        sign = "≤" if self.upper_limit else "≥"
+        if self.value is None:
+            return f"{self.what}: not measured in this run, so not enforced (needs {sign} {self.limit:g}; {self.rule})"
+        shown = f"{self.value:+.4f}"
+        if self.interval is not None:
+            i = self.interval
+            shown += f" (95 % interval {i.low:+.4f} to {i.high:+.4f}, n = {i.n}; {self.evidence})"
+        rule = self.rule + (", on the whole interval" if self.decide_on == "interval" else "")
+        return f"{self.what}: {shown} (needs {sign} {self.limit:g}; {rule})"
 
 
 @dataclass(frozen=True)
 class PolicyResult:
     baseline: str
     checks: list[PolicyCheck]
+    decide_on: str = "point"
 
     @property
     def passed(self) -> bool:
@@ -274,12 +333,53 @@ class PolicyResult:
     def failures(self) -> list[PolicyCheck]:
         return [c for c in self.checks if not c.passed]
 
+    def undecided(self) -> list[PolicyCheck]:
+        """Measured checks whose interval straddles the limit: this n cannot tell pass from fail."""
+        return [c for c in self.checks if c.measured and c.evidence == "undecided"]
+
+    def strength(self) -> str:
+        """One phrase for the verdict line: how strong the evidence behind it is."""
+        measured = [c for c in self.checks if c.measured]
+        if not measured:
+            return "nothing the policy limits was measured"
+        with_interval = [c for c in measured if c.interval is not None]
+        if not with_interval:
+            return "point estimates only (no per-item figures for an interval)"
+        undecided = self.undecided()
+        if undecided:
+            n = max(c.interval.n for c in undecided)
+            names = ", ".join(c.what.split(" vs ")[0] for c in undecided)
+            return f"not decidable at n = {n}: the 95 % interval of {names} straddles its limit"
+        if len(with_interval) < len(measured):
+            return "clear at 95 % where an interval exists; point estimates elsewhere"
+        return "clear at 95 % confidence"
+
+
+def _paired(evaluation: EvaluationPart, attribute: str, baseline: str) -> Interval | None:
+    candidate, other = evaluation.models.get("candidate"), evaluation.models.get(baseline)
+    if candidate is None or other is None:
+        return None
+    a, b = getattr(candidate, attribute), getattr(other, attribute)
+    if not a or len(a) != len(b):
+        return None
+    return paired_bootstrap(a, b)
+
+
+def _share(candidate: ModelEval | None, test: Callable[[str], bool]) -> Interval | None:
+    if candidate is None or not candidate.replies:
+        return None
+    return wilson(sum(bool(test(r)) for r in candidate.replies), len(candidate.replies))
+
 
 def check_policy(evaluation: EvaluationPart | None, policy: PromotionSpec,
                  finetune: FinetunePart | None = None) -> PolicyResult:
     """The experiment's promotion limits against the baseline. Without a held-out evaluation (a
     backend that does not run one) the eval losses of `finetune` stand in. A figure the run did not
-    measure (no eval split, no prompts) is shown as such and its limit is not enforced."""
+    measure (no eval split, no prompts) is shown as such and its limit is not enforced.
+
+    Each check carries the 95 % interval of its figure where per-item figures exist. With
+    `decide_on: point` the measured figure must meet the limit; with `interval` the whole interval
+    must (a check without an interval then falls back to its point, and says so)."""
     if evaluation is None or "candidate" not in evaluation.models:
         evaluation = EvaluationPart(test_split="", prompt_split="", max_new_tokens=0)
         if finetune is not None:
@@ -289,20 +389,27 @@ def check_policy(evaluation: EvaluationPart | None, policy: PromotionSpec,
     candidate = evaluation.models.get("candidate")
     checks = []
 
-    def add(rule: str, what: str, value: float | None, limit: float | None, ok) -> None:
-        if limit is not None:
-            checks.append(PolicyCheck(f"promotion.{rule}", what, value, limit,
-                                      value is None or ok(value, limit)))
+    def add(rule: str, what: str, value: float | None, limit: float | None, interval: Interval | None) -> None:
+        if limit is None:
+            return
+        check = PolicyCheck(f"promotion.{rule}", what, value, limit, True, interval, policy.decide_on)
+        if value is None:
+            passed = True
+        elif policy.decide_on == "interval" and interval is not None:
+            passed = check.evidence == "clear"
+        else:
+            passed = value <= limit + 1e-12 if check.upper_limit else value >= limit - 1e-12
+        checks.append(dataclasses.replace(check, passed=passed))
 
     add("max_eval_loss_increase", f"eval loss change vs {MODEL_LABELS[base]}", delta(evaluation, "eval_loss"),
-        policy.max_eval_loss_increase, lambda v, lim: v <= lim + 1e-12)
+        policy.max_eval_loss_increase, _paired(evaluation, "eval_loss_each", base))
     add("min_rouge_l_delta", f"ROUGE-L change vs {MODEL_LABELS[base]}", delta(evaluation, "rouge_l"),
-        policy.min_rouge_l_delta, lambda v, lim: v >= lim - 1e-12)
+        policy.min_rouge_l_delta, _paired(evaluation, "rouge_l_each", base))
     add("max_empty_rate", "empty replies (share)", candidate.empty_rate if candidate else None,
-        policy.max_empty_rate, lambda v, lim: v <= lim)
+        policy.max_empty_rate, _share(candidate, lambda r: not r.strip()))
     add("max_repetitive_rate", "repetitive replies (share)", candidate.repetitive_rate if candidate else None,
-        policy.max_repetitive_rate, lambda v, lim: v <= lim)
-    return PolicyResult(base, checks)
+        policy.max_repetitive_rate, _share(candidate, is_repetitive))
+    return PolicyResult(base, checks, policy.decide_on)
 
 
 class PolicyNotMet(AutomationError):

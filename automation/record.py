@@ -59,6 +59,7 @@ class ModelEval(_Part):
     repetitive_rate: float | None = None
     replies: list[str] = Field(default_factory=list)
     rouge_l_each: list[float] = Field(default_factory=list)
+    eval_loss_each: list[float] = Field(default_factory=list)  # per test conversation, where recorded
 
 
 class EvaluationPart(_Part):

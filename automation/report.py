@@ -175,17 +175,28 @@ def _policy_line(record: RunRecord, experiment: Experiment) -> list[str]:
     if not result.checks:
         return ["**Promotion policy:** no limits set (`promotion:` in the experiment file).", ""]
     versus = against(result.baseline)
-    if result.passed:
-        head = f"**Promotion policy: ✅ passes** {versus}."
+    rule = "whole 95 % interval" if result.decide_on == "interval" else "measured value"
+    if result.passed and result.undecided():
+        head = f"**Promotion policy: ⚠️ passes on the measured values only** {versus}"
+    elif result.passed:
+        head = f"**Promotion policy: ✅ passes** {versus} (on the {rule})"
     else:
-        head = f"**Promotion policy: ❌ not met** {versus}; `promote` will refuse without an override."
-    rows = ["| rule | value | limit | |", "|---|---:|---:|:-:|"]
+        head = f"**Promotion policy: ❌ not met** {versus} (on the {rule}); `promote` will refuse without an override"
+    head += f". Evidence: {result.strength()}."
+    rows = ["| rule | value | 95 % interval | n | limit | |", "|---|---:|---:|---:|---:|:-:|"]
     for c in result.checks:
-        sign = "≤" if c.rule.split(".")[-1].startswith("max") else "≥"
-        value = _pct(c.value) if c.rule.endswith("_rate") else _signed(c.value)
-        limit = _pct(c.limit) if c.rule.endswith("_rate") else f"{c.limit:g}"
+        sign = "≤" if c.upper_limit else "≥"
+        rate = c.rule.endswith("_rate")
+        value = _pct(c.value) if rate else _signed(c.value)
+        span = "–" if c.interval is None else (
+            f"{_pct(c.interval.low)} to {_pct(c.interval.high)}" if rate
+            else f"{_signed(c.interval.low)} to {_signed(c.interval.high)}")
+        n = "–" if c.interval is None else str(c.interval.n)
+        limit = _pct(c.limit) if rate else f"{c.limit:g}"
         mark = "not measured" if not c.measured else ("✅" if c.passed else "❌")
-        rows.append(f"| {c.what} (`{c.rule.split('.')[-1]}`) | {value} | {sign} {limit} | {mark} |")
+        if c.measured and c.evidence == "undecided":
+            mark += " undecided"
+        rows.append(f"| {c.what} (`{c.rule.split('.')[-1]}`) | {value} | {span} | {n} | {sign} {limit} | {mark} |")
     return [head, "", *rows, ""]
 
 

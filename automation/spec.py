@@ -303,6 +303,10 @@ class PromotionSpec(_Strict):
         None, description="Share of the candidate's replies that may be empty.")
     max_repetitive_rate: Annotated[float, Field(ge=0, le=1)] | None = Field(
         None, description="Share of the candidate's replies that may be repetitive.")
+    decide_on: Literal["point", "interval"] = Field(
+        "point", description="point: each measured figure must meet its limit. interval: its whole 95 % "
+        "interval must (e.g. eval loss not worse with 95 % confidence); a figure whose interval "
+        "straddles the limit then fails as undecided.")
 
 
 class Experiment(_Strict):

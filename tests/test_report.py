@@ -121,7 +121,11 @@ def test_report_leads_with_the_evaluation_and_the_policy(local):
     assert text.startswith(MARKER.format(name="smollm2-ultrachat-local"))
     assert text.index("Promotion policy") < text.index("### Evaluation") < text.index("### Training")
     assert "**Promotion policy: ✅ passes** against the production model" not in text  # label is "production"
-    assert "**Promotion policy: ✅ passes** against the production." in text
+    # 3 prompts cannot decide a ROUGE-L limit: the verdict says so instead of a plain pass
+    assert ("**Promotion policy: ⚠️ passes on the measured values only** against the production. Evidence: "
+            "not decidable at n = 3: the 95 % interval of ROUGE-L change straddles its limit.") in text
+    assert re.search(r"\| ROUGE-L change vs production \(`min_rouge_l_delta`\) \| \+0\.\d{4} \| "
+                     r"−0\.\d{4} to \+0\.\d{4} \| 3 \| ≥ -0\.01 \| ✅ undecided \|", text)
     assert "| | base model | fine-tuned | production v2 | change |" in text
     assert "| eval loss | 2.7390 | 2.4410 | 2.5000 | −0.0590 |" in text, "change = candidate − production"
     assert "Eval loss on `test_sft` (32 conversations); replies to 3 held-out prompts of `test_gen`" in text
@@ -144,8 +148,9 @@ def test_without_production_the_base_model_is_the_baseline(local):
 def test_policy_not_met_says_so_before_anyone_approves(local):
     strict = local.model_copy(update={"promotion": local.promotion.model_copy(update={"max_eval_loss_increase": -0.1})})
     text = render(full_record(), strict)
-    assert "**Promotion policy: ❌ not met** against the production; `promote` will refuse without an override." in text
-    assert "| eval loss change vs production (`max_eval_loss_increase`) | −0.0590 | ≤ -0.1 | ❌ |" in text
+    assert ("**Promotion policy: ❌ not met** against the production (on the measured value); `promote` will "
+            "refuse without an override. Evidence:") in text
+    assert "| eval loss change vs production (`max_eval_loss_increase`) | −0.0590 | – | – | ≤ -0.1 | ❌ |" in text
 
 
 def test_model_text_is_wrapped_prose_never_code_and_never_markup(local):
