@@ -49,22 +49,75 @@ SMOKE_REQUEST = score_request([[{"role": "user", "content": "Say hello."}]], {"m
 LOSS_CURVE = "loss_curve"  # key of the metrics dict holding [(step, loss), ...] of the training loss
 
 
-def mlflow_metrics(tracking_uri: str, job_name: str) -> dict[str, Any]:
+MLFLOW_READ_DEADLINE_S = 120.0  # one whole metrics read, whatever MLflow or a credential does
+
+
+def mlflow_metrics(tracking_uri: str, job_name: str, *, credential=None, timeout_s: float = MLFLOW_READ_DEADLINE_S,
+                   host_url: str | None = None) -> dict[str, Any]:
     """Latest metrics of every run of the pipeline job (its child steps), read through MLflow,
     plus the training loss history under `LOSS_CURVE`, so the report draws the same curve as
-    for the local backend."""
-    import mlflow
+    for the local backend.
 
-    mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.mlflow.rootRunId = '{job_name}'")
+    A workspace (`azureml://`) is read with `credential` (default: the project's, credentials.py),
+    never with azureml-mlflow's own chain (connection.use_credential_for_mlflow), and the read is
+    given `timeout_s` in all: past it, BackendError, and the read is left behind in a daemon thread."""
+    import threading
+
+    if tracking_uri.startswith("azureml:"):
+        from automation.backends.azure import connection
+
+        reader = connection.workspace_mlflow_store(tracking_uri, credential or connection.credential(),
+                                                   host_url=host_url)
+    else:  # a local store (tests, a self-hosted MLflow)
+        import mlflow
+
+        reader = mlflow.MlflowClient(tracking_uri)
+    outcome: dict[str, Any] = {}
+
+    def read() -> None:
+        try:
+            outcome["metrics"] = _read_mlflow_metrics(reader, job_name)
+        except BaseException as err:  # handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=read, name=f"mlflow-metrics-{job_name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise BackendError(f"reading the metrics of {job_name} through MLflow took more than {timeout_s:.0f} s; "
+                           "gave up")
+    if "error" in outcome:
+        err = outcome["error"]
+        raise BackendError(f"reading the metrics of {job_name} through MLflow failed: "
+                           f"{retry.one_sentence(err)}") from err
+    return outcome["metrics"]
+
+
+def _pages(fetch: Callable[[str | None], Any]) -> list[Any]:
+    found, token = [], None
+    while True:
+        page = fetch(token)
+        found.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return found
+
+
+def _read_mlflow_metrics(reader, job_name: str) -> dict[str, Any]:
+    """`reader`: a tracking store or an MlflowClient (the same search methods)."""
+    from mlflow.entities import ViewType
+
+    experiments = _pages(lambda token: reader.search_experiments(
+        view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token))
+    runs = _pages(lambda token: reader.search_runs(
+        [e.experiment_id for e in experiments], f"tags.mlflow.rootRunId = '{job_name}'", ViewType.ACTIVE_ONLY,
+        max_results=1000, page_token=token)) if experiments else []
     merged: dict[str, Any] = {}
     for run in runs:
         merged.update(run.data.metrics)
         for key in ("loss", "train_loss"):
             if key in run.data.metrics and LOSS_CURVE not in merged:
-                history = client.get_metric_history(run.info.run_id, key)
+                history = reader.get_metric_history(run.info.run_id, key)
                 merged[LOSS_CURVE] = sorted((int(m.step), float(m.value)) for m in history)
     return merged
 
@@ -87,7 +140,7 @@ class AzureBackend(Backend):
         self._today = today
         self._registry = registry_client
         self._registries: dict[str, Any] = dict(registry_clients or {})
-        self._metrics_reader = metrics_reader or mlflow_metrics
+        self._metrics_reader = metrics_reader or self._workspace_metrics
         self._sleep = sleep
         self._poll_s = poll_s
         self.component_version = component_version or os.environ.get(COMPONENT_VERSION_VARIABLE) or None
@@ -113,6 +166,10 @@ class AzureBackend(Backend):
         if key not in self._registries:
             self._registries[key] = registry_client(key)
         return self._registries[key]
+
+    def _workspace_metrics(self, tracking_uri: str, job_name: str) -> dict[str, Any]:
+        """MLflow read with the MLClient's own credential (MLClient keeps it as `_credential`)."""
+        return mlflow_metrics(tracking_uri, job_name, credential=getattr(self.workspace, "_credential", None))
 
     def _call(self, what: str, fn: Callable[[], Any], **options: Any) -> Any:
         """retry.call with this backend's sleep; `begin=True` for a `begin_*`, `passthrough` for the

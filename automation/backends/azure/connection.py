@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,11 @@ WORKSPACE_VARIABLES = {
 CONFIG_KEYS = {"subscription_id": "subscription_id", "resource_group": "resource_group",
                "workspace_name": "workspace_name"}
 DEFAULT_REGISTRY = "azureml"
+# MLflow reads of the workspace (azureml-mlflow's REST store): per HTTP request, and retries of it,
+# unless the environment sets them; the whole read is bounded too (backend.mlflow_metrics).
+MLFLOW_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+_WORKSPACE_SCOPE = re.compile(r".*/subscriptions/([^/]+)/resourceGroups/([^/]+)"
+                              r"/providers/Microsoft\.MachineLearningServices/workspaces/([^/?]+)")
 
 
 @dataclass(frozen=True)
@@ -99,3 +105,37 @@ def registry_client(registry: str | None = None, *, credential_=None, **extra: A
 
     return MLClient(credential_ or credential(), registry_name=registry or DEFAULT_REGISTRY,
                     **client_options(**extra))
+
+
+def workspace_mlflow_store(tracking_uri: str, credential, *, host_url: str | None = None):
+    """azureml-mlflow's tracking store for the workspace of `tracking_uri`, authenticated with
+    `credential`.
+
+    Through MLflow's own store registry, azureml-mlflow 1.62 would build its own chain for an
+    `azureml://` URI (`get_service_context_from_tracking_url_default_auth` in
+    azureml/mlflow/_internal/utils.py): DefaultAzureCredential's credentials, then
+    InteractiveBrowserCredential, then DeviceCodeCredential, which waits ~15 min per token and prints
+    a sign-in prompt into the log. Its store takes a service context whose `auth` is any
+    TokenCredential (what `get_mlflow_tracking_uri_v2` gives it for an SDK v2 client), so the store is
+    made here with ours, and that chain is never built; nor is anything cached for the process. The
+    cloud is named (AZUREML_CURRENT_CLOUD, else AzureCloud), so no cloud metadata is fetched either.
+    `host_url` replaces `https://<host of the URI>` (a stand-in on loopback)."""
+    from urllib.parse import urlsplit
+
+    from azureml.mlflow._common._cloud.cloud import _get_cloud_or_default
+    from azureml.mlflow._internal.utils import ServiceContext
+    from azureml.mlflow._store.tracking.store import AzureMLRestStore
+
+    from automation.errors import BackendError
+
+    parts = urlsplit(tracking_uri)
+    match = _WORKSPACE_SCOPE.match(parts.path)
+    if parts.scheme != "azureml" or match is None:
+        raise BackendError(f"not a workspace's MLflow tracking URI: {tracking_uri}")
+    subscription, group, workspace = match.groups()
+    cloud = _get_cloud_or_default(os.environ.get("AZUREML_CURRENT_CLOUD") or "AzureCloud")
+    context = ServiceContext(host_url=host_url or f"https://{parts.netloc}", subscription_id=subscription,
+                             workspace_name=workspace, resource_group_name=group, auth=credential, cloud=cloud)
+    for name, value in MLFLOW_HTTP_SETTINGS.items():  # read by mlflow's http_request at each call
+        os.environ.setdefault(name, value)
+    return AzureMLRestStore(context)
