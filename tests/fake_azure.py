@@ -296,10 +296,14 @@ class Models(_Ops):
         return published + list(self.versions.get(name, {}))
 
     def _get(self, name: str, version: str | None = None):
-        """ModelOperations._get: the REST object (registry: ArmModelVersion) of one version."""
+        """ModelOperations._get: the REST object (registry: ArmModelVersion) of one version. Faults
+        queued for "models._get" hit the code's own calls of it, not the ones inside `get`."""
+        self._enter("_get")
+        return self._rest(name, version)
+
+    def _rest(self, name: str, version: str | None = None):
         from azure.ai.ml._restclient.arm_ml_service.models import ModelVersion
 
-        self._enter("_get")
         payload = self.payloads.get(name, {}).get(str(version))
         if payload is None:
             if str(version) in self.versions.get(name, {}):
@@ -334,7 +338,7 @@ class Models(_Ops):
             version = active[-1]
         if str(version) in self.versions.get(name, {}):
             return self.versions[name][str(version)]
-        return Model._from_rest_object(self._get(name, version))
+        return Model._from_rest_object(self._rest(name, version))
 
     def list(self, name: str | None = None, stage: str | None = None, *, list_view_type=None):
         from azure.ai.ml._restclient.arm_ml_service.models import ModelContainer

@@ -136,7 +136,7 @@ def validate(workspace_client, registry_client, experiment: Experiment,
 
     model = lookup_model(registry_client, experiment, call)
     tags = dict(getattr(model, "tags", None) or {})
-    archived = lifecycle.read_registry_metadata(registry_client, model)
+    archived = lifecycle.read_registry_metadata(registry_client, model, call)
     warnings = lifecycle.check_finetune_lifecycle(model, today or today_utc(), archived)
     created = False
     if experiment.compute.serverless:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -31,6 +33,7 @@ DATE_KEYS = {
     "inference_deprecation": ("InferenceDeprecationDate", "inferenceDeprecationDate"),
     "inference_retirement": ("InferenceRetirementDate", "inferenceRetirementDate"),
 }
+SKIP_METADATA_VARIABLE = "AUTOMATION_SKIP_REGISTRY_METADATA"  # go on when the metadata cannot be read
 FIND_CURRENT = "`automation models` lists the chat models the registry offers for fine-tuning now"
 
 
@@ -61,22 +64,42 @@ def system_metadata(model: Any) -> dict[str, Any]:
     return dict(raw) if isinstance(raw, dict) else {}
 
 
-def read_registry_metadata(registry_client, model: Any) -> bool:
+def metadata_override(env: Mapping[str, str] | None = None) -> bool:
+    """Whether the user chose to go on when the registry's metadata cannot be read."""
+    env = os.environ if env is None else env
+    return str(env.get(SKIP_METADATA_VARIABLE, "")).strip().lower() in ("1", "true", "yes")
+
+
+def read_registry_metadata(registry_client, model: Any, call: Callable | None = None,
+                           env: Mapping[str, str] | None = None) -> bool:
     """Fill in the model's system metadata from the registry's own answer; return whether it is archived.
 
     azure-ai-ml 1.35 drops both from the Model entity: `Model._from_rest_object` looks for
     `system_metadata` with hasattr(), which the arm model of a registry answer never has
     (azure/ai/ml/entities/_assets/_artifacts/model.py), and `isArchived` is not carried at all. They
-    are read from the REST object the SDK's own `ModelOperations._get` returns (what `get` wraps).
+    are read from the REST object the SDK's own private `ModelOperations._get(name, version)` returns
+    (what `get` wraps; tests/test_azure_registry_metadata.py pins it against the real SDK).
+
+    Fails closed: since 2026-07 a model such as Phi-4 keeps its compute allow-lists and lifecycle
+    dates only there, so when the read fails the checks cannot be applied, and validation stops with
+    a ConfigError, unless AUTOMATION_SKIP_REGISTRY_METADATA=1 says to go on without them (a warning).
     """
+    what = f"the registry metadata of model {model.name}:{model.version}"
     get_raw = getattr(getattr(registry_client, "models", None), "_get", None)
-    if get_raw is None:
-        return False
     try:
-        properties = get_raw(model.name, str(model.version)).properties
-    except Exception as err:  # metadata is a help, not a reason to fail the check
-        log.debug("could not read the registry metadata of %s:%s: %s", model.name, model.version, err)
-        return False
+        if get_raw is None:
+            raise AttributeError("this azure-ai-ml has no ModelOperations._get")
+        read = lambda: get_raw(model.name, str(model.version))  # noqa: E731
+        properties = (call(f"reading {what}", read) if call is not None else read()).properties
+    except Exception as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        if metadata_override(env):
+            log.warning("could not read %s (%s); going on without its allow-lists and lifecycle dates because "
+                        "%s=1 is set", what, reason, SKIP_METADATA_VARIABLE)
+            return False
+        raise ConfigError(f"could not read {what} ({reason}): its compute allow-lists and lifecycle dates "
+                          "live there, so the checks cannot be applied; retry, or set "
+                          f"{SKIP_METADATA_VARIABLE}=1 to go on without them") from err
     metadata = properties.get("systemMetadata") if hasattr(properties, "get") else None
     if metadata and not system_metadata(model):
         model._system_metadata = metadata
