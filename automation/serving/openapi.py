@@ -3,7 +3,9 @@
 The handlers read their bodies themselves (to answer 413/415/400 before parsing), so FastAPI's
 generated document would show no request bodies; this one names each body, each answer with its
 status, the `Retry-After` of 429/503, the stream of `stream: true`, and the bearer key. The
-server's own limits (the max_new_tokens cap) are written into the schemas it publishes.
+server's own limits (the max_new_tokens cap, messages per conversation, conversations per request)
+are written into the schemas it publishes: a body the document admits is a body the server serves
+(schemathesis checks both ways in tests/test_serving.py).
 """
 
 from __future__ import annotations
@@ -44,10 +46,16 @@ def openapi_document(settings, model_name: str) -> dict[str, Any]:
     cap = settings.max_new_tokens_cap
     schemas["ScoreParameters"]["properties"]["max_new_tokens"]["maximum"] = cap
     schemas["ScoreParameters"]["properties"]["max_new_tokens"]["default"] = min(200, cap)
-    for name in ("max_tokens", "max_completion_tokens"):
-        for option in schemas["ChatBody"]["properties"][name]["anyOf"]:
+    chat = schemas["ChatBody"]["properties"]
+    for name, most in (("max_tokens", cap), ("max_completion_tokens", cap), ("n", 1)):
+        for option in chat[name]["anyOf"]:
             if option.get("type") == "integer":
-                option["maximum"] = cap
+                option["maximum"] = most
+    # The server's own limits on a conversation and on the conversations of one /score request.
+    chat["messages"]["maxItems"] = settings.max_messages
+    nested, flat = schemas["ScoreInput"]["properties"]["input_string"]["anyOf"]
+    nested["maxItems"] = settings.max_conversations
+    nested["items"]["maxItems"] = flat["maxItems"] = settings.max_messages
 
     def ref(name: str) -> dict[str, str]:
         return {"$ref": f"#/components/schemas/{name}"}
@@ -68,7 +76,11 @@ def openapi_document(settings, model_name: str) -> dict[str, Any]:
     bearer = [{"bearer": []}]
     chat_ok = json_body(ref("ChatCompletion"), "the completion; with stream=true, server-sent chat.completion.chunk "
                                                "events ending with `data: [DONE]`")
-    chat_ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    # OpenAPI 3.1 has no itemSchema (3.2): for an event stream, `schema` describes each event.
+    chat_ok["content"]["text/event-stream"] = {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "a chat.completion.chunk as JSON; the last: [DONE]"},
+                       "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "automation local endpoint", "version": "1",

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from automation.serving.contract import (
     IGNORED_CHAT_FIELDS,
     NEUTRAL_CHAT_VALUES,
+    NOT_BLANK,
     ChatBody,
     Message,
     ScoreBody,
@@ -116,11 +118,10 @@ def check_conversation(messages: list[Message], settings: Settings) -> list[dict
             if any(part.text is None for part in content):
                 raise ApiError(422, f"messages.{index}.content: a text part needs its text")
             content = "".join(part.text or "" for part in content)
-        if not content.strip():
+        if not re.search(NOT_BLANK, content):
             raise ApiError(422, f"messages.{index}.content: must not be empty")
         plain.append({"role": "system" if message.role == "developer" else message.role, "content": content})
-    if plain[-1]["role"] != "user":
-        raise ApiError(422, f"the conversation must end with a user message, not {plain[-1]['role']}")
+    # Whatever role comes last, the reply is the assistant's next turn (as OpenAI's API does).
     return plain
 
 
@@ -144,9 +145,14 @@ def check_unhonoured(body: ChatBody) -> None:
     if body.n not in (None, 1):
         raise ApiError(400, "n: only n=1 is supported")
     for name, value in (body.model_extra or {}).items():
-        if value is None or name in IGNORED_CHAT_FIELDS or value in NEUTRAL_CHAT_VALUES.get(name, []):
+        if value is None or name in IGNORED_CHAT_FIELDS or _as_json(value) in map(_as_json, NEUTRAL_CHAT_VALUES.get(name, [])):
             continue
         raise ApiError(400, f"{name}: not supported by this endpoint", "unsupported_parameter")
+
+
+def _as_json(value: Any) -> str:
+    # JSON's equality, not Python's: false is not 0, and [] is not {}.
+    return json.dumps(value, sort_keys=True)
 
 
 async def _reply_of(job: Job) -> Reply:
