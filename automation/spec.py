@@ -333,6 +333,11 @@ class Experiment(_Strict):
             problems += _azure_compute_problems(self.compute)
             if model_sources:
                 problems.append((f"model.{model_sources[0]}", "applies to backend: local; azure models come from a registry"))
+            if not self.optimization.merge_lora_weights:
+                problems.append(("optimization.merge_lora_weights",
+                                 "must be true on backend: azure: deploy and score serve the fine-tune's "
+                                 "trained_model as one merged MLflow model; unmerged LoRA weights are not "
+                                 "supported by this flow"))
         else:
             if len(model_sources) != 1:
                 problems.append(("model", "backend: local needs exactly one of package, path or hub_id"))

@@ -767,7 +767,7 @@ def reference_clients(component, models=CURRENT_MODELS) -> tuple[FakeMLClient, F
         registry.models.publish(model_spec(name, version, when))
     registry.components.add(component)
     workspace.compute.clusters["gpu-a100"] = AmlCompute(name="gpu-a100", size=a100, min_instances=0, max_instances=2)
-    workspace.compute.sizes = [VmSize(name="Standard_NC24rs_v3", gpus=4), VmSize(name=a100, gpus=1),
+    workspace.compute.sizes = [VmSize(name="Standard_NC8as_T4_v3", gpus=1), VmSize(name=a100, gpus=1),
                                VmSize(name="Standard_NC48ads_A100_v4", gpus=2), VmSize(name="Standard_D4s_v3", gpus=0)]
     return workspace, registry
 

@@ -121,9 +121,9 @@ def test_allow_lists_from_system_metadata(backend, clients):
     the check reads them from the registry's answer (ModelOperations._get)."""
     workspace, registry = clients
     assert registry.models.get("Phi-4", version="8")._system_metadata is None  # as the real SDK gives it
-    workspace.compute.clusters["gpu-a100"].size = "Standard_NC24rs_v3"
-    with pytest.raises(ConfigError, match="Standard_NC24rs_v3 is not in the model's supportedComputes.finetuneComputes"):
-        backend.validate_compute(experiment(compute__size="Standard_NC24rs_v3"))
+    workspace.compute.clusters["gpu-a100"].size = "Standard_NC8as_T4_v3"
+    with pytest.raises(ConfigError, match="Standard_NC8as_T4_v3 is not in the model's supportedComputes.finetuneComputes"):
+        backend.validate_compute(experiment(compute__size="Standard_NC8as_T4_v3"))
     workspace.compute.clusters["gpu-a100"].size = A100
     with pytest.raises(ConfigError, match="Standard_NC12ads_A10_v4 is not in the model's "
                                           "supportedComputes.inferenceComputes"):
@@ -156,8 +156,8 @@ def test_serverless_needs_no_cluster(backend, clients):
     exp = experiment(compute={"serverless": True, "size": "Standard_NC48ads_A100_v4"})
     assert len(backend.validate_compute(exp)) == 3
     assert "compute.get" not in workspace.calls
-    with pytest.raises(ConfigError, match="Standard_NC24rs_v3 is not in the model's"):
-        backend.validate_compute(experiment(compute={"serverless": True, "size": "Standard_NC24rs_v3"}))
+    with pytest.raises(ConfigError, match="Standard_NC8as_T4_v3 is not in the model's"):
+        backend.validate_compute(experiment(compute={"serverless": True, "size": "Standard_NC8as_T4_v3"}))
 
 
 def test_model_not_found_by_version_and_by_latest(backend, clients):

@@ -81,3 +81,45 @@ def test_plan_needs_no_cloud_sdk():
             "print(sorted(m for m in sys.modules if m.startswith(('azure.ai.ml', 'azure.identity'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- the lists: retired sizes, the GPU table, what azure refuses offline ----------------------
+
+
+def test_the_components_default_finetune_size_is_retired_offline():
+    """Standard_NC24rs_v3 is NCv3 (retired with the other NCv3 sizes on 2025-09-30) and the default
+    `instance_type_finetune` of chat_completion_pipeline: an experiment naming it fails validate."""
+    import pytest
+    from pydantic import ValidationError
+
+    from automation.vm_sizes import retirement_of
+    from tests.fake_azure import COMPONENT_SPEC
+
+    spec = yaml.safe_load(COMPONENT_SPEC.read_text(encoding="utf-8"))
+    default = spec["inputs"]["instance_type_finetune"]["default"]
+    assert default == "Standard_nc24rs_v3" and retirement_of(default) == "2025-09-30"  # the spec's own spelling
+    with pytest.raises(ValidationError, match="size: Standard_NC24rs_v3 was retired on 2025-09-30"):
+        experiment(compute={"serverless": True, "size": "Standard_NC24rs_v3"})
+
+
+def test_every_size_of_phi4s_allow_lists_has_its_gpus_in_the_table():
+    from automation.vm_sizes import GPUS_PER_SIZE
+    from tests.fake_azure import model_spec
+
+    computes = model_spec("Phi-4", "8", "2026-07-01")["system_metadata"]["supportedComputes"]
+    for size in computes["finetuneComputes"] + computes["inferenceComputes"]:
+        assert size.lower() in GPUS_PER_SIZE, size
+    assert GPUS_PER_SIZE["standard_nd96isr_h100_v5"] == 8
+    ops = _operations(plan_run(experiment(compute={"cluster": "h100", "size": "Standard_ND96isr_H100_v5"}),
+                               repo="org/repo", pr=7, sha="abc1234def"))
+    assert ops[0]["cluster"]["gpus_per_node"] == 8 and ops[2]["inputs"]["number_of_gpu_to_use_finetuning"] == 8
+
+
+def test_unmerged_lora_weights_are_refused_for_azure():
+    """deploy and score serve the job's trained_model as one merged MLflow model."""
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="optimization.merge_lora_weights.*must be true on backend: azure"):
+        experiment(optimization={"apply_lora": True, "merge_lora_weights": False})
+    assert experiment(optimization={"apply_lora": True, "merge_lora_weights": True}).optimization.merge_lora_weights

@@ -31,10 +31,10 @@ def test_a_failed_metadata_read_stops_validation_naming_the_override(backend, cl
     """Before, the failure was logged at DEBUG and Phi-4's allow-lists silently stopped applying."""
     workspace, registry = clients
     registry.fail("models._get", error, times=5)  # a 503 beyond what azure-core retries
-    workspace.compute.clusters["gpu-a100"].size = "Standard_NC48ads_A100_v4"  # not in Phi-4's list
+    workspace.compute.clusters["gpu-a100"].size = "Standard_NC8as_T4_v3"  # a T4: not in Phi-4's list
     with pytest.raises(ConfigError, match=f"could not read the registry metadata of model Phi-4:8 .*; retry, "
                                           f"or set {VARIABLE}=1 to go on without them"):
-        backend.validate_compute(experiment(compute__size="Standard_NC48ads_A100_v4"))
+        backend.validate_compute(experiment(compute__size="Standard_NC8as_T4_v3"))
 
 
 def test_the_override_goes_on_with_a_warning_naming_it(backend, clients, monkeypatch, caplog):

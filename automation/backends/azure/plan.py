@@ -15,15 +15,11 @@ import yaml
 
 from automation import naming
 from automation.spec import Experiment, apply_model_specific_defaults, run_display_name
+from automation.vm_sizes import GPUS_PER_SIZE
 from automation.workspace import run_dir
 
 # GPUs per node of common fine-tuning sizes; validate confirms them with compute.list_sizes().
-KNOWN_GPUS = {
-    "standard_nc6s_v3": 1, "standard_nc12s_v3": 2, "standard_nc24s_v3": 4, "standard_nc24rs_v3": 4,
-    "standard_nc24ads_a100_v4": 1, "standard_nc48ads_a100_v4": 2, "standard_nc96ads_a100_v4": 4,
-    "standard_nd40rs_v2": 8, "standard_nd96asr_v4": 8, "standard_nd96amsr_a100_v4": 8,
-    "standard_nc40ads_h100_v5": 1, "standard_nc80adis_h100_v5": 2,
-}
+KNOWN_GPUS = GPUS_PER_SIZE  # the GPU table lives with the other VM size facts (vm_sizes.py)
 TIMESTAMP_PLACEHOLDER = "<UTC timestamp at register>"
 
 
