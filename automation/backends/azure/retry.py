@@ -19,10 +19,13 @@ one HTTP request makes at most 4 tries (retry_total=3); a try that cannot connec
 (connection_timeout), one that connected but hears nothing after 300 s (read_timeout, azure-core's
 default, kept above the longest scoring timeout, 180 s), and only one read timeout is retried
 (retry_read=1); backoff between tries is 0, 2, 4 s (retry_backoff_factor=1, max 30 s). So a request
-ends within 2 x 330 + 2 x 30 + 6 = 726 s (about 12 min) whatever the network does. On top, `call`
+ends within 2 x 330 + 2 x 30 + 6 = 726 s (about 12 min) however the service or the network hangs
+(read_timeout bounds each silence, not a server that trickles bytes). On top, `call`
 makes at most 3 attempts at a connection failure (3 x (4 x 30 + 6) + 2 + 4 = 384 s) and at most 6
-at a 409 of a busy resource (sleeping 15, 30, 60, 120, 120 s: 345 s of waiting). Before, azure-core's
-defaults (10 tries, connection timeout 300 s) under 5 attempts of our own came to about 35 min.
+at a 409 of a busy resource (sleeping 15, 30, 60, 120, 120 s: 345 s of waiting). Waiting for a
+long-running operation to finish (a poller's `.result()`: a deployment takes many minutes) is not
+a request and is not in these sums. Before, azure-core's defaults (10 tries, 300 s to connect) under
+5 attempts of our own came to about 35 min per call.
 
 "Not found" passes through untouched, in the types the installed SDK really raises (azure-ai-ml
 1.35), which are not always azure.core's; so do the errors a caller names in `passthrough`:
