@@ -170,8 +170,10 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
-def model_eval(model: str, prompts: list[EvalPrompt], replies: list[str], eval_loss: float | None) -> ModelEval:
-    """Every figure of one model from its replies to `prompts` and its eval loss."""
+def model_eval(model: str, prompts: list[EvalPrompt], replies: list[str], eval_loss: float | None,
+               eval_loss_each: list[float] | None = None) -> ModelEval:
+    """Every figure of one model from its replies to `prompts` and its eval loss (with the loss of
+    each test conversation behind it, where the backend measured them)."""
     scores = rouge_l([p.reference for p in prompts], replies) if replies else []
     n = len(replies)
     return ModelEval(
@@ -181,6 +183,7 @@ def model_eval(model: str, prompts: list[EvalPrompt], replies: list[str], eval_l
         empty_rate=sum(not r.strip() for r in replies) / n if n else None,
         repetitive_rate=sum(is_repetitive(r) for r in replies) / n if n else None,
         replies=replies, rouge_l_each=[round(s, 4) for s in scores],
+        eval_loss_each=[round(x, 5) for x in eval_loss_each or []],
     )
 
 

@@ -56,6 +56,11 @@ def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment):
     assert len(ev.prompts) == 3 and set(ev.models) == {"base", "candidate"}
     assert all(len(m.replies) == 3 and len(m.rouge_l_each) == 3 for m in ev.models.values())
     assert ev.models["candidate"].eval_loss == ft.eval_loss and ev.models["base"].eval_loss == ft.base_eval_loss
+    # per conversation, paired: the same test conversations in the same order for both models
+    base_each, cand_each = ev.models["base"].eval_loss_each, ev.models["candidate"].eval_loss_each
+    # (a conversation whose reply the 128-token cut removes has no loss, for either model)
+    assert len(base_each) == len(cand_each) and 0.9 * 32 <= len(cand_each) <= 32 == record_of(workspace).data.rows["test_sft"]
+    assert ft.eval_loss == pytest.approx(sum(cand_each) / len(cand_each), rel=1e-4)
     assert ev.prompts[0].messages[-1]["role"] == "user" and ev.prompts[0].reference
     # A whole record: description, commit, dataset inputs with the manifest's digest, the evaluation file.
     assert "Evaluation:" in run.data.tags["mlflow.note.content"]
@@ -286,3 +291,30 @@ def test_logging_the_model_warns_about_nothing_the_project_causes(tmp_path):
     pip = conda["dependencies"][-1]["pip"]
     assert f"transformers=={version('transformers')}" in pip and f"mlflow=={version('mlflow')}" in pip
     assert f"torch=={version('torch').split('+')[0]}" in pip and "pip" in conda["dependencies"]
+
+
+def test_each_conversation_has_its_own_eval_loss_whatever_the_batch(tiny_experiment, tmp_path):
+    """The eval loss per conversation is the same in a padding-free batch of 8 conversations end to
+    end as for each conversation alone (batch size 1), and equals the model's own loss for a lone one."""
+    import torch
+
+    from automation.backends.local.evaluate import conversation_losses, eval_losses
+    from automation.backends.local.train import build_trainer
+
+    exp = load_experiment(tiny_experiment)
+    sample = REPO / "data" / "ultrachat-sample"
+    trainer, _, _, _ = build_trainer(exp, base_model=exp.model.path, train_file=sample / "train_sft.jsonl",
+                                     test_file=sample / "test_sft.jsonl", output_dir=tmp_path / "out")
+    assert trainer.args.per_device_eval_batch_size == 8
+    mean, batched = eval_losses(trainer.model, trainer)
+    assert len(batched) == len(trainer.eval_dataset) and mean == pytest.approx(sum(batched) / len(batched))
+    first = next(iter(trainer.get_eval_dataloader()))
+    assert first["input_ids"].shape[0] == 1 and int((first["position_ids"][0] == 0).sum()) == 8, \
+        "the eval batch is padding-free: 8 conversations end to end in one row"
+    trainer.args.per_device_eval_batch_size = 1
+    alone = conversation_losses(trainer.model, trainer.get_eval_dataloader())
+    assert alone == pytest.approx(batched, rel=1e-4, abs=1e-5)
+    lone = next(iter(trainer.get_eval_dataloader()))
+    with torch.no_grad():
+        model_loss = float(trainer.model(**lone, use_cache=False).loss)
+    assert alone[0] == pytest.approx(model_loss, rel=1e-4)

@@ -60,42 +60,77 @@ def generate_replies(model, tokenizer, prompts: list[EvalPrompt], *, max_new_tok
     return replies
 
 
-def final_eval_loss(trainer) -> float | None:
-    """The eval loss after the last step: the one the trainer measured at the end when its eval
-    strategy did (epoch end or an eval step), else measured once here."""
+def conversation_losses(model, dataloader) -> list[float]:
+    """The eval loss of each conversation of the test split: the mean cross-entropy over its
+    assistant tokens (the tokens the trainer's labels keep), in dataloader order, so two models
+    evaluated on the same dataloader give pairs for a paired interval (automation/stats.py).
+
+    Works on both batch layouts of TRL's collator: padded rows (one conversation per row) and
+    padding-free rows, where conversations sit end to end and each starts where `position_ids` is 0
+    (its first label is -100, so no token is predicted across a boundary)."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    losses: list[float] = []
+    try:
+        with torch.no_grad():
+            for batch in dataloader:
+                batch = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                labels = batch.pop("labels")
+                logits = model(**batch, use_cache=False).logits[:, :-1].float()
+                target = labels[:, 1:]
+                token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+                kept = target != -100
+                positions = batch.get("position_ids")
+                for row in range(target.shape[0]):
+                    if positions is None:
+                        segment = torch.zeros_like(target[row])
+                    else:  # conversations end to end: a new one wherever the position restarts at 0
+                        segment = (positions[row] == 0).cumsum(0)[1:] - 1
+                    count = torch.zeros(int(segment.max()) + 1, device=token_loss.device).index_add_(
+                        0, segment, kept[row].float())
+                    total = torch.zeros_like(count).index_add_(0, segment, token_loss[row] * kept[row])
+                    losses += [float(t / c) for t, c in zip(total, count, strict=True) if c > 0]
+    finally:
+        model.train(was_training)
+    return losses
+
+
+def eval_losses(model, trainer) -> tuple[float | None, list[float]]:
+    """The eval loss of `model` on the trainer's test split, as the mean over conversations of each
+    one's loss (every conversation counts once, whatever the eval batch size), with the per-
+    conversation losses behind it; (None, []) when the run has no test split."""
     if trainer.eval_dataset is None:
-        return None
-    step = trainer.state.global_step
-    for entry in reversed(trainer.state.log_history):
-        if "eval_loss" in entry and entry.get("step") == step:
-            return float(entry["eval_loss"])
-    log.info("evaluation: eval loss of the fine-tuned model on %d conversations", len(trainer.eval_dataset))
-    return float(trainer.evaluate(metric_key_prefix="eval")["eval_loss"])
+        return None, []
+    each = conversation_losses(model, trainer.get_eval_dataloader())
+    return (sum(each) / len(each) if each else None), each
 
 
 def base_evaluation(trainer, tokenizer, job_dir: Path, prompts: list[EvalPrompt], experiment: Experiment, *,
-                     resuming: bool) -> tuple[float | None, list[str]]:
-    """Eval loss and replies of the untrained model (LoRA starts as the identity), measured once and
-    kept, so a resumed run reports the same."""
+                    resuming: bool) -> tuple[float | None, list[float], list[str]]:
+    """Eval loss (with the per-conversation losses) and replies of the untrained model (LoRA starts
+    as the identity), measured once and kept, so a resumed run reports the same."""
     import mlflow
 
     kept = job_dir / "base_eval.json"
     if resuming and kept.is_file():
         data = json.loads(kept.read_text())
-        if len(data.get("replies", [])) == len(prompts):
-            return data["eval_loss"], data["replies"]
-    loss = None
+        if len(data.get("replies", [])) == len(prompts) and "eval_loss_each" in data:
+            return data["eval_loss"], data["eval_loss_each"], data["replies"]
     if trainer.eval_dataset is not None:
         log.info("evaluation: eval loss of the base model on %d conversations of the test split",
                  len(trainer.eval_dataset))
-        loss = float(trainer.evaluate(metric_key_prefix="base")["base_loss"])
+    loss, each = eval_losses(trainer.model, trainer)
+    if loss is not None:
         log.info("evaluation: base model eval loss %.4f", loss)
         mlflow.log_metrics({"base_eval_loss": loss, "base_perplexity": perplexity(loss)})
     replies = generate_replies(trainer.model, tokenizer, prompts, max_new_tokens=experiment.evaluation.max_new_tokens,
                                label="base model")
     kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.write_text(json.dumps({"eval_loss": loss, "replies": replies}))
-    return loss, replies
+    kept.write_text(json.dumps({"eval_loss": loss, "eval_loss_each": each, "replies": replies}))
+    return loss, each, replies
 
 
 def evaluate_baseline(trainer, baseline: Baseline, prompts: list[EvalPrompt], experiment: Experiment) -> ModelEval:
@@ -109,16 +144,7 @@ def evaluate_baseline(trainer, baseline: Baseline, prompts: list[EvalPrompt], ex
     model = AutoModelForCausalLM.from_pretrained(baseline.model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(baseline.model_dir)
     apply_training_template(tokenizer)
-    loss = None
-    if trainer.eval_dataset is not None:
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for batch in trainer.get_eval_dataloader():
-                batch = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                size = batch["input_ids"].shape[0]
-                total += float(model(**batch, use_cache=False).loss) * size  # as Trainer.evaluation_loop
-                count += size
-        loss = total / count if count else None
+    loss, each = eval_losses(model, trainer)
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=experiment.evaluation.max_new_tokens,
                                label="production")
-    return model_eval(baseline.uri, prompts, replies, loss)
+    return model_eval(baseline.uri, prompts, replies, loss, each)

@@ -34,8 +34,8 @@ from automation.backends.local.chat_template import apply_training_template
 from automation.backends.local.evaluate import (
     Baseline,
     base_evaluation,
+    eval_losses,
     evaluate_baseline,
-    final_eval_loss,
     generate_replies,
 )
 from automation.errors import BackendError
@@ -277,15 +277,15 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
     mlflow.log_params({f"system.{k}": v for k, v in params.items()})
 
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    base_eval_loss, base_replies = base_evaluation(trainer, tokenizer, job_dir, prompts, experiment,
-                                                   resuming=last is not None)
+    base_eval_loss, base_losses, base_replies = base_evaluation(trainer, tokenizer, job_dir, prompts, experiment,
+                                                                resuming=last is not None)
     if last:
         log.info("resuming from %s", last)
     log.info("training: %s steps on %d packed rows of up to %d tokens (%s)",
              trainer.args.max_steps if trainer.args.max_steps > 0 else f"{trainer.args.num_train_epochs} epoch(s) of",
              len(trainer.train_dataset), max_length, device)
     output = trainer.train(resume_from_checkpoint=last)
-    eval_loss = final_eval_loss(trainer)
+    eval_loss, candidate_losses = eval_losses(trainer.model, trainer)
     if eval_loss is not None:
         mlflow.log_metrics({"finetuned_eval_loss": eval_loss, "finetuned_perplexity": _ppl(eval_loss)})
     eval_started = time.monotonic()
@@ -301,8 +301,9 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
 
     evaluation = EvaluationPart(test_split=test_file.stem, prompt_split=experiment.data.sample_split,
                                 max_new_tokens=experiment.evaluation.max_new_tokens, prompts=prompts)
-    evaluation.models["base"] = model_eval(experiment.model.name, prompts, base_replies, base_eval_loss)
-    evaluation.models["candidate"] = model_eval(f"fine-tuned ({job_dir.name})", prompts, candidate_replies, eval_loss)
+    evaluation.models["base"] = model_eval(experiment.model.name, prompts, base_replies, base_eval_loss, base_losses)
+    evaluation.models["candidate"] = model_eval(f"fine-tuned ({job_dir.name})", prompts, candidate_replies, eval_loss,
+                                                candidate_losses)
     if baseline is not None:
         evaluation.models["production"] = evaluate_baseline(trainer, baseline, prompts, experiment)
         evaluation.production_version = baseline.version
