@@ -30,8 +30,9 @@ class EndpointInfo:
 
 
 # Job states, normalised from the backend's own (Azure ML's JobStatus values, MLflow's run status).
-JOB_WAITING = "waiting"      # submitted, not yet training: NotStarted, Queued, Preparing, Starting, ...
-JOB_RUNNING = "running"      # training or collecting outputs: Running, Finalizing
+# Azure's table is azure/jobs.py JOB_STATES (the REST enum, every value).
+JOB_WAITING = "waiting"      # submitted, not yet training: NotStarted, Queued, Preparing, Starting, ...; Paused
+JOB_RUNNING = "running"      # training or collecting outputs: Running, Finalizing; NotResponding (may recover)
 JOB_CANCELING = "canceling"  # CancelRequested: still billed until Canceled
 JOB_COMPLETED = "completed"
 JOB_FAILED = "failed"
