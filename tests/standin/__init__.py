@@ -1,0 +1,1 @@
+"""A stand-in for the services the real Azure SDKs talk to, on the wire (see service.py)."""
