@@ -191,7 +191,11 @@ def azure_core_retry_kind(error: BaseException, method: str) -> str | None:
     when its RetryPolicy hands it on at once (azure/core/pipeline/policies/_retry.py)."""
     from azure.core.exceptions import ServiceRequestError, ServiceResponseError
 
-    from automation.backends.azure.retry import CORE_RETRIED_METHODS, CORE_RETRIED_ON_POST, TRANSIENT_STATUS
+    from automation.backends.azure.retry import (
+        CORE_RETRIED_METHODS,
+        CORE_RETRIED_ON_POST,
+        TRANSIENT_STATUS,
+    )
 
     if isinstance(error, ServiceRequestError):
         return "connect" if method in CORE_RETRIED_METHODS else None

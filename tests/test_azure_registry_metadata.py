@@ -14,7 +14,14 @@ import pytest
 from automation.backends.azure import lifecycle
 from automation.backends.azure.backend import AzureBackend
 from automation.errors import ConfigError
-from tests.fake_azure import CannedTransport, StaticCredential, experiment, http_error, model_spec, unavailable
+from tests.fake_azure import (
+    CannedTransport,
+    StaticCredential,
+    experiment,
+    http_error,
+    model_spec,
+    unavailable,
+)
 
 VARIABLE = "AUTOMATION_SKIP_REGISTRY_METADATA"
 
