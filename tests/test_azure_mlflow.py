@@ -90,6 +90,14 @@ class FakeWorkspaceMlflow:
         self.server.server_close()
 
 
+@pytest.fixture(autouse=True)
+def mlflow_http_settings(monkeypatch):
+    """The read sets MLflow's HTTP limits in os.environ when unset: undone after each test."""
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.setenv(name, "recorded")  # so that teardown puts back what was there, even nothing
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def tracking():
     server = FakeWorkspaceMlflow()
