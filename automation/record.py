@@ -84,6 +84,8 @@ class FinetunePart(_Part):
     model_uri: str | None = None  # where the trained model is (MLflow model URI or azureml path)
     output_dir: str | None = None
     studio_url: str | None = None
+    tracking_store: str | None = None  # where the MLflow run lives: the SQLite file (local), the workspace (azure)
+    mlflow_experiment_id: str | None = None
     base_eval_loss: float | None = None
     eval_loss: float | None = None
     train_loss: float | None = None

@@ -18,6 +18,7 @@ The endpoint's key never appears (the record does not hold it).
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import math
 import os
@@ -34,10 +35,14 @@ PREVIEW = 90  # characters of a reply in the side-by-side table (fewer when ther
 TABLE_BUDGET = 18_000  # characters of all the previews together
 DETAILED_PROMPTS = 16  # prompts whose whole texts are shown; the rest are in the run's evaluation.json
 MAX_PLAN = 20_000
-# Explicit colours: GitHub renders Mermaid with its light or dark theme; these read on both.
-LINE_COLOUR, TEXT_COLOUR = "#1f6feb", "#6e7781"
+# The chart is an opaque light card with its own colours, the same in GitHub's light and dark
+# themes: no one text colour reaches 4.5:1 on both white and GitHub's dark #0d1117, so the chart
+# brings its background. Text 7.6:1 on it; the two lines (training blue, eval orange) 5.2:1 and 5.0:1 (3:1 is the
+# WCAG minimum for graphics; tests/test_report.py computes each ratio).
+BACKGROUND, TEXT_COLOUR = "#ffffff", "#4d555e"
+LINE_COLOUR, EVAL_COLOUR = "#0969da", "#bc4c00"
 CHART_STYLE = {"xyChart": {
-    "backgroundColor": "transparent", "plotColorPalette": LINE_COLOUR, "titleColor": TEXT_COLOUR,
+    "backgroundColor": BACKGROUND, "plotColorPalette": f"{LINE_COLOUR}, {EVAL_COLOUR}", "titleColor": TEXT_COLOUR,
     "xAxisLabelColor": TEXT_COLOUR, "xAxisTitleColor": TEXT_COLOUR, "xAxisTickColor": TEXT_COLOUR,
     "xAxisLineColor": TEXT_COLOUR, "yAxisLabelColor": TEXT_COLOUR, "yAxisTitleColor": TEXT_COLOUR,
     "yAxisTickColor": TEXT_COLOUR, "yAxisLineColor": TEXT_COLOUR}}
@@ -49,6 +54,8 @@ AZURE_ONLY = {
     "deployment": {"instance_type", "instance_count", "liveness_initial_delay_s", "liveness_failure_threshold",
                    "max_concurrent_requests_per_instance"},
 }
+AZURE_ONLY["compute"] |= {"serverless", "preprocess_size", "shm_size"}
+AZURE_ONLY["training"] |= {"component_version"}
 LOCAL_ONLY = {"compute": {"device"}}
 _MARKDOWN_SPECIALS = {c: f"&#{ord(c)};" for c in "\\`*_[]<>|~#!&"}
 
@@ -87,28 +94,52 @@ def cell(text: str | None, limit: int = PREVIEW) -> str:
     return "".join(_MARKDOWN_SPECIALS.get(c, c) for c in flat)
 
 
-def loss_chart(points: list[tuple[int, float]], max_points: int = 60, last_step: int | None = None) -> str:
-    """A Mermaid xychart of the training loss, down-sampled, always keeping the first and last points."""
+def loss_chart(points: list[tuple[int, float]], max_points: int = 60, last_step: int | None = None,
+               eval_points: list[tuple[int, float]] | None = None) -> str:
+    """A Mermaid xychart of the training loss and, where measured, the eval loss, on a true step axis.
+
+    xychart-beta spreads a line's values evenly over the x range, so both lines are sampled on one
+    even grid of steps (at most `max_points`), each value interpolated between the measured points
+    on either side; before its first measured point a line holds that value. Measured steps are
+    named in the title, so nothing reads as measured that was not."""
+    eval_points = sorted(eval_points or [])
     if not points:
         return "_no training loss was logged_"
-    if len(points) > max_points:
-        stride = math.ceil(len(points) / max_points)
-        points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
-    steps = ", ".join(str(s) for s, _ in points)
-    losses = ", ".join(f"{v:.4f}" for _, v in points)
-    low, high = min(v for _, v in points), max(v for _, v in points)
+    first = min(points[0][0], eval_points[0][0]) if eval_points else points[0][0]
+    last = max(points[-1][0], eval_points[-1][0]) if eval_points else points[-1][0]
+    count = min(max_points, last - first + 1)
+    grid = [first + (last - first) * i / max(count - 1, 1) for i in range(count)]
+    lines = [[_interpolate(points, step) for step in grid]]
+    if eval_points:
+        lines.append([_interpolate(eval_points, step) for step in grid])
+    values = [v for line in lines for v in line]
+    low, high = min(values), max(values)
     pad = max((high - low) * 0.1, 0.01)
-    last = points[-1][0]
-    title = f"Training loss, steps {points[0][0]}–{last}" + (f" of {last_step}" if last_step and last_step > last else "")
-    return (
-        "```mermaid\n"
-        f"%%{{init: {json.dumps({'themeVariables': CHART_STYLE})}}}%%\n"
-        "xychart-beta\n"
-        f'    title "{title}"\n'
-        f'    x-axis "step" [{steps}]\n'
-        f'    y-axis "loss" {max(low - pad, 0):.3f} --> {high + pad:.3f}\n'
-        f"    line [{losses}]\n```"
-    )
+    title = f"Loss by step {first}–{last}" + (f" of {last_step}" if last_step and last_step > last else "")
+    title += ": training (blue)"
+    if eval_points:
+        measured = ", ".join(str(s) for s, _ in eval_points[:6]) + ("…" if len(eval_points) > 6 else "")
+        title += f", eval (orange; measured at steps {measured})"
+    body = [
+        "```mermaid",
+        f"%%{{init: {json.dumps({'themeVariables': CHART_STYLE})}}}%%",
+        "xychart-beta",
+        f'    title "{title}"',
+        f'    x-axis "step" {first} --> {last}',
+        f'    y-axis "loss" {max(low - pad, 0):.3f} --> {high + pad:.3f}',
+    ]
+    body += ["    line [" + ", ".join(f"{v:.4f}" for v in line) + "]" for line in lines]
+    return "\n".join(body + ["```"])
+
+
+def _interpolate(points: list[tuple[int, float]], step: float) -> float:
+    """The value at `step` on the polyline through `points` (sorted by step), held flat outside them."""
+    if step <= points[0][0]:
+        return points[0][1]
+    for (s0, v0), (s1, v1) in itertools.pairwise(points):
+        if step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0) if s1 != s0 else v1
+    return points[-1][1]
 
 
 def artifact_link(record: RunRecord) -> str | None:
@@ -250,18 +281,27 @@ def _training(ft) -> list[str]:
              f"{_fmt(ft.wall_seconds, 0)} s", f"job `{ft.job_name}`"]
     if ft.resumed_from:
         facts.append(f"resumed from `{Path(ft.resumed_from).name}`")
+    evals = [] if ft.base_eval_loss is None or ft.eval_loss is None or not curve else [
+        (0, ft.base_eval_loss), (curve[-1][0], ft.eval_loss)]
     return ["### Training", "", "Training: " + " · ".join(facts), "",
-            loss_chart(curve, last_step=last_step), ""]
+            loss_chart(curve, last_step=last_step, eval_points=evals), ""]
 
 
 def _where(record: RunRecord, reg, dep) -> list[str]:
     lines = []
     link = artifact_link(record)
+    ft = record.finetune
     if reg:
-        store = ("the MLflow store of " + link) if (link and record.backend == "local") else (
-            "`.automation/mlflow.db`" if record.backend == "local" else "the Azure ML workspace")
+        if record.backend != "local":
+            store = "the Azure ML workspace"
+        elif link:
+            store = "the MLflow store of " + link
+        else:
+            store = f"`{_shown_path(ft.tracking_store)}`" if ft and ft.tracking_store else "the local MLflow store"
         lines += [f"**Registered** `{reg.model_name}` version {reg.version} (timestamp version "
                   f"`{reg.timestamp_version}`) in {store}", ""]
+    if ft and ft.run_id:
+        lines += [_mlflow_run_line(record, ft, bool(link)), ""]
     if dep:
         state = "torn down" if record.torn_down else "live"
         lines += [f"**Endpoint** `{dep.endpoint_name}` ({dep.stage}, {state})", ""]
@@ -269,6 +309,26 @@ def _where(record: RunRecord, reg, dep) -> list[str]:
         lines += [f"**Record:** the MLflow store, report, scoring request and run record are in {link} "
                   "(open it with `mlflow ui --backend-store-uri sqlite:///mlflow.db` inside the unpacked folder).", ""]
     return lines
+
+
+def _mlflow_run_line(record: RunRecord, ft, bundled: bool) -> str:
+    """Where a reviewer opens the fine-tune's MLflow run: Azure ML studio, or a local `mlflow ui`."""
+    if record.backend != "local":
+        return (f"**Run** `{ft.run_id}` in [Azure ML studio]({ft.studio_url})" if ft.studio_url
+                else f"**Run** `{ft.run_id}` in the Azure ML workspace")
+    page = (f"/#/experiments/{ft.mlflow_experiment_id}/runs/{ft.run_id}" if ft.mlflow_experiment_id
+            else f"/#/runs/{ft.run_id}")
+    store = "mlflow.db" if bundled or not ft.tracking_store else _shown_path(ft.tracking_store)
+    return (f"**MLflow run** `{ft.run_id}`: `mlflow ui --backend-store-uri sqlite:///{store}`, then "
+            f"http://127.0.0.1:5000{page}")
+
+
+def _shown_path(path: str) -> str:
+    """A path as a person at this checkout types it: relative to the working folder when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 def _replies(evaluation: EvaluationPart) -> list[str]:

@@ -22,6 +22,7 @@ from automation.record import (
     StageTime,
 )
 from automation.report import (
+    EVAL_COLOUR,
     LINE_COLOUR,
     MARKER,
     artifact_link,
@@ -64,7 +65,8 @@ def full_record(ev: EvaluationPart | None = None) -> RunRecord:
         backend="local", config_hash="abc1234", sha="0123456789abcdef",
         stages={"finetune": StageTime(started_at="2026-01-01T00:00:00Z", seconds=12.5)},
         data=DataPart(out_dir="d", source="s", rows={"test_sft": 32, "test_gen": 32}),
-        finetune=FinetunePart(job_name="job-1", run_id="r1", base_eval_loss=2.739, eval_loss=2.441, train_loss=2.6,
+        finetune=FinetunePart(job_name="job-1", run_id="r1", tracking_store=".automation/mlflow.db",
+                              mlflow_experiment_id="7", base_eval_loss=2.739, eval_loss=2.441, train_loss=2.6,
                               last_train_loss=2.35, max_steps=24,
                               train_loss_curve=[LossPoint(step=s, loss=3 - s / 100) for s in (1, 5, 10, 15, 20, 24)],
                               train_tokens=12345, tokens_per_second=150.0, wall_seconds=90,
@@ -193,22 +195,56 @@ def test_body_stays_under_githubs_limit_with_many_long_replies(local):
     assert "The whole texts of the first 16 prompts; all 64 are in `evaluation/evaluation.json`" in text
 
 
-def test_chart_has_explicit_colours_and_the_whole_step_range():
-    chart = loss_chart([(1, 3.0), (5, 2.5), (10, 2.4), (24, 2.3)], last_step=24)
+def contrast(a: str, b: str) -> float:
+    """WCAG 2.x contrast ratio of two #rrggbb colours."""
+    def luminance(colour: str) -> float:
+        channels = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        r, g, b = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_chart_reads_in_both_themes():
+    """The chart brings its own opaque background, so its contrast is the same in GitHub's light and
+    dark themes: text 4.5:1 or more (WCAG AA), the lines 3:1 or more (graphics)."""
+    chart = loss_chart([(1, 3.0), (5, 2.5), (10, 2.4), (24, 2.3)], last_step=24, eval_points=[(0, 2.7), (24, 2.44)])
     init = json.loads(re.search(r"%%\{init: (.*)\}%%", chart).group(1))
     style = init["themeVariables"]["xyChart"]
-    assert style["plotColorPalette"] == LINE_COLOUR and style["backgroundColor"] == "transparent"
-    assert all(style[k] != "#ECECFF" for k in style)
-    assert 'title "Training loss, steps 1–24"' in chart
-    assert 'x-axis "step" [1, 5, 10, 24]' in chart
+    background = style["backgroundColor"]
+    assert re.fullmatch(r"#[0-9a-f]{6}", background), "an opaque background, not transparent"
+    for key, colour in style.items():
+        if key.endswith("Color") and key != "backgroundColor":
+            assert contrast(colour, background) >= 4.5, (key, colour, contrast(colour, background))
+    for line in style["plotColorPalette"].split(", "):
+        assert contrast(line, background) >= 3.0, line
+    assert style["plotColorPalette"] == f"{LINE_COLOUR}, {EVAL_COLOUR}"
+    # The old transparent chart's grey on GitHub's dark background: what this replaces.
+    assert contrast("#6e7781", "#0d1117") < 4.5
+
+
+def test_chart_has_a_true_step_axis_and_the_eval_loss():
+    chart = loss_chart([(1, 3.0), (5, 2.5), (10, 2.4), (24, 2.3)], last_step=24, eval_points=[(0, 2.7), (24, 2.44)])
+    assert 'x-axis "step" 0 --> 24' in chart
+    lines = [[float(v) for v in line.split("[")[1].rstrip("]").split(", ")]
+             for line in chart.splitlines() if line.strip().startswith("line [")]
+    assert len(lines) == 2 and len(lines[0]) == len(lines[1]) == 25, "one point per step on 0..24"
+    train, evals = lines
+    assert train[5] == 2.5 and train[10] == 2.4 and train[24] == 2.3, "measured points sit at their steps"
+    assert train[17] == pytest.approx(2.35), "steps 10->24 span 14 steps, not one category"
+    assert evals[0] == 2.7 and evals[-1] == 2.44
+    assert 'title "Loss by step 0–24: training (blue), eval (orange; measured at steps 0, 24)"' in chart
     assert "of 30" in loss_chart([(1, 3.0), (20, 2.0)], last_step=30), "a curve that stops early says so"
+    only_train = loss_chart([(1, 3.0), (20, 2.0)])
+    assert only_train.count("line [") == 1 and "eval" not in only_train
 
 
 def test_loss_chart_downsamples_and_keeps_the_last_point():
     points = [(i, 1.0 / i) for i in range(1, 1001)]
     chart = loss_chart(points, max_points=50)
-    steps = chart.split('x-axis "step" [')[1].split("]")[0].split(", ")
-    assert len(steps) <= 51 and steps[0] == "1" and steps[-1] == "1000"
+    values = next(line for line in chart.splitlines() if "line [" in line).split("[")[1].rstrip("]").split(", ")
+    assert len(values) == 50 and float(values[0]) == 1.0 and float(values[-1]) == pytest.approx(0.001)
+    assert 'x-axis "step" 1 --> 1000' in chart
     assert loss_chart([]) == "_no training loss was logged_"
 
 
@@ -219,7 +255,8 @@ def test_training_line_gives_the_last_loss_and_the_mean(local):
 
 def test_parameters_list_only_the_backends_fields(local):
     local_params = params_yaml(local)
-    for azure_only in ("cluster:", "instance_type:", "deepspeed_stage:", "liveness_initial_delay_s:"):
+    for azure_only in ("cluster:", "instance_type:", "deepspeed_stage:", "liveness_initial_delay_s:", "serverless:",
+                       "preprocess_size:", "shm_size:", "component_version:"):
         assert azure_only not in local_params
     assert "device: auto" in local_params and "max_new_tokens_cap: 256" in local_params
     assert "min_rouge_l_delta: -0.01" in local_params
@@ -241,6 +278,24 @@ def test_the_record_link_points_at_the_workflow_artifact(local, monkeypatch):
     assert artifact_link(record) == link
     text = render(record, local)
     assert f"version 3 (timestamp version `1795000000`) in the MLflow store of {link}" in text
+
+
+def test_the_store_and_the_run_are_where_they_really_are(local, monkeypatch, tmp_path):
+    monkeypatch.delenv("GITHUB_RUN_ID", raising=False)
+    record = full_record()
+    record.finetune.tracking_store = "/srv/mlflow/store.db"
+    text = render(record, local)
+    assert "(timestamp version `1795000000`) in `/srv/mlflow/store.db`" in text
+    assert ("**MLflow run** `r1`: `mlflow ui --backend-store-uri sqlite:////srv/mlflow/store.db`, then "
+            "http://127.0.0.1:5000/#/experiments/7/runs/r1") in text
+    monkeypatch.chdir(tmp_path)
+    record.finetune.tracking_store = str(tmp_path / "ws" / "mlflow.db")
+    assert "in `ws/mlflow.db`" in render(record, local), "inside the working folder: the path a person types"
+    azure = record.model_copy(update={"backend": "azure"})
+    azure.finetune.studio_url = "https://ml.azure.com/runs/job-1?wsid=x"
+    text = render(azure, load_experiment(AZURE))
+    assert "**Run** `r1` in [Azure ML studio](https://ml.azure.com/runs/job-1?wsid=x)" in text
+    assert "mlflow ui" not in text.split("### Replies")[0].split("**Registered**")[1]
 
 
 def test_prose_and_cells_escape_markdown():

@@ -147,6 +147,7 @@ class LocalBackend(Backend):
             model_info = _log_chat_model(mlflow, result.model_dir)
             part = FinetunePart(
                 job_name=job_name, run_id=run.info.run_id, model_uri=model_info.model_uri,
+                tracking_store=str(home() / "mlflow.db"), mlflow_experiment_id=run.info.experiment_id,
                 output_dir=str(result.model_dir), base_eval_loss=result.base_eval_loss, eval_loss=result.eval_loss,
                 train_loss=result.train_loss, last_train_loss=result.last_train_loss, max_steps=result.max_steps,
                 train_loss_curve=[LossPoint(step=s, loss=v) for s, v in result.loss_curve],
