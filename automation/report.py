@@ -4,9 +4,9 @@ Written for GitHub's 800 px comment column, light and dark themes:
 
 - the evaluation first (base / fine-tuned / production on the same test split and held-out
   prompts, the change against the baseline) and whether the promotion policy passes;
-- model text is prose, never a code block (GitHub does not wrap those): HTML-escaped into a
-  one-line `<blockquote>` (an HTML block, so the model's markdown is not rendered as ours) or a
-  table cell with markdown's specials escaped; long texts sit in `<details>`;
+- model text keeps its own markdown (code blocks, lists, bold) inside a markdown blockquote that it
+  cannot break out of (`prose`: raw HTML and @mentions outside code escaped, a cut code block
+  closed), or sits in a table cell with markdown's specials escaped; long texts sit in `<details>`;
 - the loss curve is a Mermaid `xychart-beta` with explicit colours that read on both themes,
   over the whole step range, ending at the last step;
 - the parameters list only the fields that apply to the run's backend;
@@ -17,11 +17,11 @@ The endpoint's key never appears (the record does not hold it).
 
 from __future__ import annotations
 
-import html
 import itertools
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from automation.evaluation import MODEL_LABELS, against, baseline_of, check_policy, delta
@@ -78,11 +78,49 @@ def _cut(text: str, limit: int) -> str:
 
 
 def prose(text: str | None, limit: int = MAX_TEXT) -> str:
-    """Model text as a wrapped quote: one line of HTML, so GitHub renders none of its markdown."""
+    """Model text as a markdown blockquote that keeps the model's own markdown (code blocks, lists,
+    bold) but cannot break out of it: raw HTML outside code is escaped (so `</details>` stays text),
+    `@name` outside code does not notify anyone, a code block cut short is closed, and an HTML
+    comment opener is broken everywhere so no reply can carry another report's hidden marker.
+    Every line sits behind `> `, so whatever the text does ends with the quote."""
     if text is None or not text.strip():
-        return "<blockquote><i>(empty)</i></blockquote>"
-    body = html.escape(_cut(text.strip(), limit), quote=False).replace("\n", "<br>")
-    return f"<blockquote>{body}</blockquote>"
+        return "> _(empty)_"
+    out, fence = [], None
+    for line in _cut(text.strip(), limit).split("\n"):
+        line = line.replace("<!--", "<!\u200b--")
+        opener = _FENCE.match(line)
+        if fence is None and opener:
+            fence = opener.group(1)
+        elif fence is not None and opener and opener.group(1)[0] == fence[0] and len(opener.group(1)) >= len(fence) \
+                and not line.strip()[len(opener.group(1)):].strip():
+            fence = None
+        elif fence is None:
+            line = _outside_code_spans(line, _quiet_markup)
+        out.append(f"> {line}" if line.strip() else ">")
+    if fence is not None:
+        out.append(f"> {fence}")
+    return "\n".join(out)
+
+
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_CODE_SPAN = re.compile(r"(`+)(.+?)\1")
+
+
+def _outside_code_spans(line: str, change) -> str:
+    """`change` applied to the parts of a markdown line outside its inline code spans."""
+    parts, at = [], 0
+    for span in _CODE_SPAN.finditer(line):
+        parts += [change(line[at:span.start()]), span.group(0)]
+        at = span.end()
+    return "".join(parts + [change(line[at:])])
+
+
+def _quiet_markup(text: str) -> str:
+    """Raw HTML shown as text, and @mentions that notify nobody: GitHub finds mentions in the
+    rendered text (an entity such as &#64; is decoded first), so an invisible word joiner goes
+    between the @ and the name."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") if "<" in text else text
+    return re.sub(r"@(?=[A-Za-z0-9])", "@\u2060", text)
 
 
 def cell(text: str | None, limit: int = PREVIEW) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+from html.parser import HTMLParser
 
+import cmarkgfm
 import pytest
 
 from automation.evaluation import model_eval
@@ -155,20 +157,80 @@ def test_policy_not_met_says_so_before_anyone_approves(local):
     assert "| eval loss change vs production (`max_eval_loss_increase`) | −0.0590 | – | – | ≤ -0.1 | ❌ |" in text
 
 
-def test_model_text_is_wrapped_prose_never_code_and_never_markup(local):
-    text = render(full_record(), local)
-    for info, lines in fences(text):
-        assert info in ("mermaid", "yaml"), f"only the chart and the parameters are code, not {info!r}"
-        assert all(len(line) <= 90 for line in lines if info == "yaml"), "no code line wider than the column"
-    assert "It is a data format." in text and "```text" not in text
-    assert "<script>" not in text and "&lt;script&gt;" in text, "model HTML is escaped"
-    assert text.count(MARKER.split(" experiment=")[0]) == 1, "model text cannot forge the comment marker"
-    assert text.count("<details>") == text.count("</details>"), "model text cannot close our <details>"
-    assert text.count("<blockquote>") == text.count("</blockquote>")
-    for line in text.splitlines():
-        if line.startswith("<blockquote>"):
-            assert line.endswith("</blockquote>") and "\n" not in line, "one line of HTML: markdown is not applied"
-    assert "Line one<br>line two.<br>It is" in text and "\r" not in text
+MARKDOWN_REPLY = ("Here is how:\n\n```python\ndef knead(minutes):\n    return minutes < 10  # </details>\n```\n\n"
+                  "- **Knead** with `<div>` hands\n- ask @octocat\n\n</details><script>x()</script> "
+                  "<!-- automation:report experiment=evil -->\n```\nan unclosed block")
+
+
+class _Html(HTMLParser):
+    """What a browser would see of GitHub's HTML: tags, comments, and text with where it sits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.tags: list[str] = []
+        self.comments: list[str] = []
+        self.text: list[tuple[str, tuple[str, ...]]] = []
+        self.details_depth = self.max_details_depth = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag not in ("br", "img", "hr", "input"):
+            self.stack.append(tag)
+        if tag == "details":
+            self.details_depth += 1
+            self.max_details_depth = max(self.max_details_depth, self.details_depth)
+
+    def handle_endtag(self, tag):
+        if tag in self.stack:
+            while self.stack.pop() != tag:
+                pass
+        if tag == "details":
+            self.details_depth -= 1
+
+    def handle_comment(self, data):
+        self.comments.append(data)
+
+    def handle_data(self, data):
+        self.text.append((data, tuple(self.stack)))
+
+
+def github_html(markdown: str) -> str:
+    """The HTML GitHub makes of a comment: cmark-gfm with its extensions, raw HTML kept for its
+    sanitizer, newlines as line breaks (as in issue and PR comments)."""
+    from cmarkgfm.cmark import Options
+
+    return cmarkgfm.github_flavored_markdown_to_html(
+        markdown, options=Options.CMARK_OPT_UNSAFE | Options.CMARK_OPT_HARDBREAKS)
+
+
+def test_model_text_keeps_its_markdown_and_cannot_break_out(local):
+    """Rendered as GitHub renders a comment: a reply's code block, list, bold and inline code come out
+    as such, with the code's indentation kept; its raw HTML, hidden comment, @mention and unclosed
+    code block change nothing around it."""
+    ev = evaluation()
+    ev.models["candidate"].replies[1] = MARKDOWN_REPLY
+    text = render(full_record(ev), local)
+    for info, _ in fences(text):
+        assert info in ("mermaid", "yaml"), f"only the chart and the parameters are top-level code, not {info!r}"
+    html = github_html(text)
+    page = _Html()
+    page.feed(html)
+    assert page.comments == [" automation:report experiment=smollm2-ultrachat-local "], "no forged marker"
+    assert "script" not in page.tags and "&lt;script&gt;" in html
+    assert page.details_depth == 0 and page.max_details_depth == 1, "no reply closes or opens a <details>"
+    code = [t for t, where in page.text if "pre" in where and "code" in where]
+    assert any("def knead(minutes):\n    return minutes < 10  # </details>" in c for c in code), \
+        "the code block keeps its indentation and its text"
+    assert '<pre lang="python"><code>' in html
+    assert "<li><strong>Knead</strong> with <code>&lt;div&gt;</code> hands</li>" in html
+    assert not [t for t, where in page.text if re.search(r"@[A-Za-z0-9]", t) and "code" not in where], \
+        "no @mention outside code"
+    # the unclosed block ends with its quote: the next model's label is bold text again, not code
+    after = html.split("an unclosed block", 1)[1]
+    assert "<strong>Production</strong>" in after.split("</blockquote>", 1)[1]
+    # the scored sample's reply: its lines stay lines, long texts are cut and collapsed
+    assert "Line one<br />\nline two.<br />\nIt is a data format." in html and "\r" not in text
     assert "… (" in text and "more characters)" in text, "long texts are cut"
     assert "<details><summary>Reference answer (1,000 characters)</summary>" in text, "long texts are collapsed"
     assert "<details><summary>Conversation before the prompt (2 messages)</summary>" in text
@@ -298,9 +360,11 @@ def test_the_store_and_the_run_are_where_they_really_are(local, monkeypatch, tmp
     assert "mlflow ui" not in text.split("### Replies")[0].split("**Registered**")[1]
 
 
-def test_prose_and_cells_escape_markdown():
-    assert prose("# Title\n*bold* `code`") == "<blockquote># Title<br>*bold* `code`</blockquote>"
-    assert prose("  ") == "<blockquote><i>(empty)</i></blockquote>"
+def test_prose_keeps_markdown_and_cells_escape_it():
+    assert prose("# Title\n*bold* `<code>`\n\n<b>@x</b>") == ("> # Title\n> *bold* `<code>`\n>\n"
+                                                                "> &lt;b&gt;@\u2060x&lt;/b&gt;")
+    assert prose("  ") == "> _(empty)_"
+    assert prose("```\nx = 1") == "> ```\n> x = 1\n> ```", "a code block cut short is closed"
     assert cell("*a* | `b`\n# c") == "&#42;a&#42; &#124; &#96;b&#96; &#35; c"
     assert cell("x" * 200, 10) == "x" * 10 + "…"
 
