@@ -76,13 +76,17 @@ class PullRequests:
             found[name] = Source(name, path, text)
         return found
 
-    def status(self, pr: int, experiment: str) -> tuple[str | None, str | None]:
-        """(job, phase) from the status line of our comment for the experiment; (None, None) without one."""
+    def body(self, pr: int, experiment: str) -> str | None:
+        """The body of our comment for the experiment, or None when there is none."""
         from automation.github import _ours
         from automation.report import MARKER
 
         ours = _ours(self.client.list_issue_comments(pr), MARKER.format(name=experiment), self.client.viewer_login())
-        match = STATUS.search(ours[0].get("body") or "") if ours else None
+        return (ours[0].get("body") or "") if ours else None
+
+    def status(self, pr: int, experiment: str) -> tuple[str | None, str | None]:
+        """(job, phase) from the status line of our comment for the experiment; (None, None) without one."""
+        match = STATUS.search(self.body(pr, experiment) or "")
         return (match["job"], match["phase"]) if match else (None, None)
 
     def comment(self, pr: int, experiment: str, body: str) -> None:

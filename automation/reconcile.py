@@ -91,7 +91,8 @@ class Reconciler:
             lines = [f"### Stopped: {why}", ""]
             lines += [f"- cancelled fine-tune job `{name}`" for name in cancelled]
             lines += [f"- deleted staging endpoint `{name}`" for name in deleted]
-            self.pulls.comment(pr, experiment, "\n".join([_status_line("", "pruned"), *lines, ""]))
+            kept = _report_after_prune(self.pulls.body(pr, experiment), deleted)
+            self.pulls.comment(pr, experiment, "\n".join([_status_line("", "pruned"), *lines, "", *kept]))
         return Outcome(pr, experiment, "pruned", why, cancelled, deleted)
 
     # -- the step -----------------------------------------------------------------------------
@@ -233,6 +234,20 @@ def _with_status(report: str, job: str, phase: str, preface: str = "") -> str:
     """The report with the status line (and a preface) after its marker line."""
     first, _, rest = report.partition("\n")
     return "\n".join([first, _status_line(job, phase), *([preface] if preface else []), rest])
+
+
+def _report_after_prune(body: str | None, deleted: list[str]) -> list[str]:
+    """The results a reviewer already had, kept under the "Stopped" note with their final facts: the
+    staging endpoints just deleted say so. Hidden lines (marker, status) and an earlier note go."""
+    if not body or "### " not in body:
+        return []
+    lines = [line for line in body.splitlines() if not (line.startswith("<!-- automation:") and line.endswith("-->"))]
+    if lines and lines[0].startswith("### Stopped:"):
+        return []  # pruned before: the results were kept then (or there were none)
+    text = "\n".join(lines).strip()
+    for name in deleted:
+        text = text.replace(f"**Endpoint** `{name}` (staging, live)", f"**Endpoint** `{name}` (staging, deleted)")
+    return ["---", "", text, ""]
 
 
 def _elapsed(created_at: str | None, now: datetime) -> str:

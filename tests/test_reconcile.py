@@ -175,6 +175,24 @@ def test_finished_job_is_registered_deployed_scored_and_commented_once(world):
     assert world.tick() == [] and len(world.workspace.calls) == calls + 2  # two listings, nothing else
 
 
+def test_closing_keeps_the_results_and_says_the_endpoint_is_deleted(world):
+    open_pr(world)
+    world.workspace.jobs.run_for(world.job_of(SHA1), 600)
+    world.tick(pr=7)
+    world.clock.advance(timedelta(minutes=15))
+    world.tick()
+    staging = naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")
+    assert f"**Endpoint** `{staging}` (staging, live)" in world.comment()
+    world.github.close_pull(REPO_NAME, 7)
+    (outcome,) = world.tick(pr=7)
+    assert outcome.action == "pruned" and outcome.deleted == [staging]
+    body = world.comment()
+    assert body.index("### Stopped: closed") < body.index("### Evaluation"), "the results stay, under the note"
+    assert f"**Endpoint** `{staging}` (staging, deleted)" in body and "(staging, live)" not in body
+    assert body.count("<!-- automation:report") == 1 and body.count("<!-- automation:status") == 1
+    assert "phase=pruned" in body and "phase=done" not in body
+
+
 def test_a_push_during_training_cancels_the_old_job_and_submits_a_new_one(world):
     open_pr(world)
     world.tick(pr=7)
