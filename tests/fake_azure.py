@@ -181,6 +181,16 @@ def plain_text_answer(status: int, text: str) -> Exception:
     raise AssertionError(f"validate_response accepted a {status} answer")
 
 
+def as_sdk_enum(enum_name: str, value: Any) -> Any:
+    """A status or provisioning state as azure-ai-ml 1.35 hands it over: the REST models' enum
+    (`JobStatus.COMPLETED`, whose str() is "JobStatus.COMPLETED"), not a plain string."""
+    from azure.ai.ml._restclient.arm_ml_service import models
+
+    if not isinstance(value, str) or not value:
+        return value
+    return getattr(models, enum_name)(value)
+
+
 # The HTTP method of each fake operation, for azure-core's retry rules (it retries by method).
 HTTP_METHODS = {"create_or_update": "PUT", "begin_create_or_update": "PUT", "begin_delete": "DELETE",
                 "invoke": "POST", "begin_cancel": "POST", "share": "POST"}
@@ -417,7 +427,9 @@ class Compute(_Ops):
         self._enter("get")
         if name not in self.clusters:
             raise not_found("compute", name)
-        return self.clusters[name]
+        cluster = self.clusters[name]
+        cluster._provisioning_state = as_sdk_enum("ProvisioningState", cluster._provisioning_state)
+        return cluster
 
     def list_sizes(self, *, location: str | None = None, compute_type: str | None = None):
         self._enter("list_sizes")
@@ -465,7 +477,12 @@ class Jobs(_Ops):
         if name not in self.items:
             raise not_found("job", name)
         self._advance(name)
-        return self.items[name]
+        return self._as_read(self.items[name])
+
+    @staticmethod
+    def _as_read(job):
+        job._status = as_sdk_enum("JobStatus", job._status)  # what Job._from_rest_object gives
+        return job
 
     def _finish(self, name: str) -> tuple[str, str | None]:
         status, error = self.outcome.get(name, ("Completed", None))
@@ -519,7 +536,7 @@ class Jobs(_Ops):
         self._enter("list")
         for name in self.items:
             self._advance(name)
-        return iter(list(self.items.values()))
+        return iter([self._as_read(job) for job in self.items.values()])
 
     def begin_cancel(self, name: str, **kwargs):
         self._enter("begin_cancel")
@@ -557,7 +574,7 @@ class OnlineEndpoints(_Ops):
 
         return ManagedOnlineEndpoint(
             name=endpoint.name, auth_mode=endpoint.auth_mode, tags=dict(endpoint.tags or {}),
-            traffic=dict(endpoint.traffic or {}), provisioning_state=state,
+            traffic=dict(endpoint.traffic or {}), provisioning_state=as_sdk_enum("EndpointProvisioningState", state),
             scoring_uri=f"https://{endpoint.name}.westeurope.inference.ml.azure.com/score")
 
     def get(self, name: str, *, local: bool = False):
@@ -628,7 +645,7 @@ class OnlineDeployments(_Ops):
             raise not_found("endpoint", deployment.endpoint_name)
         if endpoints.busy.get(deployment.endpoint_name):
             raise http_error(409, "Conflict", f"endpoint {deployment.endpoint_name} is Updating")
-        deployment._provisioning_state = "Succeeded"
+        deployment._provisioning_state = as_sdk_enum("DeploymentProvisioningState", "Succeeded")
         self.items[(deployment.endpoint_name, deployment.name)] = deployment
         self._client.rest_payloads.append(deployment._to_rest_object("westeurope").as_dict())
         return Poller(deployment)

@@ -120,3 +120,46 @@ def test_the_reconcile_loop_sees_not_responding_and_paused_in_flight(submitted):
         assert info.state in IN_FLIGHT and info.backend_status == status
     workspace.jobs.items["job-1"]._status = "Failed"
     assert backend.get_job("job-1").state == JOB_FAILED
+
+
+def test_statuses_come_as_the_sdks_enums_and_are_read_by_value():
+    """azure-ai-ml 1.35 returns job statuses and provisioning states as the REST models' enums, whose
+    str() is "JobStatus.COMPLETED": read so, a Completed job was never seen as completed."""
+    from azure.ai.ml._restclient.arm_ml_service.models import JobBase
+    from azure.ai.ml.entities import Job
+
+    body = {"id": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws/jobs/j",
+            "name": "j", "properties": {"jobType": "Command", "status": "Completed", "command": "echo",
+                                        "environmentId": "azureml:env:1", "computeId": "c", "experimentName": "e"}}
+    job = Job._from_rest_object(JobBase._deserialize(body, []))
+    assert str(job.status) == "JobStatus.COMPLETED"  # the trap
+    assert jobs.state_text(job.status) == "Completed" and jobs.is_terminal(job.status)
+    info = jobs.job_info(job)
+    assert info.backend_status == "Completed" and info.state == "completed"
+
+
+def test_an_updating_endpoint_read_from_the_sdk_is_waited_for():
+    from azure.ai.ml._restclient.arm_ml_service.models import OnlineEndpoint
+    from azure.ai.ml.entities import ManagedOnlineEndpoint
+
+    from automation.backends.azure.endpoints import wait_until_settled
+
+    def endpoint(state: str):
+        body = {"id": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws/"
+                      "onlineEndpoints/ep", "name": "ep", "location": "westeurope", "identity": {"type": "None"},
+                "properties": {"authMode": "Key", "provisioningState": state, "traffic": {}}}
+        return ManagedOnlineEndpoint._from_rest_object(OnlineEndpoint._deserialize(body, []))
+
+    answers = [endpoint("Updating"), endpoint("Updating"), endpoint("Succeeded")]
+    sleeps: list[float] = []
+    settled = wait_until_settled(lambda: answers.pop(0), "endpoint ep", sleep=sleeps.append, poll_s=15)
+    assert jobs.state_text(settled.provisioning_state) == "Succeeded" and sleeps == [15, 15]
+
+
+def test_a_failed_cluster_read_from_the_sdk_is_refused(clients):
+    from automation.errors import ConfigError
+
+    workspace, registry = clients
+    workspace.compute.clusters["gpu-a100"]._provisioning_state = "Failed"  # read back as ProvisioningState.FAILED
+    with pytest.raises(ConfigError, match="gpu-a100 is in a failed state"):
+        AzureBackend(workspace, registry, sleep=lambda s: None).validate_compute(experiment())

@@ -258,7 +258,7 @@ class AzureBackend(Backend):
             if stream and jobs.stall_deadline_s(job.status) is None:
                 error = self._stream(job_name) or error
             job = self._poll_until_done(job_name, started)
-        status = str(job.status or "unknown")
+        status = jobs.state_text(job.status, "unknown")
         if status.lower() != "completed":
             detail = error or "no error detail in the job"
             raise BackendError(f"fine-tune job {job_name} ended {status}: {detail}; "
@@ -304,7 +304,7 @@ class AzureBackend(Backend):
         status_key, since = None, started
         while True:
             job = self._call(f"reading job {job_name}", lambda: self.workspace.jobs.get(job_name))
-            status = str(job.status or "Unknown")
+            status = jobs.state_text(job.status, "Unknown")
             if jobs.is_terminal(status):
                 return job
             now = self._clock()
@@ -534,7 +534,7 @@ class AzureBackend(Backend):
         wanted = match_tags or {}
         return [EndpointInfo(name=e.name, url=e.scoring_uri or "", tags=dict(e.tags or {}),
                              created_at=(e.tags or {}).get("created_at", ""),
-                             alive=str(e.provisioning_state or "").lower() not in {"failed", "deleting"},
+                             alive=jobs.state_text(e.provisioning_state).lower() not in {"failed", "deleting"},
                              deployments=sorted((e.traffic or {}).keys()))
                 for e in found if all((e.tags or {}).get(k) == v for k, v in wanted.items())]
 

@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from automation.backends.azure import lifecycle, retry
+from automation.backends.azure.jobs import state_text
 from automation.errors import ConfigError
 from automation.spec import Experiment
 
@@ -143,7 +144,7 @@ def validate(workspace_client, registry_client, experiment: Experiment,
         size = str(experiment.compute.size)  # no cluster: the component asks for this size per step
     else:
         cluster, created = ensure_cluster(workspace_client, experiment, call)
-        state = str(getattr(cluster, "provisioning_state", "") or "")
+        state = state_text(getattr(cluster, "provisioning_state", None))
         if state.lower() == "failed":
             raise ConfigError(f"compute cluster {experiment.compute.cluster} is in a failed state; fix or recreate it")
         size = getattr(cluster, "size", None) or experiment.compute.size

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from automation.backends.azure.jobs import state_text
 from automation.errors import BackendError
 from automation.spec import Experiment
 
@@ -61,7 +62,7 @@ def wait_until_settled(get: Callable[[], Any], what: str, *, timeout_s: float = 
     deadline = clock() + timeout_s
     while True:
         resource = get()
-        state = str(getattr(resource, "provisioning_state", "") or "").lower()
+        state = state_text(getattr(resource, "provisioning_state", None)).lower()
         if state not in BUSY_STATES:
             return resource
         if clock() >= deadline:

@@ -56,19 +56,28 @@ STALL_DEADLINES_S = {"notresponding": 2 * 3600.0, "paused": 24 * 3600.0}
 UNKNOWN = JobState("Unknown", JOB_WAITING, "a status this project does not know")
 
 
-def job_state(status: str | None) -> JobState:
-    """The table's entry for a status (any case); "Cancelled" is read as Canceled; anything else is
-    waiting, with a note, rather than an end the service never said."""
-    key = str(status or "").lower()
+def state_text(value: Any, default: str = "") -> str:
+    """The service's word for a status or provisioning state. azure-ai-ml 1.35 hands them over as
+    the REST models' enums (`JobStatus.COMPLETED`, `EndpointProvisioningState.UPDATING`), whose
+    str() is "JobStatus.COMPLETED", not "Completed": read the value."""
+    if value is None or value == "":
+        return default
+    return str(getattr(value, "value", value))
+
+
+def job_state(status: Any) -> JobState:
+    """The table's entry for a status (any case, a str or the SDK's enum); "Cancelled" is read as
+    Canceled; anything else is waiting, with a note, rather than an end the service never said."""
+    key = state_text(status).lower()
     return JOB_STATES.get("canceled" if key == "cancelled" else key, UNKNOWN)
 
 
-def is_terminal(status: str | None) -> bool:
+def is_terminal(status: Any) -> bool:
     return job_state(status).terminal
 
 
-def stall_deadline_s(status: str | None) -> float | None:
-    return STALL_DEADLINES_S.get(str(status or "").lower())
+def stall_deadline_s(status: Any) -> float | None:
+    return STALL_DEADLINES_S.get(state_text(status).lower())
 
 
 def stuck_message(job_name: str, status: str, seconds: float, url: str | None = None) -> str:
@@ -87,7 +96,7 @@ def _created_at(job: Any) -> str | None:
 
 
 def job_info(job: Any) -> JobInfo:
-    status = str(getattr(job, "status", None) or "Unknown")
+    status = state_text(getattr(job, "status", None), "Unknown")
     error = getattr(job, "error", None)
     return JobInfo(name=job.name, state=job_state(status).state, backend_status=status,
                    tags=dict(getattr(job, "tags", None) or {}), url=getattr(job, "studio_url", None),
