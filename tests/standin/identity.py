@@ -145,8 +145,10 @@ class Identities:
         return Reply(200, {"token_type": "Bearer", "expires_in": self.access_token_lifetime_s,
                            "ext_expires_in": self.access_token_lifetime_s, "access_token": token})
 
-    def caller(self, req: Request, audience: str = ARM_RESOURCE) -> tuple[Identity | None, Reply | None]:
-        """The identity behind a bearer token for `audience`, or the ARM error the service answers."""
+    def caller(self, req: Request, *audiences: str) -> tuple[Identity | None, Reply | None]:
+        """The identity behind a bearer token for one of `audiences` (default ARM), or the ARM error
+        the service answers."""
+        audiences = audiences or (ARM_RESOURCE,)
         token = req.bearer
         if token is None:
             return None, arm_error(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' "
@@ -157,10 +159,11 @@ class Identities:
         if claims["exp"] <= self.clock():
             return None, arm_error(401, "ExpiredAuthenticationToken", "The access token expiry UTC time is "
                                    "earlier than current UTC time.")
-        if claims["aud"].rstrip("/") != audience:
+        if claims["aud"].rstrip("/") not in audiences:
             return None, arm_error(401, "InvalidAuthenticationTokenAudience", f"The access token has been "
                                    f"obtained for wrong audience or resource '{claims['aud']}'. It should "
-                                   f"exactly match with one of the allowed audiences '{audience}/'.")
+                                   f"exactly match with one of the allowed audiences "
+                                   f"{', '.join(repr(a + '/') for a in audiences)}.")
         return self.apps[claims["appid"]], None
 
 

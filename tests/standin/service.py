@@ -599,7 +599,8 @@ class StandIn:
 
     # -- <region>.api.azureml.ms: registry discovery and data plane, MLflow ---------------------
     def _ml(self, req: Request) -> Reply:
-        caller, refusal = self.identities.caller(req, ARM_RESOURCE)
+        # Azure ML's data plane takes a token for ARM or for Azure ML itself (https://ml.azure.com)
+        caller, refusal = self.identities.caller(req, ARM_RESOURCE, identity.ML_RESOURCE)
         if refusal:
             return refusal
         path = req.path
