@@ -165,3 +165,103 @@ def test_whole_pull_request_lifecycle(wire):
     assert arm_calls(azure, "DELETE", rf"/onlineEndpoints/{staging}$")
     assert tick(wire, "") == "nothing planned"
     check_identity_on_the_wire(azure)
+
+
+# -- faults on the wire ------------------------------------------------------------------------
+# The backend in this process (real MLClient, credential, retries), its own sleeps recorded; what
+# azure-core sleeps (Retry-After, its backoff) it really sleeps: Retry-After is 1 s here.
+
+@pytest.fixture
+def azure_backend(tmp_path, monkeypatch):
+    from automation.backends.azure.backend import AzureBackend
+    from tests.standin.world import seed_reference_flow
+
+    with StandIn(tmp_path / "standin") as azure:
+        seed_reference_flow(azure)
+        for key, value in azure.env().items():
+            monkeypatch.setenv(key, value)
+        sleeps: list[float] = []
+        backend = AzureBackend(sleep=sleeps.append, poll_s=0)
+        yield azure, backend, sleeps
+
+
+def _registered(azure: StandIn):
+    from automation.record import RegisterPart
+
+    azure.models[("Phi-4-ultrachat", "1796518000")] = {"name": "1796518000", "properties": {}}
+    return RegisterPart(model_name="Phi-4-ultrachat", version="1796518000", timestamp_version="1796518000",
+                        model_uri="azureml:Phi-4-ultrachat:1796518000")
+
+
+def _job(azure: StandIn, name: str = "phi3-ultrachat-1111111-abcdef0") -> str:
+    azure.jobs[name] = {"id": f"/jobs/{name}", "name": name, "type": "Microsoft.MachineLearningServices/workspaces/jobs",
+                        "properties": {"jobType": "Command", "command": "echo", "environmentId": "azureml:env:1",
+                                       "tags": {"pr": "7"}, "services": {}}}
+    azure.job_states[name] = "Running"
+    return name
+
+
+def test_throttled_reads_are_retried_as_the_service_asks(azure_backend):
+    azure, backend, sleeps = azure_backend
+    name = _job(azure)
+    azure.throttle("GET", rf"/jobs/{name}$", retry_after="1", times=2)
+    info = backend.get_job(name)
+    assert info is not None and info.name == name
+    statuses = [c.status for c in azure.calls if c.path.endswith(f"/jobs/{name}")]
+    assert statuses == [429, 429, 200]  # azure-core honoured Retry-After; our layer never saw it
+    assert sleeps == []
+
+
+def test_an_unavailable_service_is_retried_then_reported_in_one_sentence(azure_backend):
+    from automation.errors import BackendError
+
+    azure, backend, sleeps = azure_backend
+    name = _job(azure)
+    azure.unavailable("GET", rf"/jobs/{name}$", times=1)
+    assert backend.get_job(name).name == name  # one 503, then the answer
+    azure.unavailable("GET", rf"/jobs/{name}$", times=100)
+    before = len(azure.calls)
+    with pytest.raises(BackendError) as caught:
+        backend.get_job(name)
+    tries = [c for c in azure.calls[before:] if c.path.endswith(f"/jobs/{name}")]
+    assert len(tries) == 4  # retry_total=3 at azure-core, not again in retry.py
+    message = str(caught.value)
+    assert "\n" not in message and ("503" in message or "unavailable" in message.lower()), message
+
+
+def test_a_dropped_connection_is_retried(azure_backend):
+    azure, backend, _ = azure_backend
+    name = _job(azure)
+    azure.drop("GET", rf"/jobs/{name}$", times=1)
+    assert backend.get_job(name).name == name
+    assert [c.status for c in azure.calls if c.path.endswith(f"/jobs/{name}")] == [0, 200]
+
+
+def test_a_conflict_on_a_begin_operation_is_waited_for(azure_backend):
+    """409 Conflict (operation in progress) on creating the deployment: wait and try again."""
+    from tests.fake_azure import experiment
+
+    azure, backend, sleeps = azure_backend
+    model = _registered(azure)
+    staging = naming.staging_endpoint_name(REPO_NAME, 7, EXPERIMENT_NAME)
+    azure.fail("PUT", rf"/onlineEndpoints/{staging}/deployments/demo$",
+               Reply(409, {"error": {"code": "Conflict", "message": f"Endpoint {staging} has an operation in "
+                                     "progress; wait for it to finish and try again."}}), times=1)
+    tags = naming.resource_tags(repo=REPO_NAME, pr=7, experiment=EXPERIMENT_NAME, sha=SHA1, stage="staging",
+                                ttl_hours=48)
+    deployed = backend.deploy(experiment(), model, endpoint_name=staging, tags=tags)
+    assert deployed.endpoint_name == staging and azure.endpoints[staging]["properties"]["traffic"] == {"demo": 100}
+    puts = [c.status for c in azure.calls if c.method == "PUT" and c.path.endswith("/deployments/demo")]
+    assert puts == [409, 201] and len(sleeps) == 1  # one wait of our own, then the create went through
+    # the endpoint answers with its key, through the real invoke
+    assert backend.invoke(staging, {"input_data": {"input_string": [[{"role": "user", "content": "hi"}]]}})[
+        "output"] == azure.reply_text
+
+
+def test_a_tick_survives_throttling_and_a_dropped_connection(wire):
+    """The CLI's leg, with the workspace throttling its first job listing and dropping the first
+    job read: the tick still submits one job and comments."""
+    wire.azure.throttle("GET", r"/workspaces/ws-staging/jobs$", retry_after="1", times=1)
+    wire.azure.drop("GET", r"/workspaces/ws-staging/jobs/phi3-ultrachat-", times=1)
+    tick(wire, "submitted")
+    assert len(arm_calls(wire.azure, "PUT", r"/jobs/")) == 1 and "phase=running" in wire.comment()
