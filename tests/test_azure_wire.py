@@ -6,8 +6,11 @@ service, Entra ID, ARM, the azureml registry, blob storage, MLflow tracking and 
 (tests/standin/). GitHub's REST API is tests/fake_github.py. The stand-in moves the job between
 ticks, as Azure ML would: NotStarted -> Running -> Completed.
 
-Product defects the wire finds are marked xfail(strict=True) with the defect's name, so the
-marker fails the suite the day the defect is fixed and can be removed.
+What it found so far (fixed since): the OIDC request lost `api-version=2.0` (GitHub answers 400);
+job statuses and provisioning states arrive as the REST models' enums (`str()` is
+'JobStatus.COMPLETED'), so a Completed job was never seen as completed. A product defect the wire
+finds and nobody has fixed yet is marked xfail(strict=True) naming it, so the marker fails the suite
+the day the defect is fixed and can be removed.
 """
 
 from __future__ import annotations
@@ -19,14 +22,10 @@ import pytest
 from automation import naming
 from tests.standin import identity
 from tests.standin.proxy import Reply
-from tests.standin.service import ARM_HOST, BLOB_HOST, STAGING_CLIENT, StandIn
+from tests.standin.service import ARM_HOST, STAGING_CLIENT, StandIn
 from tests.standin.world import EXPERIMENT_NAME, PATH, REPO_NAME, World, experiment_text, world
 
 SHA1 = "1" * 40
-JOB_STATUS_ENUM = ("product defect: jobs.py/backend.py read str(job.status), which azure-ai-ml 1.35 returns as the "
-                   "enum JobStatus (str() gives 'JobStatus.COMPLETED'), so a Completed job is never seen as "
-                   "completed and the leg never registers, deploys or scores")
-
 
 @pytest.fixture
 def wire(tmp_path):
@@ -116,7 +115,6 @@ def test_closed_during_training_cancels_the_job_and_creates_no_endpoint(wire):
     check_identity_on_the_wire(wire.azure)
 
 
-@pytest.mark.xfail(strict=True, reason=JOB_STATUS_ENUM)
 def test_job_states_read_as_the_service_says_them(wire):
     tick(wire, "submitted")
     assert "is **NotStarted**" in wire.comment(), wire.comment()[:400]
@@ -128,7 +126,6 @@ def test_job_states_read_as_the_service_says_them(wire):
     assert "JobStatus." not in leg.stdout + wire.comment() and "running" not in leg.stdout, leg.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=JOB_STATUS_ENUM)
 def test_whole_pull_request_lifecycle(wire):
     """Opened -> submitted -> running -> completed -> registered, deployed, scored, evaluated,
     commented -> settled -> closed -> pruned, one scheduled tick at a time."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
-import json
 import re
 import secrets
 import threading
