@@ -128,18 +128,28 @@ def test_warm_refuses_a_non_positive_idle_time(home):
 def test_the_fingerprint_follows_what_the_imports_depend_on(monkeypatch, tmp_path):
     from automation.serving import standby
 
-    base = standby.fingerprint()
-    assert standby.fingerprint() == base
     monkeypatch.setenv("SOMETHING_TORCH_NEVER_READS", "1")
-    assert standby.fingerprint() == base
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # read by transformers at import
-    assert standby.fingerprint() != base
-    assert standby.fingerprint({**os.environ, "OMP_NUM_THREADS": "7"}) != standby.fingerprint()
+    environment = standby.import_environment()
+    assert "SOMETHING_TORCH_NEVER_READS" not in environment and environment["HF_HOME"] == str(tmp_path)
 
+    # What the standby's imports set is their output: a claimer whose imports set it alike differs in nothing.
+    writes = {"TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_me"}
+    launch = {"OMP_NUM_THREADS": "1"}
+    assert standby.environment_differences(launch, {"OMP_NUM_THREADS": "1"}, writes) == []
+    assert standby.environment_differences(launch, {"OMP_NUM_THREADS": "1", **writes}, writes) == []
+    assert standby.environment_differences(launch, {"OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": "/mine"},
+                                           writes) == ["TORCHINDUCTOR_CACHE_DIR"]  # set by a person: an input
+    assert standby.environment_differences(launch, {"OMP_NUM_THREADS": "2"}, writes) == ["OMP_NUM_THREADS"]
+    assert standby.environment_differences(launch, {}, writes) == ["OMP_NUM_THREADS"]
+
+    base = standby.code_fingerprint()
+    assert standby.code_fingerprint() == base
     folder = tmp_path / "site-packages"
     folder.mkdir()
     monkeypatch.setattr(standby.site, "getsitepackages", lambda: [str(folder)])
-    before = standby.fingerprint()
+    before = standby.code_fingerprint()
+    (folder / "__pycache__").mkdir()  # a first import compiling a top-level module: nothing installed
+    assert standby.code_fingerprint() == before
     (folder / "newpkg-1.0.dist-info").mkdir()  # a package installed
-    os.utime(folder, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
-    assert standby.fingerprint() != before
+    assert standby.code_fingerprint() != before

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,12 @@ import httpx
 from pydantic import BaseModel
 
 from automation.errors import BackendError, ConfigError
-from automation.serving.standby import fingerprint, read_message, send_message
+from automation.serving.standby import (
+    code_fingerprint,
+    import_environment,
+    read_message,
+    send_message,
+)
 from automation.workspace import home, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -327,7 +333,7 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         "--max-prefill-tokens", str(max_prefill_tokens),
         "--threads", str(threads), "--prefill-threads", str(prefill_threads),
     ]
-    standby = _claim_standby(arguments, paths["log"])
+    standby, import_writes = _claim_standby(arguments, paths["log"])
     if standby is not None:
         pid, standby_id = standby.pid, standby.standby_id
         log.info("endpoint %s: warm standby (pid %d) claimed for %s; waiting until it is ready", name, pid, model_dir)
@@ -348,23 +354,26 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
     write_text_atomic(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
     paths["port"].unlink(missing_ok=True)
     if standby is not None and standby.replenish:  # the next start is warm too
-        start_standby(idle_timeout_s=standby.idle_timeout_s, replenish=True)
+        # Without what this process's own imports left in its environment: not the next standby's input.
+        start_standby(idle_timeout_s=standby.idle_timeout_s, replenish=True, leave_out=import_writes)
     return record
 
 
-def _spawn(arguments: list[str], log_path: Path) -> int:
+def _spawn(arguments: list[str], log_path: Path, env: dict[str, str] | None = None) -> int:
     """`python -m automation.serving ARGUMENTS`, detached (its own session), output appended to log_path."""
     with log_path.open("ab") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "automation.serving", *arguments], stdin=subprocess.DEVNULL,
-                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=_child_env())
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=env or _child_env())
     _children[process.pid] = process
     return process.pid
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(leave_out: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A server's environment: this process's, less the variables of `leave_out` that hold its values."""
     # The server runs `-m automation.serving`: make this very package importable in it even when
     # the project is not installed, by putting its parent folder first on PYTHONPATH.
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not leave_out or leave_out.get(k) != v}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
@@ -478,32 +487,37 @@ def _taken_standby():
         yield record
 
 
-def _claim_standby(arguments: list[str], log_path: Path) -> StandbyRecord | None:
-    """Hand a cold start's arguments to the workspace's standby; its record when it took them."""
+def _claim_standby(arguments: list[str], log_path: Path) -> tuple[StandbyRecord | None, dict[str, str]]:
+    """Hand a cold start's arguments to the workspace's standby: its record when it took them (else
+    None), and the variables its imports set (what a process's imports leave in its environment)."""
     with _taken_standby() as record:
         if record is None:
-            return None
+            return None, {}
         if not record.alive:
             log.info("the recorded standby (pid %d) is gone; starting cold", record.pid)
-            return None
+            return None, {}
         # It answers once its imports are done: waiting for that beats importing again from nothing.
         answer = _ask_standby(record, {"op": "claim", "argv": arguments, "log_file": str(log_path),
-                                       "fingerprint": fingerprint(_child_env())}, timeout_s=60.0)
+                                       "fingerprint": code_fingerprint(),
+                                       "environment": import_environment(_child_env())}, timeout_s=60.0)
         if not answer or not answer.get("ok") or answer.get("pid") != record.pid:
             reason = (answer or {}).get("reason", "it did not answer")
             log.info("standby (pid %d) not used: %s; starting cold", record.pid, reason)
             if not _wait_gone(record.pid, 5.0):  # a standby that refuses exits by itself
                 _terminate(record.pid)
-            return None
-        return record
+            return None, {}
+        writes = answer.get("import_writes")
+        return record, {str(k): str(v) for k, v in writes.items()} if isinstance(writes, dict) else {}
 
 
-def start_standby(idle_timeout_s: int = 1800, replenish: bool = True) -> StandbyRecord:
+def start_standby(idle_timeout_s: int = 1800, replenish: bool = True,
+                  leave_out: Mapping[str, str] | None = None) -> StandbyRecord:
     """Start a warm standby for this workspace (one at most: a live one is returned as it is).
 
     It imports torch, transformers and the server, then waits up to idle_timeout_s for
     `start_endpoint` to claim it. With replenish, each claim starts the next standby once the
-    claimed endpoint is ready (in the background, about 5 CPU-seconds of imports)."""
+    claimed endpoint is ready (in the background, about 5 CPU-seconds of imports). `leave_out`:
+    variables (with their values) to keep out of its environment: what imports set, not a person."""
     paths = _standby_paths()
     with _standby_lock():
         existing = get_standby()
@@ -511,7 +525,7 @@ def start_standby(idle_timeout_s: int = 1800, replenish: bool = True) -> Standby
             return existing
         standby_id = f"standby-{secrets.token_hex(8)}"
         pid = _spawn(["--standby", str(paths["sock"]), "--standby-id", standby_id,
-                      "--idle-timeout-s", str(idle_timeout_s)], paths["log"])
+                      "--idle-timeout-s", str(idle_timeout_s)], paths["log"], _child_env(leave_out))
         record = StandbyRecord(pid=pid, standby_id=standby_id, socket=str(paths["sock"]),
                                idle_timeout_s=idle_timeout_s, replenish=replenish,
                                created_at=datetime.now(UTC).isoformat(timespec="seconds"),

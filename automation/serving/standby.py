@@ -8,17 +8,22 @@ would have been given. It then runs exactly what a cold start runs (`__main__.ma
 process, with its output moved to the endpoint's log. `process.start_endpoint` claims a live
 standby when the workspace has one and starts cold otherwise; `automation endpoints warm` starts one.
 
-What the imports depended on must not have changed between the standby's start and the claim: the
-Python and its installed packages, this package's source, and the environment variables torch,
-transformers and the server read. The claim carries a fingerprint of those (`fingerprint()`); a standby whose own differs refuses
-the claim and exits, and the claimer starts cold. An unclaimed standby exits after its idle timeout.
+What the imports depend on must be the same for the claimer's cold start as it was for the
+standby: the Python and its installed distributions, this package's source (`code_fingerprint()`),
+and the environment variables torch, transformers and the server read (`import_environment()`). The
+standby takes both when it starts, before it imports anything, so that nothing its own imports leave
+in `os.environ` (importing torch sets TORCHINDUCTOR_CACHE_DIR) counts as an input. What its imports
+set is measured, and counts as their output on the claimer's side too: a claimer that imported torch
+itself has TORCHINDUCTOR_CACHE_DIR set to the same value and differs in nothing. A claim that differs
+is refused (the answer names the variables), the standby exits, and the claimer starts cold. An
+unclaimed standby exits after its idle timeout.
 
 The protocol, one JSON line each way on the socket (same user only: the socket is created with
 umask 077, in the workspace's 0700 `standby/` folder):
   {"op": "status"}                                        -> {"warm": true, "pid": int}
                                                            (answered once the imports are done)
-  {"op": "claim", "argv": [...], "log_file": PATH, "fingerprint": HEX}
-                                                          -> {"ok": true, "pid": int}
+  {"op": "claim", "argv": [...], "log_file": PATH, "fingerprint": HEX, "environment": {NAME: VALUE}}
+                                                          -> {"ok": true, "pid": int, "import_writes": {NAME: VALUE}}
                                                            | {"ok": false, "reason": TEXT}
 Importing this module imports neither torch nor transformers.
 """
@@ -48,23 +53,35 @@ ENV_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "HF_", "TRANSFORMERS_", "TO
 MAX_LINE = 1 << 20  # a claim is a few hundred bytes; anything near this is not ours
 
 
-def fingerprint(environ: Mapping[str, str] | None = None) -> str:
-    """What a standby's imports depended on, as one digest (see the module's docstring). `environ`:
-    the environment the server would run with (default: this process's)."""
-    environ = os.environ if environ is None else environ
+def code_fingerprint() -> str:
+    """The Python, its installed distributions (their names carry their versions) and `.pth` files,
+    and this package's source, as one digest."""
     digest = hashlib.sha256()
     digest.update(f"{sys.executable}\0{sys.version}\0".encode())
-    for folder in site.getsitepackages():  # a package installed, removed or upgraded changes its folder's mtime
+    for folder in site.getsitepackages():
         with contextlib.suppress(OSError):
-            digest.update(f"{folder}:{os.stat(folder).st_mtime_ns}\0".encode())
+            names = sorted(n for n in os.listdir(folder) if n.endswith((".dist-info", ".egg-info", ".pth")))
+            digest.update(f"{folder}:{'/'.join(names)}\0".encode())
     package = Path(__file__).resolve().parents[1]
     for path in sorted(package.rglob("*.py")):
         digest.update(f"{path.relative_to(package)}\0".encode())
         digest.update(path.read_bytes())
-    for key in sorted(environ):
-        if key.startswith(ENV_PREFIXES):
-            digest.update(f"{key}={environ[key]}\0".encode())
     return digest.hexdigest()
+
+
+def import_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables the imports may read (ENV_PREFIXES) of `environ` (default: this process's)."""
+    environ = os.environ if environ is None else environ
+    return {key: environ[key] for key in sorted(environ) if key.startswith(ENV_PREFIXES)}
+
+
+def environment_differences(launch: Mapping[str, str], claimed: Mapping[str, str],
+                            import_writes: Mapping[str, str]) -> list[str]:
+    """The names of the variables in which a claimer's environment differs from the one the standby
+    began with, less those the standby's own imports set to the claimer's value (their output)."""
+    return [key for key in sorted(set(launch) | set(claimed))
+            if launch.get(key) != claimed.get(key)
+            and not (key not in launch and import_writes.get(key) == claimed.get(key))]
 
 
 def preload() -> None:
@@ -123,9 +140,9 @@ def serve(socket_path: str, idle_timeout_s: float, main: Callable[[list[str]], i
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         began = time.monotonic()
+        code, launch = code_fingerprint(), import_environment()  # before any import: what they depend on
         preload()
-        # After the imports: a first import may itself write into site-packages (a __pycache__ folder).
-        expected = fingerprint()
+        import_writes = {key: value for key, value in import_environment().items() if launch.get(key) != value}
         log.info("standby warm after %.2f s (pid %d); waiting up to %.0f s for a claim", time.monotonic() - began,
                  os.getpid(), idle_timeout_s)
         until = time.monotonic() + idle_timeout_s
@@ -146,17 +163,21 @@ def serve(socket_path: str, idle_timeout_s: float, main: Callable[[list[str]], i
                     if message.get("op") == "status":
                         send_message(conn, {"warm": True, "pid": os.getpid()})
                         continue
+                    environment = message.get("environment")
                     if (message.get("op") != "claim" or not isinstance(message.get("argv"), list)
-                            or not isinstance(message.get("log_file"), str)):
-                        send_message(conn, {"ok": False, "reason": "expected a claim (argv, log_file) or a status request"})
+                            or not isinstance(message.get("log_file"), str) or not isinstance(environment, dict)):
+                        send_message(conn, {"ok": False, "reason": "expected a claim (argv, log_file, environment) "
+                                                                  "or a status request"})
                         continue
-                    if message.get("fingerprint") != expected:
-                        send_message(conn, {"ok": False, "reason": "the code or the environment changed since this "
-                                                                  "standby started; start cold"})
-                        log.info("standby: refused a claim from a different code or environment; exiting")
+                    differences = environment_differences(launch, environment, import_writes)
+                    if message.get("fingerprint") != code or differences:
+                        reason = (f"the environment differs from this standby's in {', '.join(differences)}"
+                                  if differences else "the Python, its packages or this package's source changed")
+                        send_message(conn, {"ok": False, "reason": f"{reason} since the standby started; start cold"})
+                        log.info("standby: refused a claim (%s); exiting", reason)  # names only, never values
                         return 0
                     argv = [str(a) for a in message["argv"]]
-                    send_message(conn, {"ok": True, "pid": os.getpid()})
+                    send_message(conn, {"ok": True, "pid": os.getpid(), "import_writes": import_writes})
                 except (OSError, ValueError) as exc:  # the other side left, or sent what is not ours
                     if message.get("op") == "claim" and argv:
                         log.warning("standby: the claimer left before the answer (%s); exiting", exc)
