@@ -305,6 +305,30 @@ class StandIn:
                              f"{name}' under resource group '{RESOURCE_GROUP}' was not found.")
         return Reply(200, self.computes[name])
 
+    def add_endpoint(self, name: str, *, tags: dict[str, str] | None = None, traffic: dict[str, int] | None = None,
+                     state: str = "Succeeded", deployments: tuple[str, ...] = ()) -> None:
+        """An endpoint (and deployments) as the service holds it after its operations finished."""
+        scoring = f"https://{name}.{REGION}.inference.ml.azure.com/score"
+        self.endpoints[name] = {
+            "id": self._arm_id(f"/onlineEndpoints/{name}"), "name": name, "location": REGION,
+            "type": f"{PROVIDER}/workspaces/onlineEndpoints", "tags": dict(tags or {}), "kind": "Managed",
+            "identity": {"type": "SystemAssigned", "principalId": str(uuid.UUID(int=9)), "tenantId": identity.TENANT},
+            "systemData": self._system_data(),
+            "properties": {"authMode": "Key", "provisioningState": state, "scoringUri": scoring,
+                           "properties": {"azureml.onlineendpointid": self._arm_id(f"/onlineEndpoints/{name}")},
+                           "swaggerUri": scoring.replace("/score", "/swagger.json"), "traffic": dict(traffic or {})}}
+        self.keys.setdefault(name, {"primaryKey": secrets.token_urlsafe(24), "secondaryKey": secrets.token_urlsafe(24)})
+        for key in [k for k in self.deployments if k[0] == name]:
+            del self.deployments[key]
+        for deployment in deployments:
+            self.deployments[(name, deployment)] = {
+                "id": self._arm_id(f"/onlineEndpoints/{name}/deployments/{deployment}"), "name": deployment,
+                "type": f"{PROVIDER}/workspaces/onlineEndpoints/deployments", "location": REGION, "tags": {},
+                "kind": "Managed", "sku": {"name": "Default", "capacity": 1}, "systemData": self._system_data(),
+                "properties": {"endpointComputeType": "Managed", "model": "azureml:m:1",
+                               "instanceType": "Standard_NC24ads_A100_v4", "scaleSettings": {"scaleType": "Default"},
+                               "provisioningState": "Succeeded"}}
+
     def add_cluster(self, name: str, size: str, state: str = "Succeeded") -> None:
         self.computes[name] = {
             "id": self._arm_id(f"/computes/{name}"), "name": name, "type": f"{PROVIDER}/workspaces/computes",
@@ -410,7 +434,8 @@ class StandIn:
             if not isinstance(props, dict) or not props.get("modelUri"):
                 return arm_error(400, "UserError", "properties.modelUri is required.")
             if key in self.models and self.models[key]["properties"]["modelUri"] != props["modelUri"]:
-                return arm_error(409, "UserError", f"Conflict: model {name}:{version} exists with another path.")
+                # the SDK compares str(err) with "(UserError) Asset paths cannot be updated."
+                return arm_error(400, "UserError", "Asset paths cannot be updated.")
             self.models[key] = {"id": self._arm_id(f"/models/{name}/versions/{version}"), "name": version,
                                 "type": f"{PROVIDER}/workspaces/models/versions", "systemData": self._system_data(),
                                 "properties": {"flavors": MLFLOW_FLAVORS, "isArchived": False, "stage": "Development",
@@ -515,7 +540,8 @@ class StandIn:
                                                            "principalId": str(uuid.uuid4()),
                                                            "tenantId": identity.TENANT},
                       "systemData": self._system_data(),
-                      "properties": {**props, "provisioningState": "Creating" if created else "Updating",
+                      "properties": {"properties": {}, **props,
+                                     "provisioningState": "Creating" if created else "Updating",
                                      "scoringUri": scoring, "swaggerUri": scoring.replace("/score", "/swagger.json"),
                                      "traffic": props.get("traffic") or {}}}
             self.endpoints[name] = stored
