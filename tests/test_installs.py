@@ -3,13 +3,13 @@
 PyTorch's CPU wheel index cannot be reached from the machines these tests run on, so the torch
 install is checked by reading the Makefile and the workflows; everything else is checked for real:
 the lock against pyproject.toml (`uv lock --check`), the lock's files (no source build, no CUDA
-packages), and the core verbs run in a fresh venv that holds only the core's locked packages.
+packages), and the core verbs run in the venv `make setup-core` installs (tests/job_venvs.py; the
+azure and local jobs' verbs in their own venvs: tests/test_job_installs.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import job_venvs
 from tests.conftest import REPO
 from tests.fake_github import WRITE_TOKEN, FakeGitHub
 from tests.test_gitops import commit, git, local_experiment
@@ -194,27 +195,17 @@ def test_uploads_overwrite_so_reruns_work():
 
 
 # ---------------------------------------------------------------------------------------------
-# The core verbs in a venv that holds only the core
+# The core verbs in the venv `make setup-core` installs
 
 
-@pytest.fixture(scope="module")
-def core_venv(tmp_path_factory) -> Path:
-    """A fresh venv with exactly `make setup-core`'s packages (from the uv cache when warm)."""
-    venv = tmp_path_factory.mktemp("core") / "venv"
-    requirements = venv.parent / "core.txt"
-    subprocess.run([uv(), "export", "--quiet", "--frozen", "--no-emit-project", "--output-file", str(requirements)],
-                   cwd=REPO, check=True)
-    subprocess.run([uv(), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-    py = str(venv / "bin" / "python")
-    for args in (["--require-hashes", "--no-deps", "-r", str(requirements)], ["--no-deps", str(REPO)]):
-        subprocess.run([uv(), "pip", "install", "--quiet", "--python", py, *args], check=True, timeout=600)
-    return venv
+core_venv = job_venvs.core_venv  # `make setup-core` into a venv of its own (tests/job_venvs.py)
 
 
 def run_core(venv: Path, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "VIRTUAL_ENV", "PYTHON"))}
-    return subprocess.run([str(venv / "bin" / "automation"), *args], cwd=cwd, env={**clean, **(env or {})},
-                          capture_output=True, text=True, timeout=120)
+    """`automation ARGS` from the venv, its imports recorded in cwd's parent (job_venvs.audit_env)."""
+    return subprocess.run([str(venv / "bin" / "automation"), *args], cwd=cwd, capture_output=True, text=True,
+                          env=job_venvs.audit_env(job_venvs.clean_env(**(env or {})), cwd.parent / "imports.jsonl"),
+                          timeout=120)
 
 
 def test_the_core_venv_has_nothing_heavy(core_venv):
@@ -261,3 +252,4 @@ def test_core_verbs_run_with_only_the_core(core_venv, tmp_path):
                         env={**env, "GITHUB_OUTPUT": str(output), "GITHUB_ACTIONS": "true"})
         assert done.returncode == 0, done.stdout + done.stderr
         assert '{"include":[{"pr":5,"experiment":"tiny-core"}]}' in output.read_text()
+    assert job_venvs.audit_problems(tmp_path / "imports.jsonl", "core") == []
