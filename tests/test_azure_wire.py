@@ -72,6 +72,7 @@ def check_identity_on_the_wire(azure: StandIn) -> None:
         assert form["scope"] in ("https://management.azure.com/.default", "https://ml.azure.com/.default")
     refused = [c for c in azure.calls if c.status == 401]
     assert not refused, refused
+    assert azure.spec_problems == []  # every endpoint, deployment, job and model answer as the spec describes
 
 
 # ---------------------------------------------------------------------------------------------

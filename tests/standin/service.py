@@ -123,6 +123,7 @@ class StandIn:
     scored: list[dict] = field(default_factory=list)
     reply_text: str = "Hello from the stand-in."
     slow_s: float = 0.0  # every answer waits this long (the worst-case tick figure)
+    spec_problems: list[str] = field(default_factory=list)  # answers off azure-rest-api-specs (spec.py)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -183,7 +184,22 @@ class StandIn:
         with self._lock:
             reply = self._route(req)
             self.calls.append(Call(req.method, req.host, req.path, req.query, reply.status))
+            self._check_spec(req, reply)
             return reply
+
+    def _check_spec(self, req: Request, reply: Reply) -> None:
+        from tests.standin import spec
+
+        if req.host != ARM_HOST or not isinstance(reply.body, dict) or reply.status >= 300:
+            return
+        rest = req.path[len(self._ws_prefix()):]
+        kinds = ((r"/onlineEndpoints/[^/]+", "online_endpoint_get.json"),
+                 (r"/onlineEndpoints/[^/]+/deployments/[^/]+", "online_deployment_create.json"),
+                 (r"/jobs/[^/]+", "pipeline_job_get.json"), (r"/models/[^/]+/versions/[^/]+", "model_version_get.json"))
+        for pattern, name in kinds:
+            if re.fullmatch(pattern, rest) and (name != "pipeline_job_get.json"
+                                                or reply.body.get("properties", {}).get("jobType") == "Pipeline"):
+                self.spec_problems += spec.problems(name, reply.body)
 
     def _route(self, req: Request) -> Reply:
         target = f"{req.host}{req.path}"
