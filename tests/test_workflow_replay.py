@@ -4,7 +4,7 @@ files and variables a runner provides, against the local backend (tiny model) an
 `uses:` steps are stood in for: checkout = a fresh clone of the test repository at the head
 merge commit GitHub makes for a pull request (`GITHUB_SHA` is that merge, not the PR's head, as on
 a real runner; one clone per job, as every job gets a fresh runner), setup-python and
-`make setup-*` = this venv linked at .venv, caches = nothing restored, artifacts = a folder per
+`make setup-*` = the venv that target installs (tests/job_venvs.py) linked at .venv, caches = nothing restored, artifacts = a folder per
 workflow run (a re-run of the run sees the first attempt's, as on GitHub), Azure login = not available (recorded; the tests
 assert it is never reached). `${{ }}` never appears in a `run:` script (the workflows pass
 everything through env:), so only `if:`, `env:`, `with:`, `outputs:` and matrices are evaluated,
@@ -34,6 +34,7 @@ import yaml
 from automation.naming import resource_tags, staging_endpoint_name
 from tests.conftest import REPO, TINY_EXPERIMENT
 from tests.fake_github import READ_TOKEN, WRITE_TOKEN, FakeGitHub, parse_file_commands
+from tests.job_venvs import job_venv
 from tests.test_gitops import commit, git
 
 WORKFLOWS = REPO / ".github" / "workflows"
@@ -357,10 +358,12 @@ class Replay:
             if "uses" in step:
                 outcome, log = self._stand_in(step, ev, folder, leg, head_sha)
                 outputs = {}
-            elif re.fullmatch(r"make setup(-core|-local|-azure)?", step["run"].strip()):
-                # The Makefile would create .venv with the project installed: this venv, linked there.
-                (leg.checkout / ".venv").symlink_to(Path(sys.executable).parent.parent)
-                outcome, log, outputs = "success", f"{step['run'].strip()}: this venv", {}
+            elif setup := re.fullmatch(r"make setup(?:-(core|local|azure))?", step["run"].strip()):
+                # The Makefile would create .venv with the project installed: the venv that target
+                # installs (tests/job_venvs.py), linked there; plain `make setup`: this venv.
+                venv = job_venv(setup[1]) if setup[1] else Path(sys.executable).parent.parent
+                (leg.checkout / ".venv").symlink_to(venv)
+                outcome, log, outputs = "success", f"{step['run'].strip()}: {venv}", {}
             else:
                 assert "${{" not in step["run"], f"{name}: an expression inside run: {step['run']!r}"
                 for path in files.values():
