@@ -439,6 +439,28 @@ def params_yaml(experiment: Experiment) -> str:
     return yaml.safe_dump(data, sort_keys=False, width=88).rstrip()
 
 
+def mlflow_markdown(report: str) -> str:
+    """The report as MLflow's artifact view shows it: plain markdown, without what only GitHub
+    renders (hidden comments, `<details>` and `<sub>` HTML, the Mermaid chart, whose curves the run
+    charts itself)."""
+    out, in_chart = [], False
+    for line in report.splitlines():
+        if in_chart:
+            in_chart = line.strip() != "```"
+            continue
+        if line.strip() == "```mermaid":
+            in_chart = True
+            out.append("_The loss curves are the run's own charts: `loss` and `*_eval_loss` under Model metrics._")
+            continue
+        if re.fullmatch(r"\s*<!--.*-->\s*", line) or line.strip() == "</details>":
+            continue
+        summary = re.fullmatch(r"\s*<details><summary>(.*)</summary>\s*", line)
+        if summary:
+            line = f"**{summary.group(1)}**"
+        out.append(re.sub(r"</?sub>", "", line))
+    return "\n".join(out) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 
 

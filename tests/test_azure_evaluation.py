@@ -98,7 +98,8 @@ def test_no_production_endpoint_candidate_alone_with_no_baseline(backend, client
     policy = check_policy(part, run.experiment.promotion, run.record.finetune)
     assert policy.baseline == "none" and policy.passed and not any(c.measured for c in policy.checks)
     text = render(run.record, run.experiment)
-    assert "**Promotion policy: ✅ passes** with no baseline." in text
+    assert ("**Promotion policy: ✅ passes** with no baseline (on the measured value). "
+            "Evidence: nothing the policy limits was measured.") in text
     assert "No baseline to compare with" in text and "replies from the endpoints" in text
     assert "base model: not evaluated on Azure" in text
     assert f"no model serves `{naming.production_endpoint_name(REPO_NAME, NAME)}` yet" in text
@@ -130,7 +131,8 @@ def test_production_endpoint_with_another_version_is_the_baseline(backend, clien
     assert not rules["max_eval_loss_increase"].measured  # said so, not enforced
 
     text = render(run.record, run.experiment)
-    assert "**Promotion policy: ✅ passes** against the production." in text
+    assert "**Promotion policy: ✅ passes** against the production (on the measured value). Evidence:" in text
+    assert rules["min_rouge_l_delta"].interval.n == PROMPTS, "the change carries its n and interval"
     assert f"| fine-tuned | production v{old_version} | change |" in text
     rouge_row = next(line for line in text.splitlines() if line.startswith("| ROUGE-L vs reference"))
     assert rouge_row.endswith(f"| {1.0 - prod.rouge_l:+.3f} |")

@@ -63,14 +63,26 @@ def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment):
     assert ft.eval_loss == pytest.approx(sum(cand_each) / len(cand_each), rel=1e-4)
     assert ev.prompts[0].messages[-1]["role"] == "user" and ev.prompts[0].reference
     # A whole record: description, commit, dataset inputs with the manifest's digest, the evaluation file.
-    assert "Evaluation:" in run.data.tags["mlflow.note.content"]
-    assert "mlflow.source.git.commit" in run.data.tags
+    note = run.data.tags["mlflow.note.content"]
+    assert "Evaluation of the base, fine-tuned models: eval loss on `test_sft` and 3 held-out prompts" in note
+    assert "production" not in note, "the description says only what happened: no production model yet"
+    assert "pr" not in run.data.tags and run.data.tags["job_name"] == ft.job_name
+    # system metrics beside the model metrics, and the logged model named after the experiment
+    assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
+    assert mlflow.MlflowClient().get_logged_model(ft.model_uri.removeprefix("models:/")).name == "tiny-local"
+    # the evaluation as an MLflow table: one row per prompt, each model's reply and score
+    table = mlflow.load_table("evaluation/replies.json", run_ids=[ft.run_id])
+    assert list(table.columns) == ["prompt", "reference", "base_reply", "base_rouge_l", "candidate_reply",
+                                   "candidate_rouge_l"]
+    assert len(table) == 3 and table["candidate_reply"].tolist() == ev.models["candidate"].replies
+    assert run.data.tags.get("mlflow.source.git.commit", "") == (record_of(workspace).sha or ""), \
+        "the commit when known; no empty tag outside a checkout"
     inputs = {d.dataset.name.rsplit(":", 1)[1]: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"train_sft", "test_sft", "test_gen"}
     manifest = json.loads((workspace / "runs" / "tiny-local" / "data" / "manifest.json").read_text())
     assert inputs["train_sft"].dataset.digest == manifest["splits"]["train_sft"]["sha256"][:36]
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(ft.run_id, "evaluation")]
-    assert artifacts == ["evaluation/evaluation.json"]
+    assert artifacts == ["evaluation/evaluation.json", "evaluation/replies.json"]
     # The logged model has a signature, and `mlflow models serve`'s documented request validates and
     # answers: through the app that command serves (`scoring_server.init`), in process.
     from mlflow.models import Model
@@ -108,9 +120,12 @@ def test_register_twice_gives_one_version(workspace, tiny_experiment, capsys):
     assert len(versions) == 1
     tags = versions[0].tags
     assert tags["timestamp_version"] == first.timestamp_version and tags["experiment"] == "tiny-local"
-    for key in ("repo", "pr", "sha", "job_name", "created_at"):
+    for key in ("repo", "job_name", "created_at"):
         assert key in tags
+    assert "pr" not in tags and "sha" not in tags, "at a desk, outside a checkout: no empty pr or sha tags"
     assert first.timestamp_version in versions[0].description
+    # the newest registered candidate carries the stage alias
+    assert str(mlflow.MlflowClient().get_model_version_by_alias("tiny-ultrachat-sample", "staging").version) == "1"
 
 
 def test_register_before_finetune_says_what_to_run(workspace, tiny_experiment, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import sys
@@ -37,7 +36,8 @@ def test_run_keep_endpoint_list_teardown(workspace, tiny_experiment, capsys):
     report = Path(record.report_file).read_text()
     assert "### Evaluation" in report and "```mermaid" in report and "Promotion policy" in report
     reply = record.score.reply.replace("\r\n", "\n").replace("\r", "\n").strip()
-    assert html.escape(reply[:60], quote=False).replace("\n", "<br>") in report, "the reply, as escaped prose"
+    first_line = next(line for line in reply.split("\n") if line.strip())
+    assert "> " + first_line[:40].replace("<", "&lt;").replace(">", "&gt;") in report, "the reply, quoted"
     # The run's record, gathered in one folder for the workflow to upload, opens in MLflow from there.
     bundle = Path(record.bundle_dir)
     assert {"record.json", "report.md", "sample_score.json", "tiny-local.yaml", "mlflow.db"} <= {
@@ -49,6 +49,10 @@ def test_run_keep_endpoint_list_teardown(workspace, tiny_experiment, capsys):
     os.chdir(bundle)  # artifact paths in the copy are relative to the folder
     files = {a.path for a in client.list_artifacts(record.finetune.run_id, "run")}
     assert files == {"run/report.md", "run/sample_score.json", "run/tiny-local.yaml"}
+    previewed = Path(client.download_artifacts(record.finetune.run_id, "run/report.md", str(workspace.parent)))
+    text = previewed.read_text()
+    assert "### Evaluation" in text and "<sub>" not in text and "<!--" not in text and "```mermaid" not in text, \
+        "the report as MLflow previews it: plain markdown"
     local = client.download_artifacts(record.finetune.run_id, "evaluation/evaluation.json", str(workspace.parent))
     assert json.loads(Path(local).read_text())["prompt_split"] == "test_gen"
     logged = client.get_logged_model(record.finetune.model_uri.removeprefix("models:/"))

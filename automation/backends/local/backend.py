@@ -44,6 +44,7 @@ from automation.workspace import home, write_text_atomic
 log = logging.getLogger(__name__)
 
 PRODUCTION_ALIAS = "production"
+STAGING_ALIAS = "staging"  # the newest registered candidate
 # Without it MLflow's UI opens an experiment on its (empty) GenAI traces page, not on the runs.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the registered versions made from it
@@ -131,9 +132,9 @@ class LocalBackend(Backend):
             ("prompts", experiment.data.sample_split))}
         prompts = held_out_prompts(files["prompts"], experiment.evaluation.prompts, experiment.evaluation.seed)
         baseline = self._production_baseline(naming.model_name(experiment.model.name, experiment.data.dataset))
-        run_tags = {**tags, "job_name": job_name, "mlflow.source.git.commit": tags.get("sha", ""),
-                    "mlflow.note.content": _run_description(experiment, job_name)}
-        with mlflow.start_run(run_id=run_id, run_name=job_name, tags=run_tags) as run:
+        run_tags = _present({**tags, "job_name": job_name, "mlflow.source.git.commit": tags.get("sha", ""),
+                             "mlflow.note.content": _run_description(experiment, job_name)})
+        with mlflow.start_run(run_id=run_id, run_name=job_name, tags=run_tags, log_system_metrics=True) as run:
             if run_id is None:
                 mlflow.log_params(_flatten("training", experiment.training.model_dump()))
                 mlflow.log_params(_flatten("optimization", experiment.optimization.model_dump()))
@@ -144,7 +145,9 @@ class LocalBackend(Backend):
                 _log_datasets(mlflow, experiment, data_dir, files)
             result = train(experiment, base_model=base_model, train_file=files["training"],
                            test_file=files["evaluation"], job_dir=job_dir, prompts=prompts, baseline=baseline)
-            model_info = _log_chat_model(mlflow, result.model_dir)
+            model_info = _log_chat_model(mlflow, result.model_dir, name=experiment.name)
+            mlflow.set_tag("mlflow.note.content", _run_description(experiment, job_name, result.evaluation))
+            _log_evaluation_table(mlflow, result.evaluation)
             part = FinetunePart(
                 job_name=job_name, run_id=run.info.run_id, model_uri=model_info.model_uri,
                 tracking_store=str(home() / "mlflow.db"), mlflow_experiment_id=run.info.experiment_id,
@@ -178,12 +181,21 @@ class LocalBackend(Backend):
         """Attach the report, the scoring request and the experiment file to the fine-tune's MLflow run."""
         if not finetune.run_id:
             return
+        import tempfile
+
         from mlflow.exceptions import MlflowException
+
+        from automation.report import mlflow_markdown
 
         client = _mlflow().MlflowClient()
         try:
             for file in files:
-                if file.is_file():
+                if file.suffix == ".md" and file.is_file():  # the report, as MLflow previews markdown
+                    with tempfile.TemporaryDirectory() as folder:
+                        clean = Path(folder) / file.name
+                        clean.write_text(mlflow_markdown(file.read_text(encoding="utf-8")), encoding="utf-8")
+                        client.log_artifact(finetune.run_id, str(clean), artifact_path="run")
+                elif file.is_file():
                     client.log_artifact(finetune.run_id, str(file), artifact_path="run")
         except MlflowException as err:  # e.g. a record brought from another machine: the report still stands
             log.warning("could not attach the report to MLflow run %s: %s", finetune.run_id, err)
@@ -224,9 +236,10 @@ class LocalBackend(Backend):
         return self._job_info(runs[0]) if runs else None
 
     def list_jobs(self, match_tags: dict[str, str] | None = None) -> list[JobInfo]:
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in (match_tags or {}).items() if "'" not in v + k]
+        # empty values are not stored as tags (`_present`): a wanted "" matches an absent tag
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in (match_tags or {}).items() if v and "'" not in v + k]
         found = [self._job_info(r) for r in self._runs(" and ".join(clauses))]
-        return [j for j in found if all(j.tags.get(k) == v for k, v in (match_tags or {}).items())]
+        return [j for j in found if all(j.tags.get(k, "") == v for k, v in (match_tags or {}).items())]
 
     def cancel_job(self, job_name: str) -> bool:
         return False  # nothing runs here outside the process that trains it
@@ -260,7 +273,7 @@ class LocalBackend(Backend):
         if not client.search_registered_models(f"name = '{model_name}'"):
             client.create_registered_model(model_name, description=(
                 f"{experiment.model.name} fine tuned model for {experiment.data.dataset} chat-completion"))
-        version_tags = {**tags, "timestamp_version": timestamp_version, "job_name": finetune.job_name}
+        version_tags = _present({**tags, "timestamp_version": timestamp_version, "job_name": finetune.job_name})
         model_id = finetune.model_uri.removeprefix("models:/") if finetune.model_uri.startswith("models:/m-") else None
         version = client.create_model_version(
             name=model_name, source=finetune.model_uri, run_id=finetune.run_id, tags=version_tags, model_id=model_id,
@@ -271,6 +284,7 @@ class LocalBackend(Backend):
             linked = client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG)
             versions = [*(json.loads(linked) if linked else []), {"name": model_name, "version": str(version.version)}]
             client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(versions)})
+        client.set_registered_model_alias(model_name, STAGING_ALIAS, version.version)  # the candidate under review
         return RegisterPart(model_name=model_name, version=str(version.version),
                             timestamp_version=timestamp_version, model_uri=f"models:/{model_name}/{version.version}")
 
@@ -372,8 +386,28 @@ def _total_ram_gib() -> float | None:
     return pages * size / 2**30
 
 
-def _log_chat_model(mlflow, model_dir: Path):
-    """Log the trained folder as an MLflow pyfunc model (see chat_pyfunc.py)."""
+def _present(tags: dict[str, str]) -> dict[str, str]:
+    """Tags with a value: at a desk there is no PR, and an empty `pr` tag only says nothing."""
+    return {k: v for k, v in tags.items() if v not in ("", None)}
+
+
+def _log_evaluation_table(mlflow, evaluation) -> None:
+    """The held-out evaluation as an MLflow table (the run's Evaluations/artifact view shows it as a
+    grid): one row per prompt with its reference, each model's reply and ROUGE-L."""
+    if evaluation is None or not evaluation.prompts:
+        return
+    table: dict[str, list] = {
+        "prompt": [p.messages[-1]["content"] if p.messages else "" for p in evaluation.prompts],
+        "reference": [p.reference or "" for p in evaluation.prompts],
+    }
+    for label, result in evaluation.models.items():
+        table[f"{label}_reply"] = list(result.replies)
+        table[f"{label}_rouge_l"] = list(result.rouge_l_each)
+    mlflow.log_table(data=table, artifact_file="evaluation/replies.json")
+
+
+def _log_chat_model(mlflow, model_dir: Path, name: str = "model"):
+    """Log the trained folder as an MLflow pyfunc model (see chat_pyfunc.py), named after the experiment."""
     from automation.backends.local import chat_pyfunc
 
     log.info("logging the model to MLflow (%s)", model_dir)
@@ -382,7 +416,7 @@ def _log_chat_model(mlflow, model_dir: Path):
         # the model once more) does not apply.
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         return mlflow.pyfunc.log_model(
-            name="model", python_model=chat_pyfunc.__file__, artifacts={"model": str(model_dir)},
+            name=name, python_model=chat_pyfunc.__file__, artifacts={"model": str(model_dir)},
             conda_env=model_environment(), signature=chat_pyfunc.signature(),
         )
 
@@ -407,17 +441,28 @@ def model_environment() -> dict[str, Any]:
                              {"pip": [f"{name}=={version(name).split('+')[0]}" for name in MODEL_PACKAGES]}]}
 
 
-def _run_description(experiment: Experiment, job_name: str) -> str:
-    """The run page's description (MLflow's `mlflow.note.content` tag, markdown)."""
+def _run_description(experiment: Experiment, job_name: str, evaluation=None) -> str:
+    """The run page's description (MLflow's `mlflow.note.content` tag, markdown): what the run is,
+    and, once it ran, what was evaluated; nothing that did not happen."""
     t, o = experiment.training, experiment.optimization
     lora = f"LoRA r={o.lora_r} alpha={o.lora_alpha}" if o.apply_lora else "full fine-tune"
     steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.num_train_epochs} epoch(s)"
-    return (f"{experiment.description or experiment.name}\n\n"
+    text = (f"{experiment.description or experiment.name}\n\n"
             f"Fine-tune of {experiment.model.name} on {experiment.data.dataset} "
             f"({experiment.data.sample_percent:g} % of each split): {lora}, {steps}, learning rate {t.learning_rate:g}. "
-            f"Job `{job_name}`. Evaluation: eval loss on `{experiment.data.test_split}`, and "
-            f"{experiment.evaluation.prompts} held-out prompts of `{experiment.data.sample_split}` answered by the "
-            "base, fine-tuned and production models (see evaluation/evaluation.json).")
+            f"Job `{job_name}`.")
+    if evaluation is None:
+        return text + " Evaluation: running."
+    models = {"base": "base", "candidate": "fine-tuned", "production": f"production v{evaluation.production_version}"}
+    who = ", ".join(models[k] for k in ("base", "candidate", "production") if k in evaluation.models)
+    parts = [f"eval loss on `{evaluation.test_split}`"] if any(
+        m.eval_loss is not None for m in evaluation.models.values()) else []
+    if evaluation.prompts:
+        parts.append(f"{len(evaluation.prompts)} held-out prompts of `{evaluation.prompt_split}`")
+    if not parts:
+        return text + " Evaluation: none (no test split and no held-out prompts)."
+    return (text + f" Evaluation of the {who} models: {' and '.join(parts)} "
+            "(the table evaluation/replies.json, all figures in evaluation/evaluation.json).")
 
 
 def _log_datasets(mlflow, experiment: Experiment, data_dir: Path, files: dict[str, Path]) -> None:
