@@ -271,7 +271,9 @@ def test_a_conflict_on_a_begin_operation_is_retried_until_the_resource_is_free(s
     from azure.core.exceptions import ResourceExistsError
 
     assert isinstance(conflict(), ResourceExistsError)
-    answers = [conflict(), conflict(), "done"]
+    from tests.fake_azure import Poller
+
+    answers = [conflict(), conflict(), Poller("done")]
     assert retry.call("creating deployment demo", answering(answers), sleep=sleeps.append, begin=True) == "done"
     assert sleeps == [15.0, 30.0]
     sleeps.clear()
@@ -435,3 +437,28 @@ def test_catalog_reads_the_tag_era(component):
     (entry,) = finetunable_chat_models(registry, today=date(2025, 7, 1))
     assert entry.status == "deprecated" and str(entry.life.finetune_deprecation) == "2025-06-30"
     assert entry.finetune_sizes[0] == A100 and "Standard_NC6s_v3" in entry.inference_sizes
+
+
+def test_a_long_running_operation_is_waited_for_a_bounded_time():
+    """A begin_* is waited for at most LRO_TIMEOUT_S; one still running then says so, instead of
+    holding the leg past its job limit. A cancel is not waited for at all."""
+    class Running:  # an LROPoller whose operation never ends
+        waited: list[float | None] = []
+
+        def wait(self, timeout=None):
+            self.waited.append(timeout)
+
+        def done(self):
+            return False
+
+        def status(self):
+            return "InProgress"
+
+        def result(self, timeout=None):
+            raise AssertionError("result() of an unfinished operation is never asked for")
+
+    poller = Running()
+    with pytest.raises(BackendError, match=r"creating deployment demo still running after 40 min \(status InProgress\)"):
+        retry.call("creating deployment demo", lambda: poller, begin=True)
+    assert poller.waited == [retry.LRO_TIMEOUT_S] == [2400]
+    assert retry.call("cancelling job j", lambda: poller, begin=True, wait=False) is poller

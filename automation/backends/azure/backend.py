@@ -347,7 +347,7 @@ class AzureBackend(Backend):
             # The poller ends when the service accepted the request (CancelRequested); the job
             # reaches Canceled later, on its own. Never wait for that here.
             self._call(f"cancelling job {job_name}", lambda: self.workspace.jobs.begin_cancel(job_name),
-                       begin=True, passthrough=retry.is_not_found)
+                       begin=True, wait=False, passthrough=retry.is_not_found)
         except ResourceNotFoundError:
             return False
         return True
@@ -435,21 +435,21 @@ class AzureBackend(Backend):
         if endpoint is None:
             entity = endpoints.build_endpoint(endpoints.endpoint_spec(name, tags))
             endpoint = self._call(f"creating endpoint {name}", lambda: self.workspace.online_endpoints.
-                                  begin_create_or_update(entity).result(), begin=True)
+                                  begin_create_or_update(entity), begin=True)
         return endpoint
 
     def _create_deployment(self, spec: dict[str, Any]):
         entity = endpoints.build_deployment(spec)
         self._endpoint(spec["endpoint_name"])  # never race an update of the endpoint
         return self._call(f"creating deployment {spec['name']} on {spec['endpoint_name']}",
-                          lambda: self.workspace.online_deployments.begin_create_or_update(entity).result(),
+                          lambda: self.workspace.online_deployments.begin_create_or_update(entity),
                           begin=True)
 
     def _set_traffic(self, name: str, traffic: dict[str, int]):
         endpoint = self._endpoint(name)
         endpoint.traffic = dict(traffic)
         return self._call(f"moving traffic of {name}",
-                          lambda: self.workspace.online_endpoints.begin_create_or_update(endpoint).result(),
+                          lambda: self.workspace.online_endpoints.begin_create_or_update(endpoint),
                           begin=True)
 
     def deploy(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
@@ -545,7 +545,7 @@ class AzureBackend(Backend):
             return False
         try:
             self._call(f"deleting endpoint {name}",
-                       lambda: self.workspace.online_endpoints.begin_delete(name=name).result(), begin=True)
+                       lambda: self.workspace.online_endpoints.begin_delete(name=name), begin=True)
         except ResourceNotFoundError:
             return False
         return True
@@ -617,7 +617,7 @@ class AzureBackend(Backend):
             except BackendError:  # the old version keeps serving; the broken one would only cost money
                 with contextlib.suppress(ResourceNotFoundError, BackendError):
                     self._call(f"deleting deployment {new}",
-                               lambda: ops.begin_delete(name=new, endpoint_name=endpoint_name).result(), begin=True)
+                               lambda: ops.begin_delete(name=new, endpoint_name=endpoint_name), begin=True)
                 raise
             endpoint = self._set_traffic(endpoint_name, {new: 100})
         else:
@@ -626,7 +626,7 @@ class AzureBackend(Backend):
             try:
                 self._endpoint(endpoint_name)
                 self._call(f"deleting deployment {name}",
-                           lambda n=name: ops.begin_delete(name=n, endpoint_name=endpoint_name).result(), begin=True)
+                           lambda n=name: ops.begin_delete(name=n, endpoint_name=endpoint_name), begin=True)
             except ResourceNotFoundError:
                 pass
         return PromotePart(endpoint_name=endpoint_name, deployment_name=new, url=endpoint.scoring_uri or "",

@@ -120,7 +120,7 @@ def ensure_cluster(client, experiment: Experiment, call: Callable = retry.call):
         cluster = AmlCompute(**cluster_spec(experiment, tier))
         try:
             created = call(f"creating cluster {name} ({tier})",
-                           lambda c=cluster: client.compute.begin_create_or_update(c).result(), begin=True)
+                           lambda c=cluster: client.compute.begin_create_or_update(c), begin=True)
             log.info("created cluster %s (%s, %s, 0-%d nodes)", name, experiment.compute.size, tier,
                      experiment.compute.nodes)
             return created, True

@@ -23,8 +23,9 @@ ends within 2 x 330 + 2 x 30 + 6 = 726 s (about 12 min) however the service or t
 (read_timeout bounds each silence, not a server that trickles bytes). On top, `call`
 makes at most 3 attempts at a connection failure (3 x (4 x 30 + 6) + 2 + 4 = 384 s) and at most 6
 at a 409 of a busy resource (sleeping 15, 30, 60, 120, 120 s: 345 s of waiting). Waiting for a
-long-running operation to finish (a poller's `.result()`: a deployment takes many minutes) is not
-a request and is not in these sums. Before, azure-core's defaults (10 tries, 300 s to connect) under
+long-running operation to finish (a deployment takes many minutes) is not a request and is not in
+these sums; it is bounded apart, by `finished` (LRO_TIMEOUT_S, 40 min: under the 60-minute limit
+of a workflow leg, so the leg still comments). Before, azure-core's defaults (10 tries, 300 s to connect) under
 5 attempts of our own came to about 35 min per call.
 
 "Not found" passes through untouched, in the types the installed SDK really raises (azure-ai-ml
@@ -177,15 +178,31 @@ def is_plain_text_answer(err: BaseException) -> bool:
     return not any(word in text for word in ("unauthorized", "forbidden", "not found", "quota"))
 
 
+LRO_TIMEOUT_S = 40 * 60
+
+
+def finished(poller, what: str, timeout_s: float = LRO_TIMEOUT_S):
+    """The result of a long-running operation (an LROPoller), waited for at most `timeout_s`; an
+    operation still running then is a BackendError that says so: the next tick (or a rerun) finds
+    the resource where the operation left it, since every step finds before it creates."""
+    poller.wait(timeout_s)
+    if not poller.done():
+        raise BackendError(f"{what} still running after {timeout_s / 60:.0f} min (status "
+                           f"{poller.status()}); the next run picks it up where it is")
+    return poller.result()
+
+
 def call(what: str, fn: Callable[[], T], *, attempts: int = ATTEMPTS, base_delay: float = BASE_DELAY_S,
-         sleep: Callable[[float], None] = time.sleep, begin: bool = False,
+         sleep: Callable[[float], None] = time.sleep, begin: bool = False, wait: bool = True,
          passthrough: Callable[[BaseException], bool] = is_not_found) -> T:
     """Run `fn`, retrying what azure-core did not (see the module docstring) with exponential
     backoff; wrap the rest in BackendError.
 
-    `begin`: `fn` starts a long-running operation (a `begin_*`), so a 409 means the resource is busy
-    with another operation: retried up to CONFLICT_ATTEMPTS times. Errors for which `passthrough`
-    holds (by default "not found") are raised untouched: the caller decides what they mean.
+    `begin`: `fn` starts a long-running operation (a `begin_*`) and returns its poller, so a 409
+    means the resource is busy with another operation: retried up to CONFLICT_ATTEMPTS times. The
+    operation's result is waited for, at most LRO_TIMEOUT_S (`finished`), unless `wait` is false
+    (then the poller is returned). Errors for which `passthrough` holds (by default "not found")
+    are raised untouched: the caller decides what they mean.
     """
     from azure.ai.ml.exceptions import MlException
     from azure.core.exceptions import AzureError
@@ -194,7 +211,8 @@ def call(what: str, fn: Callable[[], T], *, attempts: int = ATTEMPTS, base_delay
     while True:
         attempt += 1
         try:
-            return fn()
+            result = fn()
+            return finished(result, what) if begin and wait else result
         except (AzureError, ConnectionError, TimeoutError) as err:
             if passthrough(err):
                 raise
