@@ -56,7 +56,7 @@ AZURE_ONLY = {
 }
 AZURE_ONLY["compute"] |= {"serverless", "preprocess_size", "shm_size"}
 AZURE_ONLY["training"] |= {"component_version"}
-LOCAL_ONLY = {"compute": {"device"}}
+LOCAL_ONLY = {"compute": {"device", "precision"}}
 _MARKDOWN_SPECIALS = {c: f"&#{ord(c)};" for c in "\\`*_[]<>|~#!&"}
 
 

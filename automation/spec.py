@@ -141,6 +141,9 @@ class ComputeSpec(_Strict):
     shm_size: str = Field("5g", pattern=r"^[1-9][0-9]*[kmg]$",
                           description="Shared memory of the fine-tune step (the component's shm_size_finetune).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Local backend device.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Local backend: bf16 where the CPU (AMX-BF16 or AVX512-BF16) or GPU does it natively, "
+        "else fp32 (auto); or forced. Azure experiments set training.precision instead.")
 
     @model_validator(mode="after")
     def _current_size(self) -> ComputeSpec:

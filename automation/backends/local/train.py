@@ -3,8 +3,9 @@
 The experiment drives every knob the chat_completion_pipeline exposes that makes sense on one
 machine. Choices made here on purpose:
 
-- fp32 and no gradient checkpointing on a CPU: TRL's defaults (`bf16=True`,
-  `gradient_checkpointing=True`) make a CPU step about 20x slower;
+- bf16 mixed precision where the hardware does bf16 natively (AMX-BF16 or AVX512-BF16 on a CPU; see
+  precision.py), fp32 elsewhere (there TRL's default `bf16=True` is emulated and makes a CPU step
+  about 20x slower); no gradient checkpointing on a CPU (it recomputes what memory can hold);
 - the loss is on assistant tokens only (`assistant_only_loss`), through a ChatML template with
   `{% generation %}` markers (see chat_template.py);
 - conversations are packed into rows of `max_length` tokens (TRL's best-fit-decreasing packing,
@@ -38,6 +39,7 @@ from automation.backends.local.evaluate import (
     evaluate_baseline,
     generate_replies,
 )
+from automation.backends.local.precision import choose as choose_precision
 from automation.errors import BackendError
 from automation.record import EvalPrompt, EvaluationPart
 from automation.spec import Experiment
@@ -81,8 +83,9 @@ def _max_length(experiment: Experiment, tokenizer) -> int:
     return min(int(getattr(tokenizer, "model_max_length", 2048) or 2048), 2048)
 
 
-def sft_config(experiment: Experiment, output_dir: Path, device: str, max_length: int):
-    """The SFTConfig of an experiment; a pure function so tests can check the mapping."""
+def sft_config(experiment: Experiment, output_dir: Path, device: str, max_length: int, *, bf16: bool = False):
+    """The SFTConfig of an experiment; a pure function so tests can check the mapping. `bf16`:
+    mixed precision (fp32 master weights, bf16 autocast), as precision.choose decided."""
     from trl import SFTConfig
 
     t = experiment.training
@@ -128,8 +131,7 @@ def sft_config(experiment: Experiment, output_dir: Path, device: str, max_length
         padding_free=True,
         eval_packing=False,
         assistant_only_loss=True,
-        # Per device: fp32 and no checkpointing on CPU (bf16 matmuls are ~100x slower there).
-        bf16=on_gpu and t.precision == 16,
+        bf16=bf16,  # on a CPU, torch.autocast(cpu, bfloat16) around each forward; fp32 master weights
         fp16=False,
         activation_checkpointing=False,  # the new name; gradient_checkpointing is a deprecated alias
         use_cpu=not on_gpu,
@@ -209,13 +211,14 @@ def build_trainer(experiment: Experiment, *, base_model: Path | str, train_file:
     device = pick_device(experiment.compute.device)
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+    precision = choose_precision(experiment.compute.precision, device)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     apply_training_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     max_length = _max_length(experiment, tokenizer)
-    args = sft_config(experiment, output_dir, device, max_length)
+    args = sft_config(experiment, output_dir, device, max_length, bf16=precision.bf16)
     extra = []
     if experiment.training.apply_early_stopping:
         extra.append(EarlyStoppingCallback(experiment.training.early_stopping_patience,
@@ -272,25 +275,30 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
     trainer, tokenizer, device, max_length = build_trainer(
         experiment, base_model=base_model, train_file=train_file, test_file=test_file,
         output_dir=checkpoints, callbacks=[callbacks.callback])
-    params = {"device": device, "max_length": max_length, "trainable_parameters": _trainable(trainer.model),
-              "train_rows": len(trainer.train_dataset)}
+    precision = choose_precision(experiment.compute.precision, device)
+    log.info("precision: %s (%s)", precision.name, precision.reason)
+    params = {"device": device, **precision.params(), "max_length": max_length,
+              "trainable_parameters": _trainable(trainer.model), "train_rows": len(trainer.train_dataset)}
     mlflow.log_params({f"system.{k}": v for k, v in params.items()})
 
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    base_eval_loss, base_losses, base_replies = base_evaluation(trainer, tokenizer, job_dir, prompts, experiment,
-                                                                resuming=last is not None)
+    with precision.autocast(device):  # evaluation in the precision the run trains in
+        base_eval_loss, base_losses, base_replies = base_evaluation(trainer, tokenizer, job_dir, prompts, experiment,
+                                                                    resuming=last is not None)
     if last:
         log.info("resuming from %s", last)
     log.info("training: %s steps on %d packed rows of up to %d tokens (%s)",
              trainer.args.max_steps if trainer.args.max_steps > 0 else f"{trainer.args.num_train_epochs} epoch(s) of",
              len(trainer.train_dataset), max_length, device)
     output = trainer.train(resume_from_checkpoint=last)
-    eval_loss, candidate_losses = eval_losses(trainer.model, trainer)
+    with precision.autocast(device):
+        eval_loss, candidate_losses = eval_losses(trainer.model, trainer)
     if eval_loss is not None:
         mlflow.log_metrics({"finetuned_eval_loss": eval_loss, "finetuned_perplexity": _ppl(eval_loss)})
     eval_started = time.monotonic()
-    candidate_replies = generate_replies(trainer.model, tokenizer, prompts,
-                                         max_new_tokens=experiment.evaluation.max_new_tokens, label="fine-tuned")
+    with precision.autocast(device):
+        candidate_replies = generate_replies(trainer.model, tokenizer, prompts,
+                                             max_new_tokens=experiment.evaluation.max_new_tokens, label="fine-tuned")
 
     model_dir = job_dir / "model"
     _save_model(trainer, tokenizer, model_dir, merge=experiment.optimization.apply_lora
@@ -305,7 +313,8 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
     evaluation.models["candidate"] = model_eval(f"fine-tuned ({job_dir.name})", prompts, candidate_replies, eval_loss,
                                                 candidate_losses)
     if baseline is not None:
-        evaluation.models["production"] = evaluate_baseline(trainer, baseline, prompts, experiment)
+        with precision.autocast(device):
+            evaluation.models["production"] = evaluate_baseline(trainer, baseline, prompts, experiment)
         evaluation.production_version = baseline.version
     evaluation.seconds = round(time.monotonic() - eval_started, 1)
     mlflow.log_metrics(mlflow_metrics(evaluation))

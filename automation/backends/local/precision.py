@@ -1,0 +1,102 @@
+"""Which precision the local backend computes in, per machine: bf16 where the hardware does it
+natively, fp32 elsewhere.
+
+On a CPU, bf16 pays only where the cores have bf16 instructions: AMX-BF16 (Intel Sapphire Rapids
+and later) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later). There a bf16 matmul runs ~2.5x
+(AVX512-BF16) to ~6x (AMX) the fp32 one; elsewhere PyTorch emulates it, up to ~100x slower. So the
+choice reads the CPU's flags (Linux: /proc/cpuinfo) and asks oneDNN whether it will use them
+(`torch.ops.mkldnn._is_mkldnn_bf16_supported()`): both must agree. On a GPU, bf16 where CUDA
+supports it. `compute.precision` in the experiment forces either; forcing bf16 on a CPU without
+native support is allowed (to measure it) and warns.
+
+Training in bf16 is mixed precision: fp32 master weights and optimizer state, matmuls under
+`torch.autocast(..., dtype=torch.bfloat16)` (Trainer's `bf16=True`); evaluation runs under the
+same autocast, so base, fine-tuned and production models are compared in one precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # "bf16" or "fp32"
+    reason: str  # why, in words, with the CPU flags seen
+
+    @property
+    def bf16(self) -> bool:
+        return self.name == "bf16"
+
+    def params(self) -> dict[str, str]:
+        """What MLflow's params and the run record keep of the choice."""
+        return {"precision": self.name, "precision_reason": self.reason[:500]}
+
+    def autocast(self, device: str):
+        """The context the model's forward passes run in: bf16 autocast, or nothing for fp32."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast("cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16)
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The CPU's feature flags (the `flags` line of /proc/cpuinfo); empty where it cannot be read."""
+    try:
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def onednn_bf16() -> bool:
+    """Whether PyTorch's oneDNN says this CPU runs bf16 natively."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def choose(requested: str, device: str, *, flags: set[str] | None = None, onednn: bool | None = None,
+           cuda_bf16: bool | None = None) -> Precision:
+    """The precision for `requested` ("auto", "bf16", "fp32") on `device` ("cpu" or "cuda").
+    `flags`, `onednn` and `cuda_bf16` are read from the machine unless given (tests give them)."""
+    if device == "cuda":
+        if cuda_bf16 is None:
+            import torch
+
+            cuda_bf16 = torch.cuda.is_bf16_supported()
+        if requested == "fp32":
+            return Precision("fp32", "forced by compute.precision: fp32")
+        if cuda_bf16:
+            return Precision("bf16", "forced by compute.precision: bf16" if requested == "bf16"
+                             else "the GPU supports bf16")
+        return Precision("fp32", "the GPU has no bf16")
+    flags = cpu_flags() if flags is None else flags
+    native = sorted(f for f in NATIVE_BF16_FLAGS if f in flags)
+    onednn = onednn_bf16() if onednn is None else onednn
+    seen = f"CPU flags {', '.join(native) if native else 'with no amx_bf16 or avx512_bf16'}; " \
+           f"oneDNN bf16 {'yes' if onednn else 'no'}"
+    if requested == "fp32":
+        return Precision("fp32", f"forced by compute.precision: fp32 ({seen})")
+    if requested == "bf16":
+        if not (native and onednn):
+            log.warning("compute.precision: bf16 on a CPU without native bf16 (%s): PyTorch emulates it, "
+                        "which can be ~100x slower than fp32", seen)
+        return Precision("bf16", f"forced by compute.precision: bf16 ({seen})")
+    if native and onednn:
+        return Precision("bf16", f"native bf16 on this CPU ({seen})")
+    return Precision("fp32", f"no native bf16 on this CPU, so fp32 ({seen})")

@@ -1,0 +1,102 @@
+"""Precision per machine: bf16 where the hardware does it natively, fp32 elsewhere, forced either
+way from the experiment; both paths run for real on the tiny model where this CPU allows."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from automation.backends.local import precision
+from automation.backends.local.precision import Precision, choose, cpu_flags
+from automation.cli import main
+from automation.record import RunRecord
+
+SAPPHIRE_RAPIDS = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+ZEN4 = {"avx2", "avx512f", "avx512_bf16"}
+OLDER = {"avx2", "fma", "avx512f"}  # e.g. Ice Lake, Zen 3: bf16 only emulated
+NATIVE_HERE = bool({"amx_bf16", "avx512_bf16"} & cpu_flags()) and precision.onednn_bf16()
+
+
+def test_auto_takes_bf16_only_where_the_cpu_has_it_natively():
+    for flags in (SAPPHIRE_RAPIDS, ZEN4):
+        chosen = choose("auto", "cpu", flags=flags, onednn=True)
+        assert chosen.bf16 and "native bf16" in chosen.reason and "avx512_bf16" in chosen.reason
+    fallback = choose("auto", "cpu", flags=OLDER, onednn=False)
+    assert fallback == Precision("fp32", "no native bf16 on this CPU, so fp32 (CPU flags with no amx_bf16 or "
+                                         "avx512_bf16; oneDNN bf16 no)")
+    # the flag alone is not enough: oneDNN must agree it will use it (and the other way round)
+    assert choose("auto", "cpu", flags=ZEN4, onednn=False).name == "fp32"
+    assert choose("auto", "cpu", flags=OLDER, onednn=True).name == "fp32"
+
+
+def test_the_experiment_forces_either(caplog):
+    assert choose("fp32", "cpu", flags=SAPPHIRE_RAPIDS, onednn=True).name == "fp32"
+    with caplog.at_level(logging.WARNING):
+        forced = choose("bf16", "cpu", flags=OLDER, onednn=False)
+    assert forced.name == "bf16" and "forced" in forced.reason and "100x slower" in caplog.text
+    assert choose("auto", "cuda", cuda_bf16=True).name == "bf16"
+    assert choose("auto", "cuda", cuda_bf16=False).name == "fp32"
+    assert forced.params() == {"precision": "bf16", "precision_reason": forced.reason}
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512_bf16\n")
+    assert cpu_flags(info) == {"fpu", "sse2", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+def _finetune(workspace, tiny_experiment, setting: str) -> RunRecord:
+    assert main(["finetune", str(tiny_experiment), "--set", f"compute.precision={setting}"]) == 0
+    return RunRecord.load(workspace / "runs" / "tiny-local" / "record.json")
+
+
+def test_forced_fp32_trains_and_says_why(workspace, tiny_experiment):
+    ft = _finetune(workspace, tiny_experiment, "fp32").finetune
+    assert ft.params["precision"] == "fp32" and ft.params["precision_reason"].startswith("forced by compute.precision")
+    assert ft.eval_loss < ft.base_eval_loss
+
+
+@pytest.mark.skipif(not NATIVE_HERE, reason="this CPU has no native bf16: the fallback is what runs here")
+def test_bf16_trains_where_the_cpu_has_it(workspace, tiny_experiment):
+    import mlflow
+
+    ft = _finetune(workspace, tiny_experiment, "auto").finetune
+    assert ft.params["precision"] == "bf16" and "native bf16" in ft.params["precision_reason"]
+    assert ft.eval_loss < ft.base_eval_loss, "the loss falls in bf16 too"
+    curve = [p.loss for p in ft.train_loss_curve]
+    assert curve[-1] < curve[0]
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    params = mlflow.MlflowClient().get_run(ft.run_id).data.params
+    reason = params["system.precision_reason"]
+    assert params["system.precision"] == "bf16" and ("avx512_bf16" in reason or "amx_bf16" in reason)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_batched_greedy_replies_equal_one_at_a_time(tiny_model_dir, name):
+    """The held-out prompts generated in batches (left-padded) give exactly the replies of one
+    prompt at a time, in the same precision."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from automation.backends.local.chat_template import apply_training_template
+    from automation.backends.local.evaluate import generate_replies
+    from automation.record import EvalPrompt
+    from tests.conftest import REPO
+
+    if name == "bf16" and not NATIVE_HERE:
+        pytest.skip("no native bf16 on this CPU")
+    rows = [json.loads(line) for line in (REPO / "data" / "ultrachat-sample" / "test_gen.jsonl").open()][:6]
+    prompts = [EvalPrompt(messages=[m for m in r["messages"] if m["role"] == "user"][:1]) for r in rows]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    apply_training_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with Precision(name, "test").autocast("cpu"):
+        batched = generate_replies(model, tokenizer, prompts, max_new_tokens=12, label="t", batch_size=6)
+        alone = [generate_replies(model, tokenizer, [p], max_new_tokens=12, label="t", batch_size=1)[0]
+                 for p in prompts]
+    assert len({len(tokenizer(p.messages[0]["content"])["input_ids"]) for p in prompts}) > 1, "padding happens"
+    assert batched == alone
