@@ -414,7 +414,7 @@ def test_a_client_that_leaves_stops_its_generation(starts, stream):
         else:
             with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
                 http.post(f"{record.url}/v1/chat/completions", json=body, headers=auth(record))
-    for _ in range(100):  # the engine drops the job at its next step; poll rather than sleep a guess
+    for _ in range(600):  # the engine drops the job at its next step; poll (up to 30 s on a loaded machine)
         stats = _stats(record)
         if stats["cancelled"] > before and stats["running"] == 0:
             break
