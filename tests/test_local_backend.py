@@ -333,3 +333,24 @@ def test_each_conversation_has_its_own_eval_loss_whatever_the_batch(tiny_experim
     with torch.no_grad():
         model_loss = float(trainer.model(**lone, use_cache=False).loss)
     assert alone[0] == pytest.approx(model_loss, rel=1e-4)
+
+
+def test_the_base_models_evaluation_is_reused_by_the_next_run_on_the_same_base(workspace, tiny_experiment):
+    """A second experiment (another learning rate: another job) on the same base model, data, prompts,
+    decoding and precision takes the base model's figures from the cache, and says so; a change of
+    decoding measures them again."""
+    assert main(["finetune", str(tiny_experiment)]) == 0
+    first = record_of(workspace).finetune
+    assert not first.evaluation.notes
+    assert main(["finetune", str(tiny_experiment), "--set", "training.learning_rate=0.02"]) == 0
+    second = record_of(workspace).finetune
+    assert second.job_name != first.job_name
+    base1, base2 = first.evaluation.models["base"], second.evaluation.models["base"]
+    assert (base2.eval_loss, base2.eval_loss_each, base2.replies) == (base1.eval_loss, base1.eval_loss_each,
+                                                                      base1.replies)
+    (note,) = second.evaluation.notes
+    assert f"reused from job {first.job_name}" in note and "cache key" in note
+    assert second.base_eval_loss == first.base_eval_loss
+    assert main(["finetune", str(tiny_experiment), "--set", "training.learning_rate=0.03",
+                 "--set", "evaluation.max_new_tokens=5"]) == 0
+    assert not record_of(workspace).finetune.evaluation.notes, "another decoding: measured again"

@@ -12,6 +12,7 @@ from pathlib import Path
 from automation.evaluation import model_eval, perplexity
 from automation.record import EvalPrompt, ModelEval
 from automation.spec import Experiment
+from automation.workspace import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +109,89 @@ def eval_losses(model, trainer) -> tuple[float | None, list[float]]:
     return (sum(each) / len(each) if each else None), each
 
 
+@dataclass
+class BaseEval:
+    """The untrained model's figures: eval loss (and per conversation) and replies; `reused` says
+    from which earlier run they were taken, when they were."""
+
+    eval_loss: float | None
+    eval_loss_each: list[float]
+    replies: list[str]
+    reused: str | None = None
+
+
+CACHE_VERSION = 1  # bump when what is measured changes (the loss definition, the decoding, the template)
+
+
+def base_cache_key(base_model: Path | str, test_file: Path | None, prompts: list[EvalPrompt], experiment: Experiment,
+                   precision: str, max_length: int) -> str:
+    """What the base model's figures depend on: the model's weights, the test split, the held-out
+    prompts, the decoding settings, the precision and the truncation, and the library versions
+    whose numerics they come from. Equal keys give equal figures, so a rerun, another PR or another
+    experiment on the same base model reuses them."""
+    import hashlib
+    from importlib.metadata import version
+
+    from automation.data import file_sha256
+
+    parts = {
+        "version": CACHE_VERSION,
+        "model": model_digest(Path(base_model)),
+        "test_split": file_sha256(test_file) if test_file and Path(test_file).is_file() else None,
+        "prompts": [p.messages for p in prompts],
+        "max_new_tokens": experiment.evaluation.max_new_tokens,
+        "precision": precision,
+        "max_length": max_length,
+        "eval_batch_size": experiment.training.per_device_eval_batch_size,
+        "libraries": {name: version(name) for name in ("torch", "transformers", "trl", "peft")},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def model_digest(folder: Path) -> str:
+    """The SHA-256 of a model folder's files (names and contents), kept in the workspace's cache by
+    (path, size, mtime) so the ~1 s per 500 MB is paid once per model folder, not per run."""
+    import hashlib
+
+    from automation.data import file_sha256
+    from automation.workspace import home
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+    if not files:
+        return f"unreadable:{folder}"
+    stamp = json.dumps([[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    memo_file = home() / "cache" / "model-digests.json"
+    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    key = f"{folder.resolve()}:{hashlib.sha256(stamp.encode()).hexdigest()}"
+    if key not in memo:
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f"{f.relative_to(folder)}\0{file_sha256(f)}\n".encode())
+        memo[key] = digest.hexdigest()
+        write_text_atomic(memo_file, json.dumps(memo, indent=1))
+    return memo[key]
+
+
 def base_evaluation(trainer, tokenizer, job_dir: Path, prompts: list[EvalPrompt], experiment: Experiment, *,
-                    resuming: bool) -> tuple[float | None, list[float], list[str]]:
+                    resuming: bool, cache_key: str | None = None) -> BaseEval:
     """Eval loss (with the per-conversation losses) and replies of the untrained model (LoRA starts
-    as the identity), measured once and kept, so a resumed run reports the same."""
+    as the identity). Kept with the job, so a resumed run reports the same, and in the workspace's
+    cache under `cache_key` (base_cache_key), so any run with the same key reuses them."""
     import mlflow
 
+    from automation.workspace import home
+
     kept = job_dir / "base_eval.json"
-    if resuming and kept.is_file():
-        data = json.loads(kept.read_text())
-        if len(data.get("replies", [])) == len(prompts) and "eval_loss_each" in data:
-            return data["eval_loss"], data["eval_loss_each"], data["replies"]
+    cached = home() / "cache" / "base-eval" / f"{cache_key}.json" if cache_key else None
+    for source in ([kept] if resuming else []) + ([cached] if cached else []):
+        if source.is_file():
+            data = json.loads(source.read_text())
+            if len(data.get("replies", [])) == len(prompts) and "eval_loss_each" in data:
+                reused = None if source == kept else data.get("measured_by", "an earlier run")
+                if reused:
+                    log.info("evaluation: the base model's figures reused from %s (cache %s)", reused, cache_key)
+                    write_text_atomic(kept, json.dumps(data))
+                return BaseEval(data["eval_loss"], data["eval_loss_each"], data["replies"], reused)
     if trainer.eval_dataset is not None:
         log.info("evaluation: eval loss of the base model on %d conversations of the test split",
                  len(trainer.eval_dataset))
@@ -128,9 +201,14 @@ def base_evaluation(trainer, tokenizer, job_dir: Path, prompts: list[EvalPrompt]
         mlflow.log_metrics({"base_eval_loss": loss, "base_perplexity": perplexity(loss)})
     replies = generate_replies(trainer.model, tokenizer, prompts, max_new_tokens=experiment.evaluation.max_new_tokens,
                                label="base model")
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    kept.write_text(json.dumps({"eval_loss": loss, "eval_loss_each": each, "replies": replies}))
-    return loss, each, replies
+    from datetime import UTC, datetime
+
+    data = {"eval_loss": loss, "eval_loss_each": each, "replies": replies,
+            "measured_by": f"job {job_dir.name} at {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}"}
+    write_text_atomic(kept, json.dumps(data))
+    if cached:
+        write_text_atomic(cached, json.dumps(data))
+    return BaseEval(loss, each, replies)
 
 
 def evaluate_baseline(trainer, baseline: Baseline, prompts: list[EvalPrompt], experiment: Experiment) -> ModelEval:

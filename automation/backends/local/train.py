@@ -34,6 +34,7 @@ from typing import Any
 from automation.backends.local.chat_template import apply_training_template
 from automation.backends.local.evaluate import (
     Baseline,
+    base_cache_key,
     base_evaluation,
     eval_losses,
     evaluate_baseline,
@@ -282,9 +283,12 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
     mlflow.log_params({f"system.{k}": v for k, v in params.items()})
 
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    key = base_cache_key(base_model, test_file, prompts, experiment, precision.name, max_length)
     with precision.autocast(device):  # evaluation in the precision the run trains in
-        base_eval_loss, base_losses, base_replies = base_evaluation(trainer, tokenizer, job_dir, prompts, experiment,
-                                                                    resuming=last is not None)
+        base = base_evaluation(trainer, tokenizer, job_dir, prompts, experiment, resuming=last is not None,
+                               cache_key=key)
+    if base.reused and base.eval_loss is not None:  # the metric the run page charts, as if measured here
+        mlflow.log_metrics({"base_eval_loss": base.eval_loss, "base_perplexity": _ppl(base.eval_loss)})
     if last:
         log.info("resuming from %s", last)
     log.info("training: %s steps on %d packed rows of up to %d tokens (%s)",
@@ -309,7 +313,12 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
 
     evaluation = EvaluationPart(test_split=test_file.stem, prompt_split=experiment.data.sample_split,
                                 max_new_tokens=experiment.evaluation.max_new_tokens, prompts=prompts)
-    evaluation.models["base"] = model_eval(experiment.model.name, prompts, base_replies, base_eval_loss, base_losses)
+    evaluation.models["base"] = model_eval(experiment.model.name, prompts, base.replies, base.eval_loss,
+                                           base.eval_loss_each)
+    if base.reused:
+        evaluation.notes.append(f"The base model's eval loss and replies were reused from {base.reused}: same "
+                                "weights, data, prompts, decoding, precision and libraries (cache key "
+                                f"`{key[:12]}`), so not measured again.")
     evaluation.models["candidate"] = model_eval(f"fine-tuned ({job_dir.name})", prompts, candidate_replies, eval_loss,
                                                 candidate_losses)
     if baseline is not None:
@@ -324,7 +333,7 @@ def train(experiment: Experiment, *, base_model: Path | str, train_file: Path, t
     mlflow.log_metrics({"train_tokens": tokens, "tokens_per_second": tps, "wall_seconds": wall})
     curve = callbacks.curve or _curve_from_state(trainer.state)
     return TrainResult(
-        base_eval_loss=base_eval_loss, eval_loss=eval_loss, train_loss=output.training_loss,
+        base_eval_loss=base.eval_loss, eval_loss=eval_loss, train_loss=output.training_loss,
         loss_curve=curve, train_tokens=tokens,
         tokens_per_second=tps, wall_seconds=wall, model_dir=model_dir, resumed_from=last, params=params,
         last_train_loss=curve[-1][1] if curve else None, max_steps=int(trainer.state.max_steps or 0) or None,
