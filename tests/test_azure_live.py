@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -70,12 +71,14 @@ def test_live_pull_request_lifecycle(tmp_path):
     from tests.standin.world import EXPERIMENT_NAME, PATH, REPO_NAME, World, automation_bin
 
     class LiveWorld(World):
-        def env(self, **extra: str) -> dict[str, str]:  # the real services: no proxy, no stand-in CA
-            from tests.fake_github import WRITE_TOKEN
+        def env(self, workdir: Path | None = None, **extra: str) -> dict[str, str]:
+            from tests.fake_github import WRITE_TOKEN  # the real services: no proxy, no stand-in CA
 
+            workdir = workdir or self.home.parent
             return {**os.environ, "GITHUB_API_URL": self.github.url, "GITHUB_REPOSITORY": REPO_NAME,
                     "GITHUB_TOKEN": WRITE_TOKEN, "GITHUB_EVENT_NAME": "schedule", "GITHUB_RUN_ID": "4242",
-                    "AUTOMATION_HOME": str(self.home), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", **extra}
+                    "AUTOMATION_HOME": str(workdir / ".automation"), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1",
+                    **extra}
 
     sha = f"{int(time.time()):x}".ljust(40, "0")  # a new job name on every run
     staging = naming.staging_endpoint_name(REPO_NAME, 7, EXPERIMENT_NAME)

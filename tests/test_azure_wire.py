@@ -129,7 +129,8 @@ def test_job_states_read_as_the_service_says_them(wire):
 
 def test_whole_pull_request_lifecycle(wire):
     """Opened -> submitted -> running -> completed -> registered, deployed, scored, evaluated,
-    commented -> settled -> closed -> pruned, one scheduled tick at a time."""
+    commented -> settled -> promoted -> closed -> pruned, one scheduled tick at a time, each job on a
+    fresh runner."""
     azure = wire.azure
     tick(wire, "submitted")
     job = job_name(wire)
@@ -157,9 +158,24 @@ def test_whole_pull_request_lifecycle(wire):
 
     assert tick(wire, "") == "nothing planned"  # settled: the plan reads the comment, no leg runs
 
+    # the promote job (workflow_dispatch, production environment), on a fresh runner: the held-out
+    # prompts asked again of the staging endpoint, then blue/green on the production endpoint
+    scored = len(azure.scored)
+    promoted = wire.run("reconcile", "--backend", "azure", "--promote", "--pr", "7", "--experiment",
+                        EXPERIMENT_NAME, GITHUB_EVENT_NAME="workflow_dispatch")
+    ok(promoted)
+    production = naming.production_endpoint_name(REPO_NAME, EXPERIMENT_NAME)
+    new = f"v{version}"
+    assert f"version {version} serves {production} ({new})" in promoted.stdout, str(promoted)
+    assert azure.endpoints[production]["properties"]["traffic"] == {new: 100}
+    assert [(s["endpoint"], s["deployment"]) for s in azure.scored[scored:]] == [(staging, "demo")] * 2 + [
+        (production, new)]  # the evaluation, then the new deployment's smoke score
+    assert azure.models[(model_name, version)]["properties"]["tags"]["stage"] == "production"
+
     wire.github.close_pull(REPO_NAME, 7)
     tick(wire, "")
-    assert staging not in azure.endpoints and not azure.deployments  # deleted through its LRO
+    assert staging not in azure.endpoints and (staging, "demo") not in azure.deployments  # deleted through its LRO
+    assert azure.endpoints[production]["properties"]["traffic"] == {new: 100}  # production is not the PR's
     assert arm_calls(azure, "DELETE", rf"/onlineEndpoints/{staging}$")
     assert tick(wire, "") == "nothing planned"
     check_identity_on_the_wire(azure)

@@ -86,24 +86,38 @@ class Result:
 
 @dataclass
 class World:
+    """`home` is the folder under which each job gets its fresh runner's folder."""
+
     azure: StandIn
     github: FakeGitHub
     home: Path
     cli: Path
 
-    def env(self, **extra: str) -> dict[str, str]:
+    runs: int = 0
+
+    def workdir(self) -> Path:
+        """A fresh runner's working folder for the next job: nothing a previous job left behind."""
+        self.runs += 1
+        folder = self.home.parent / f"runner-{self.runs}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def env(self, workdir: Path | None = None, **extra: str) -> dict[str, str]:
         """An `azure` leg's step: the job's variables, GITHUB_* at the fake GitHub, the stand-in's proxy."""
+        workdir = workdir or self.home.parent
         keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONHASHSEED")}
         return {**keep, **self.azure.env(), "GITHUB_ACTIONS": "true", "CI": "true",
                 "GITHUB_API_URL": self.github.url, "GITHUB_REPOSITORY": REPO_NAME, "GITHUB_TOKEN": WRITE_TOKEN,
                 "GITHUB_EVENT_NAME": "schedule", "GITHUB_RUN_ID": "4242", "HF_HUB_OFFLINE": "1",
-                "AUTOMATION_HOME": str(self.home), "NO_COLOR": "1",
-                "GITHUB_STEP_SUMMARY": str(self.home.parent / "summary.md"), **extra}
+                "AUTOMATION_HOME": str(workdir / ".automation"), "NO_COLOR": "1",
+                "GITHUB_STEP_SUMMARY": str(workdir / "summary.md"), **extra}
 
     def run(self, *args: str, timeout: float = 300, **extra: str) -> Result:
+        """One workflow job's step, on a fresh runner (its own working folder and AUTOMATION_HOME)."""
         argv = [str(self.cli), *args]
+        workdir = self.workdir()
         start = time.monotonic()
-        done = subprocess.run(argv, env=self.env(**extra), cwd=self.home.parent, capture_output=True, text=True,
+        done = subprocess.run(argv, env=self.env(workdir, **extra), cwd=workdir, capture_output=True, text=True,
                               timeout=timeout)
         return Result(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
 
@@ -115,7 +129,7 @@ class World:
         """The `azure-plan` job: `automation reconcile --plan --backend azure`, its $GITHUB_OUTPUT read back."""
         from tests.fake_github import parse_file_commands
 
-        output = self.home.parent / "github_output"
+        output = self.home.parent / f"github_output-{self.runs + 1}"
         output.write_text("")
         result = self.run("reconcile", "--plan", "--backend", "azure", GITHUB_OUTPUT=str(output), **extra)
         values = parse_file_commands(output.read_text())
