@@ -279,3 +279,85 @@ def test_a_tick_survives_throttling_and_a_dropped_connection(wire):
     wire.azure.drop("GET", r"/workspaces/ws-staging/jobs/phi3-ultrachat-", times=1)
     tick(wire, "submitted")
     assert len(arm_calls(wire.azure, "PUT", r"/jobs/")) == 1 and "phase=running" in wire.comment()
+
+
+# -- the stand-in refuses what the services refuse ------------------------------------------------
+
+def test_the_stand_in_refuses_what_the_services_refuse(tmp_path):
+    import requests
+
+    with StandIn(tmp_path / "standin") as azure:
+        env = azure.env()
+        session = requests.Session()
+        session.trust_env = False
+        session.proxies = {"https": env["HTTPS_PROXY"]}
+        session.verify = env["REQUESTS_CA_BUNDLE"]
+        oidc_url = env["ACTIONS_ID_TOKEN_REQUEST_URL"]
+        bearer = {"Authorization": f"Bearer {identity.REQUEST_TOKEN}"}
+
+        def oidc(url: str, headers=bearer) -> requests.Response:
+            return session.get(url, headers=headers)
+
+        # GitHub: as getIDToken calls it, or refused
+        assert oidc(oidc_url.split("?")[0] + "?audience=api://AzureADTokenExchange").status_code == 400
+        assert oidc(oidc_url + "&audience=api://AzureADTokenExchange", headers={}).status_code == 401
+        github_token = oidc(oidc_url + "&audience=api://AzureADTokenExchange").json()["value"]
+        other_audience = oidc(oidc_url + "&audience=https://example.com").json()["value"]
+
+        def entra(assertion: str, scope: str = "https://management.azure.com/.default") -> requests.Response:
+            return session.post(f"https://login.microsoftonline.com/{identity.TENANT}/oauth2/v2.0/token", data={
+                "client_id": STAGING_CLIENT, "grant_type": "client_credentials", "scope": scope,
+                "client_assertion_type": identity.ASSERTION_TYPE, "client_assertion": assertion})
+
+        def aadsts(response: requests.Response) -> int:
+            return response.json()["error_codes"][0]
+
+        assert aadsts(entra("eyJ.not-from-github.x")) == 700211
+        assert aadsts(entra(other_audience)) == 700212
+        assert aadsts(entra(github_token, scope="https://graph.microsoft.com/.default")) == 70011
+        azure.identities.subject = "repo:acme-ml/chat-finetune:environment:production"
+        production_token = oidc(oidc_url + "&audience=api://AzureADTokenExchange").json()["value"]
+        assert aadsts(entra(production_token)) == 700213  # the staging identity trusts staging only
+        arm_token = entra(github_token).json()["access_token"]
+        ml_token = entra(github_token, scope="https://ml.azure.com/.default").json()["access_token"]
+        azure.now += 600  # GitHub's token lived 5 minutes
+        assert aadsts(entra(github_token)) == 700024
+
+        workspace = f"https://management.azure.com{azure._ws_prefix()}"
+
+        def arm(method: str, url: str, token: str | None = arm_token, headers: dict | None = None,
+                **kwargs) -> tuple[int, str]:
+            headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
+            response = session.request(method, url, headers=headers, **kwargs)
+            return response.status_code, response.json()["error"]["code"] if response.status_code >= 400 else ""
+
+        assert arm("GET", f"{workspace}?api-version=2024-10-01-preview") == (200, "")
+        assert arm("GET", f"{workspace}?api-version=2024-10-01-preview", token=None) == (401, "AuthenticationFailed")
+        assert arm("GET", f"{workspace}?api-version=2024-10-01-preview", token="forged") == (
+            401, "InvalidAuthenticationToken")
+        assert arm("GET", f"{workspace}?api-version=2024-10-01-preview", token=ml_token) == (
+            401, "InvalidAuthenticationTokenAudience")
+        assert arm("GET", workspace) == (400, "MissingApiVersionParameter")
+        assert arm("GET", f"{workspace}?api-version=2019-01-01") == (400, "NoRegisteredProviderFound")
+        assert arm("PUT", f"{workspace}/onlineEndpoints/e1?api-version=2025-12-01", data=b"{not json",
+                   headers={"Content-Type": "application/json"}) == (400, "InvalidRequestContent")
+        assert arm("PUT", f"{workspace}/onlineEndpoints/e1?api-version=2025-12-01",
+                   json={"location": "westeurope", "properties": {"authMode": "Password"}}) == (400, "BadArgument")
+        assert arm("GET", f"{workspace}/onlineEndpoints/e1?api-version=2025-12-01")[0] == 404
+        azure.now += 3600  # the access token lived an hour
+        assert arm("GET", f"{workspace}?api-version=2024-10-01-preview") == (401, "ExpiredAuthenticationToken")
+
+
+def test_a_leg_whose_deployment_keeps_failing_fails_with_a_comment(wire):
+    """Every PUT of the deployment answered 503: the leg fails (exit 1) with the error in the PR
+    comment and a one-line annotation; no traceback."""
+    tick(wire, "submitted")
+    wire.azure.set_job_state(job_name(wire), "Completed")
+    wire.azure.unavailable("PUT", r"/onlineEndpoints/[^/]+/deployments/demo$", times=1000)
+    leg = wire.reconcile()
+    assert leg.returncode == 1, str(leg)
+    assert "Traceback" not in leg.stdout + leg.stderr, str(leg)
+    assert "::error" in leg.stdout and "failed" in leg.stdout, leg.stdout
+    body = wire.comment()
+    assert "phase=error" in body or "phase=failed" in body, body[:600]
+    assert "deployment demo" in body and ("503" in body or "unavailable" in body.lower()), body[:1200]
