@@ -28,6 +28,12 @@ DEPLOY = ("import sys; from automation.cli import main; code = main(sys.argv[1:]
           "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
 
 
+# The same, after the imports the server does (as `automation run` has done them, fine-tuning,
+# before it deploys), saying which variables they set.
+IMPORTS_FIRST = ("import os; before = dict(os.environ); from automation.serving.standby import preload; preload(); "
+                 "print('imports set:', sorted(k for k in os.environ if before.get(k) != os.environ[k])); ")
+
+
 def shell_environment(workspace: Path) -> dict[str, str]:
     """What a person's shell passes: nothing a test process or its imports set, and our settings
     (PYTHONPATH: the code under test, whichever checkout the venv has installed)."""
@@ -92,6 +98,27 @@ def test_warm_then_deploy_from_the_cli_claims_the_standby(cli):
 
     automation(["teardown", str(registered)], env, tmp_path)
     assert process.get_endpoint(record.deploy.endpoint_name) is None
+
+
+def test_a_claimer_that_imported_torch_claims_too_and_the_next_standby_fits_a_fresh_one(cli):
+    """As `automation run` deploys: torch is imported in that process (the fine-tune) before the
+    claim. The standby it starts next must not inherit what torch set, or a person's next deploy,
+    which has not imported torch, would not fit it."""
+    registered, workspace, tmp_path = cli
+    env = shell_environment(workspace)
+    automation(["endpoints", "warm", "--idle-minutes", "10"], env, tmp_path)  # replaced after each claim
+    first = process.get_standby()
+
+    deployed = automation(["deploy", str(registered)], env, tmp_path, code=IMPORTS_FIRST + DEPLOY)
+    assert "torch imported: True" in deployed and "imports set: []" not in deployed  # they set some (torch's inductor)
+    name = RunRecord.load(workspace / "runs" / "tiny-local" / "record.json").deploy.endpoint_name
+    assert process.get_endpoint(name).standby_id == first.standby_id, Path(first.log_file).read_text()
+    automation(["teardown", str(registered)], env, tmp_path)
+
+    following = process.get_standby()  # started by that deploy's process
+    assert following is not None and following.standby_id != first.standby_id
+    automation(["deploy", str(registered)], env, tmp_path, code=DEPLOY)
+    assert process.get_endpoint(name).standby_id == following.standby_id, Path(following.log_file).read_text()
 
 
 def test_a_deploy_from_another_environment_starts_cold_and_says_why(cli):
