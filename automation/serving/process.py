@@ -8,7 +8,7 @@ system is never killed. Importing this module imports no torch.
 
 A warm standby (`start_standby`, `automation endpoints warm`) is a server process that has done its
 imports and waits for a model (`standby.py`): `start_endpoint` claims it when there is one, and the
-endpoint is ready in about a second instead of six. Its files are in `<home>/standby/`:
+endpoint is ready in a second or two instead of 5-20 (bench/RESULTS.md). Its files are in `<home>/standby/`:
 `standby.json` (the record), `standby.log` (its output until claimed), `standby.sock` and
 `standby.lock` (one start, claim or stop at a time).
 """
