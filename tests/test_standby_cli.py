@@ -2,9 +2,9 @@
 a fresh process started from a clean shell's environment, on the tiny model.
 
 The other standby tests (test_serving_standby.py) start and claim from the test process, which has
-imported torch; a person's `automation deploy` has not. Importing torch sets TORCHINDUCTOR_CACHE_DIR,
-so a claim that compared what the imports left in os.environ was refused on every real claim while
-those tests passed (issue 25).
+imported torch; a person's `automation deploy` has not. The server's imports set
+TORCHINDUCTOR_CACHE_DIR (torch._inductor, which transformers pulls in), so a claim that compared what
+the imports left in os.environ was refused on every real claim while those tests passed (issue 25).
 """
 
 from __future__ import annotations

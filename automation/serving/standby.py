@@ -12,11 +12,11 @@ What the imports depend on must be the same for the claimer's cold start as it w
 standby: the Python and its installed distributions, this package's source (`code_fingerprint()`),
 and the environment variables torch, transformers and the server read (`import_environment()`). The
 standby takes both when it starts, before it imports anything, so that nothing its own imports leave
-in `os.environ` (importing torch sets TORCHINDUCTOR_CACHE_DIR) counts as an input. What its imports
-set is measured, and counts as their output on the claimer's side too: a claimer that imported torch
-itself has TORCHINDUCTOR_CACHE_DIR set to the same value and differs in nothing. A claim that differs
-is refused (the answer names the variables), the standby exits, and the claimer starts cold. An
-unclaimed standby exits after its idle timeout.
+in `os.environ` counts as an input (torch._inductor, which transformers pulls in, sets
+TORCHINDUCTOR_CACHE_DIR). What its imports set is measured, and counts as their output on the
+claimer's side too: a claimer that did the same imports has the same value there and differs in
+nothing. A claim that differs is refused (the answer names the variables), the standby exits, and
+the claimer starts cold. An unclaimed standby exits after its idle timeout.
 
 The protocol, one JSON line each way on the socket (same user only: the socket is created with
 umask 077, in the workspace's 0700 `standby/` folder):
