@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.standin.service import ARM_HOST, StandIn  # noqa: E402
-from tests.standin.world import PATH, REPO_NAME, experiment_text, seed_reference_flow, world  # noqa: E402
+from tests.standin.service import ARM_HOST, StandIn
+from tests.standin.world import PATH, REPO_NAME, experiment_text, seed_reference_flow, world
 
 HOSTS = {"login.microsoftonline.com": "Entra", ARM_HOST: "ARM", "actions.githubusercontent.com": "OIDC",
          "api.azureml.ms": "ML data plane", "experiments.azureml.net": "registry", "blob.core.windows.net": "blob",
@@ -69,7 +69,7 @@ def lifecycle(folder: Path) -> list[dict]:
             return next(iter(w.azure.jobs))
 
         tick("opened: no job yet -> submit")
-        w.azure.metrics[job()] = [(10, 2.1), (20, 1.9)]
+        w.azure.log_loss(job(), [(10, 2.1), (20, 1.9)])
         tick("job Running -> progress", lambda: w.azure.set_job_state(job(), "Running"))
         tick("job Running (again)")
         tick("job Completed -> register, deploy, score, evaluate, comment",
@@ -116,7 +116,7 @@ def slow_tick(folder: Path, delay: float) -> dict:
         w.reconcile()
         job = next(iter(w.azure.jobs))
         w.azure.set_job_state(job, "Running")
-        w.azure.metrics[job] = [(10, 2.0)]
+        w.azure.log_loss(job, [(10, 2.0)])
         start = len(w.azure.calls)
         fast = w.reconcile()
         fast_calls = len(w.azure.calls) - start

@@ -94,7 +94,7 @@ def test_opened_submits_one_job_and_ticks_report_progress(wire):
     assert "phase=running" in wire.comment() and "is **NotStarted**" in wire.comment()  # the status's word
 
     azure.set_job_state(job, "Running")
-    azure.metrics[job] = [(10, 2.1), (20, 1.9)]
+    azure.log_loss(job, [(10, 2.1), (20, 1.9)])
     for _ in range(2):
         tick(wire, "running")
         body = wire.comment()
@@ -125,9 +125,10 @@ def test_whole_pull_request_lifecycle(wire):
     tick(wire, "submitted")
     job = job_name(wire)
     azure.set_job_state(job, "Running")
-    azure.metrics[job] = [(10, 2.1), (20, 1.9)]
+    azure.log_loss(job, [(10, 2.1), (20, 1.9)])
     tick(wire, "running")
     azure.set_job_state(job, "Completed")
+    azure.log_loss(job, [(30, 1.7)], eval_loss=1.8)
     tick(wire, "done")
 
     staging = naming.staging_endpoint_name(REPO_NAME, 7, EXPERIMENT_NAME)

@@ -44,6 +44,7 @@ STAGING_CLIENT = "11111111-2222-3333-4444-555555555555"
 REGISTRY_SUBSCRIPTION = "99999999-8888-7777-6666-555555555555"
 STORAGE_ACCOUNT = "wsstagingstore0123"
 PROVIDER = "Microsoft.MachineLearningServices"
+EXPERIMENT = "phi3-ultrachat"  # the MLflow experiment the jobs log to (the job's experiment_name)
 ARM_HOST = "management.azure.com"
 ML_HOST = f"{REGION}.api.azureml.ms"
 BLOB_HOST = f"{STORAGE_ACCOUNT}.blob.core.windows.net"
@@ -119,12 +120,12 @@ class StandIn:
     operations: dict[str, Operation] = field(default_factory=dict)
     blobs: dict[str, bytes] = field(default_factory=dict)
     blob_meta: dict[str, dict[str, str]] = field(default_factory=dict)
-    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # job -> loss by step
     scored: list[dict] = field(default_factory=list)
     reply_text: str = "Hello from the stand-in."
     slow_s: float = 0.0  # every answer waits this long (the worst-case tick figure)
     spec_problems: list[str] = field(default_factory=list)  # answers off azure-rest-api-specs (spec.py)
     _lock: threading.RLock = field(default_factory=threading.RLock)
+    _mlflow_server: Any = None  # (store, Flask test client), made on first use
 
     def __post_init__(self) -> None:
         self.identities = Identities(clock=lambda: self.now)
@@ -139,6 +140,11 @@ class StandIn:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+        if self._mlflow_server is not None:
+            import mlflow.server.handlers as handlers
+
+            handlers._tracking_store = None
+            self._mlflow_server[0].engine.dispose()
 
     def env(self) -> dict[str, str]:
         """The variables a GitHub job in the staging environment has (and the proxy and CA)."""
@@ -771,35 +777,48 @@ class StandIn:
         self.scored.append({"endpoint": name, "deployment": deployment, "request": body})
         return Reply(200, {"output": self.reply_text})
 
-    # -- MLflow tracking (the subset azureml-mlflow and mlflow.search_runs reach) -----------------
+    # -- MLflow tracking: MLflow's own server app over a SQLite store ---------------------------------
+    # The workspace's tracking URI maps to https://<region>.api.azureml.ms/mlflow/v2.0/<workspace scope>;
+    # what follows the scope is MLflow's REST API, answered by mlflow.server's Flask app in process.
+    def _mlflow_app(self):
+        if self._mlflow_server is None:
+            import mlflow.server.handlers as handlers
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = SqlAlchemyStore(f"sqlite:///{self.folder}/mlflow.db", str(self.folder / "mlartifacts"))
+            handlers._tracking_store = store  # set before the first request: no process-wide tracking URI
+            from mlflow.server import app
+
+            self._mlflow_server = (store, app.test_client())
+        return self._mlflow_server
+
+    def log_loss(self, job: str, points: list[tuple[int, float]], eval_loss: float | None = None) -> None:
+        """What the job's fine-tune step logs: a child run (tag mlflow.rootRunId = the pipeline job)
+        with its training loss by step, and the eval loss once it has one."""
+        from mlflow.entities import Metric, RunTag
+
+        store, _ = self._mlflow_app()
+        experiment = store.get_experiment_by_name(EXPERIMENT) or store.get_experiment(
+            store.create_experiment(EXPERIMENT))
+        runs = store.search_runs([experiment.experiment_id], f"tags.mlflow.rootRunId = '{job}'", 1, 10)
+        run = runs[0] if runs else store.create_run(experiment.experiment_id, STAGING_CLIENT,
+                                                     int(self.now * 1000), [RunTag("mlflow.rootRunId", job)],
+                                                     "finetune_chat_completion")
+        for step, loss in points:
+            store.log_metric(run.info.run_id, Metric("loss", loss, int(self.now * 1000), step))
+        if eval_loss is not None:
+            store.log_metric(run.info.run_id, Metric("eval_loss", eval_loss, int(self.now * 1000), points[-1][0]))
+
     def _mlflow(self, req: Request) -> Reply:
-        tail = req.path.split("/api/2.0/mlflow/", 1)[-1] if "/api/2.0/mlflow/" in req.path else None
-        if tail is None:
-            return Reply(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": req.path})
-        if tail == "experiments/search":
-            return Reply(200, {"experiments": [{"experiment_id": "1", "name": "phi3-ultrachat",
-                                                "lifecycle_stage": "active"}]})
-        if tail == "runs/search":
-            body = req.json() or {}
-            wanted = re.search(r"tags\.mlflow\.rootRunId = '([^']+)'", body.get("filter", "") or "")
-            runs = []
-            for job, curve in self.metrics.items():
-                if wanted and wanted.group(1) != job:
-                    continue
-                step, loss = curve[-1] if curve else (0, 0.0)
-                runs.append({"info": {"run_id": f"{job}-finetune", "run_uuid": f"{job}-finetune",
-                                      "experiment_id": "1", "status": "RUNNING", "start_time": 0,
-                                      "lifecycle_stage": "active"},
-                             "data": {"metrics": [{"key": "loss", "value": loss, "timestamp": 0, "step": step},
-                                                  {"key": "train_loss", "value": loss, "timestamp": 0, "step": step},
-                                                  *([{"key": "eval_loss", "value": loss + 0.1, "timestamp": 0,
-                                                      "step": step}] if self.job_states.get(job) == "Completed"
-                                                    else [])],
-                                      "tags": [{"key": "mlflow.rootRunId", "value": job}]}})
-            return Reply(200, {"runs": runs})
-        if tail.startswith("metrics/get-history"):
-            run_id = req.arg("run_id") or ""
-            curve = self.metrics.get(run_id.removesuffix("-finetune"), [])
-            return Reply(200, {"metrics": [{"key": req.arg("metric_key"), "value": v, "timestamp": 0, "step": s}
-                                           for s, v in curve]})
-        return Reply(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": tail})
+        marker = "/api/2.0/mlflow/"
+        scope = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/{PROVIDER}"
+                 f"/workspaces/{WORKSPACE}")
+        head, _, tail = req.path.partition(marker)
+        if not tail or not head.endswith(scope):
+            return Reply(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"no MLflow route {req.path}"})
+        _, client = self._mlflow_app()
+        query = "&".join(f"{k}={v}" for k, values in req.query.items() for v in values)
+        answer = client.open(marker + tail, method=req.method, query_string=query, data=req.body,
+                             content_type=req.headers.get("content-type", "application/json"))
+        return Reply(answer.status_code, answer.get_data(),
+                     {"Content-Type": answer.headers.get("Content-Type", "application/json")})
