@@ -49,6 +49,7 @@ def lifecycle(folder: Path) -> list[dict]:
     """One PR: plan + leg per tick, the stand-in moving the job between ticks."""
     rows = []
     with world(folder) as w:
+        w.azure._mlflow_app()  # the stand-in's MLflow server imported before the clock runs, not in a tick
         w.github.open_pull(REPO_NAME, 7, head_sha="1" * 40, files={PATH: experiment_text()})
 
         def tick(state: str, before=None) -> None:
@@ -112,6 +113,7 @@ def throttled_call(folder: Path, retry_after: float) -> dict:
 def slow_tick(folder: Path, delay: float) -> dict:
     """A Running-state tick (plan + leg) with every answer of every service `delay` seconds late."""
     with world(folder) as w:
+        w.azure._mlflow_app()
         w.github.open_pull(REPO_NAME, 7, head_sha="1" * 40, files={PATH: experiment_text()})
         w.reconcile()
         job = next(iter(w.azure.jobs))
