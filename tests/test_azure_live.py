@@ -71,7 +71,7 @@ def test_live_pull_request_lifecycle(tmp_path):
     from tests.standin.world import EXPERIMENT_NAME, PATH, REPO_NAME, World, automation_bin
 
     class LiveWorld(World):
-        def env(self, workdir: Path | None = None, **extra: str) -> dict[str, str]:
+        def env(self, workdir: Path | None = None, environment: str = "staging", **extra: str) -> dict[str, str]:
             from tests.fake_github import WRITE_TOKEN  # the real services: no proxy, no stand-in CA
 
             workdir = workdir or self.home.parent

@@ -22,7 +22,7 @@ import pytest
 from automation import naming
 from tests.standin import identity
 from tests.standin.proxy import Reply
-from tests.standin.service import ARM_HOST, STAGING_CLIENT, StandIn
+from tests.standin.service import ARM_HOST, PRODUCTION_CLIENT, STAGING_CLIENT, StandIn
 from tests.standin.world import EXPERIMENT_NAME, PATH, REPO_NAME, World, experiment_text, world
 
 SHA1 = "1" * 40
@@ -60,14 +60,14 @@ def tick(w: World, expect: str) -> str:
     return leg.stdout
 
 
-def check_identity_on_the_wire(azure: StandIn) -> None:
+def check_identity_on_the_wire(azure: StandIn, clients: tuple[str, ...] = (STAGING_CLIENT,)) -> None:
     """Every token came from GitHub's OIDC service as getIDToken asks for it, and was exchanged with
     Entra ID as a federated client assertion (for ARM, or Azure ML's data plane); no call was refused."""
     assert azure.identities.oidc_requests, "no GitHub OIDC token was asked for"
     for query in azure.identities.oidc_requests:
         assert "api-version=2.0" in query and "audience=api://AzureADTokenExchange" in query, query
     for form in azure.identities.token_requests:
-        assert form["client_id"] == STAGING_CLIENT and form["grant_type"] == "client_credentials"
+        assert form["client_id"] in clients and form["grant_type"] == "client_credentials"
         assert form["client_assertion_type"] == identity.ASSERTION_TYPE
         assert form["scope"] in ("https://management.azure.com/.default", "https://ml.azure.com/.default")
     refused = [c for c in azure.calls if c.status == 401]
@@ -152,8 +152,7 @@ def test_whole_pull_request_lifecycle(wire):
     # the promote job (workflow_dispatch, production environment), on a fresh runner: the held-out
     # prompts asked again of the staging endpoint, then blue/green on the production endpoint
     scored = len(azure.scored)
-    promoted = wire.run("reconcile", "--backend", "azure", "--promote", "--pr", "7", "--experiment",
-                        EXPERIMENT_NAME, GITHUB_EVENT_NAME="workflow_dispatch")
+    promoted = wire.promote()  # as the production identity
     ok(promoted)
     production = naming.production_endpoint_name(REPO_NAME, EXPERIMENT_NAME)
     new = f"v{version}"
@@ -169,7 +168,8 @@ def test_whole_pull_request_lifecycle(wire):
     assert azure.endpoints[production]["properties"]["traffic"] == {new: 100}  # production is not the PR's
     assert arm_calls(azure, "DELETE", rf"/onlineEndpoints/{staging}$")
     assert tick(wire, "") == "nothing planned"
-    check_identity_on_the_wire(azure)
+    check_identity_on_the_wire(azure, (STAGING_CLIENT, PRODUCTION_CLIENT))
+    assert not [c for c in azure.calls if c.status == 403]
 
 
 # -- faults on the wire ------------------------------------------------------------------------
@@ -365,3 +365,17 @@ def test_a_legs_log_says_what_happened_without_the_http_dump(wire):
     assert not [line for line in lines if "Request URL:" in line], f"{len(lines)} lines of stderr"
     warnings = [line.split(" ", 1)[1] for line in lines if "warning: model_specific_defaults" in line]
     assert len(warnings) == len(set(warnings)), warnings
+
+
+def test_the_pull_request_identity_cannot_promote(wire):
+    """The promote verb run with the staging identity (a workflow edited in a pull request): the
+    production endpoint's write is refused (403 AuthorizationFailed) and nothing reaches production."""
+    tick(wire, "submitted")
+    wire.azure.set_job_state(job_name(wire), "Completed")
+    tick(wire, "done")
+    production = naming.production_endpoint_name(REPO_NAME, EXPERIMENT_NAME)
+    attempt = wire.promote(environment="staging")
+    assert attempt.returncode != 0 and "AuthorizationFailed" in attempt.stdout + attempt.stderr, str(attempt)
+    assert "Traceback" not in attempt.stdout + attempt.stderr, str(attempt)
+    assert production not in wire.azure.endpoints
+    assert [c.method for c in wire.azure.calls if c.status == 403] == ["PUT"]

@@ -25,7 +25,9 @@ from tests.standin.proxy import Reply, Request
 
 ACTIONS_HOST = "pipelinesghubeus21.actions.githubusercontent.com"
 ACTIONS_PATH = "/xYz0AbC/00000000-0000-0000-0000-000000000000/_apis/distributedtask/hubs/Actions/plans/p1/jobs/j1/idtoken"
-REQUEST_TOKEN = "ghs_standinIdTokenRequestToken00000000000"
+REQUEST_TOKEN = "ghs_standinIdTokenRequestToken00000000000"  # a job in the `staging` environment
+PRODUCTION_REQUEST_TOKEN = "ghs_standinIdTokenRequestTokenProduction"  # the promote job (`production`)
+SUBJECT_PREFIX = "repo:acme-ml/chat-finetune:environment:"
 LOGIN_HOST = "login.microsoftonline.com"
 EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
@@ -59,7 +61,7 @@ class Identity:
     """An app registration with one federated credential (issuer GitHub, one subject)."""
     client_id: str
     subject: str
-    roles: set[str] = field(default_factory=set)  # scopes this identity may act on (see arm.py)
+    may: Any = None  # (method, path under the workspace) -> bool: its role assignments (service.py)
 
 
 @dataclass
@@ -80,7 +82,7 @@ class Identities:
         self.oidc_requests.append(query)
         if req.path != ACTIONS_PATH or req.method != "GET":
             return Reply(404, {"$id": "1", "message": "Not found", "typeKey": "NotFoundException"})
-        if req.bearer != REQUEST_TOKEN:
+        if req.bearer not in (REQUEST_TOKEN, PRODUCTION_REQUEST_TOKEN):
             return Reply(401, {"$id": "1", "message": "TF400813: The user is not authorized to access this resource.",
                                "typeKey": "UnauthorizedRequestException"})
         if req.arg("api-version") != "2.0":
@@ -93,8 +95,9 @@ class Identities:
         if not audience:
             return Reply(400, {"$id": "1", "message": "audience is required", "typeKey": "ArgumentException"})
         now = int(self.clock())
-        token = jwt({"iss": "https://token.actions.githubusercontent.com", "aud": audience, "sub": self.subject,
-                     "repository": "acme-ml/chat-finetune", "environment": self.subject.rsplit(":", 1)[-1],
+        subject = self.subject if req.bearer == REQUEST_TOKEN else SUBJECT_PREFIX + "production"
+        token = jwt({"iss": "https://token.actions.githubusercontent.com", "aud": audience, "sub": subject,
+                     "repository": "acme-ml/chat-finetune", "environment": subject.rsplit(":", 1)[-1],
                      "iat": now, "nbf": now, "exp": now + self.oidc_lifetime_s, "jti": secrets.token_hex(8)})
         self.github_tokens[token] = claims_of(token)
         return Reply(200, {"count": len(token), "value": token})

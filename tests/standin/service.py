@@ -40,7 +40,8 @@ SUBSCRIPTION = "00000000-1111-2222-3333-444444444444"
 RESOURCE_GROUP = "rg-ml"
 WORKSPACE = "ws-staging"
 REGION = "westeurope"
-STAGING_CLIENT = "11111111-2222-3333-4444-555555555555"
+STAGING_CLIENT = "11111111-2222-3333-4444-555555555555"  # AZURE_CLIENT_ID: the pull-request identity
+PRODUCTION_CLIENT = "66666666-7777-8888-9999-000000000000"  # AZURE_CLIENT_ID_PRODUCTION
 REGISTRY_SUBSCRIPTION = "99999999-8888-7777-6666-555555555555"
 STORAGE_ACCOUNT = "wsstagingstore0123"
 PROVIDER = "Microsoft.MachineLearningServices"
@@ -65,6 +66,40 @@ REGISTRY_API_VERSIONS = {"2021-10-01-dataplanepreview"}
 MLFLOW_FLAVORS = {"python_function": {"data": {"loader_module": "mlflow.transformers", "python_version": "3.10.14"}},
                   "transformers": {"data": {"task": "chat-completion", "transformers_version": "4.44.0"}}}
 TERMINAL_JOB_STATES = {"Completed", "Failed", "Canceled"}
+
+
+# -- role assignments (README, "The gate is a boundary: two identities") ------------------------------
+
+def _production_endpoint(rest: str) -> bool:
+    return re.match(r"/onlineEndpoints/prod-", rest, re.IGNORECASE) is not None
+
+
+def _reads(method: str, rest: str) -> bool:
+    return method == "GET" or (method == "POST" and rest.endswith("/listKeys"))
+
+
+def staging_may(method: str, rest: str) -> bool:
+    """The pull-request identity: AzureML Data Scientist on the workspace, except that it only reads
+    (and scores) the production endpoints."""
+    return not _production_endpoint(rest) or _reads(method, rest)
+
+
+def production_may(method: str, rest: str) -> bool:
+    """The production identity: reads the workspace, scores the staging endpoints, writes the
+    production endpoints and the models' tags; no jobs, no staging endpoints, no datastore secrets."""
+    if _reads(method, rest):
+        return True
+    return _production_endpoint(rest) or (method == "PUT" and re.fullmatch(r"/models/[^/]+/versions/[^/]+", rest)
+                                          is not None)
+
+
+def authorization_failed(client_id: str, method: str, scope: str, rest: str) -> Reply:
+    kind = "/".join(part for i, part in enumerate(rest.strip("/").split("/")) if i % 2 == 0) or ""
+    verb = {"GET": "read", "PUT": "write", "PATCH": "write", "DELETE": "delete"}.get(method, "action")
+    action = f"{PROVIDER}/workspaces{'/' + kind if kind else ''}/{verb}"
+    return arm_error(403, "AuthorizationFailed", f"The client '{client_id}' with object id '{client_id}' does not "
+                     f"have authorization to perform action '{action}' over scope '{scope}{rest}' or the scope is "
+                     "invalid. If access was recently granted, please refresh your credentials.")
 
 
 def now_iso(seconds: float) -> str:
@@ -129,7 +164,10 @@ class StandIn:
 
     def __post_init__(self) -> None:
         self.identities = Identities(clock=lambda: self.now)
-        self.identities.apps[STAGING_CLIENT] = identity.Identity(STAGING_CLIENT, self.identities.subject)
+        self.identities.apps[STAGING_CLIENT] = identity.Identity(
+            STAGING_CLIENT, self.identities.subject, staging_may)
+        self.identities.apps[PRODUCTION_CLIENT] = identity.Identity(
+            PRODUCTION_CLIENT, identity.SUBJECT_PREFIX + "production", production_may)
 
     # -- control --------------------------------------------------------------------------------
     def __enter__(self) -> StandIn:
@@ -146,16 +184,18 @@ class StandIn:
             handlers._tracking_store = None
             self._mlflow_server[0].engine.dispose()
 
-    def env(self) -> dict[str, str]:
-        """The variables a GitHub job in the staging environment has (and the proxy and CA)."""
+    def env(self, environment: str = "staging") -> dict[str, str]:
+        """The variables a GitHub job in the `staging` (or `production`: the promote job)
+        environment has, and the proxy and CA."""
         bundle = str(self.ca.bundle)
+        production = environment == "production"
         return {
             "HTTPS_PROXY": self.proxy.url, "https_proxy": self.proxy.url,
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
             "REQUESTS_CA_BUNDLE": bundle, "SSL_CERT_FILE": bundle, "CURL_CA_BUNDLE": bundle,
             "ACTIONS_ID_TOKEN_REQUEST_URL": f"https://{identity.ACTIONS_HOST}{identity.ACTIONS_PATH}?api-version=2.0",
-            "ACTIONS_ID_TOKEN_REQUEST_TOKEN": identity.REQUEST_TOKEN,
-            "AZURE_CLIENT_ID": STAGING_CLIENT, "AZURE_TENANT_ID": identity.TENANT,
+            "ACTIONS_ID_TOKEN_REQUEST_TOKEN": identity.PRODUCTION_REQUEST_TOKEN if production else identity.REQUEST_TOKEN,
+            "AZURE_CLIENT_ID": PRODUCTION_CLIENT if production else STAGING_CLIENT, "AZURE_TENANT_ID": identity.TENANT,
             "AZURE_SUBSCRIPTION_ID": SUBSCRIPTION, "AZURE_RESOURCE_GROUP": RESOURCE_GROUP,
             "AZURE_ML_WORKSPACE": WORKSPACE,
         }
@@ -267,6 +307,8 @@ class StandIn:
                                  f"{path.split('/')[8]}' under resource group '{path.split('/')[4]}' was not found.")
             return arm_error(404, "InvalidResourceType", f"The resource type could not be found for {path}.")
         rest = path[len(prefix):]
+        if caller.may is not None and not caller.may(req.method, rest):
+            return authorization_failed(caller.client_id, req.method, prefix, rest)
         if rest == "" and req.method == "GET":
             return Reply(200, self.workspace_body())
         for pattern, handler in (

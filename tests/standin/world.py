@@ -102,28 +102,34 @@ class World:
         folder.mkdir(parents=True)
         return folder
 
-    def env(self, workdir: Path | None = None, **extra: str) -> dict[str, str]:
-        """An `azure` leg's step: the job's variables, GITHUB_* at the fake GitHub, the stand-in's proxy."""
+    def env(self, workdir: Path | None = None, environment: str = "staging", **extra: str) -> dict[str, str]:
+        """An `azure` leg's step: the job's variables, GITHUB_* at the fake GitHub, the stand-in's proxy;
+        `environment="production"`: the promote job's identity."""
         workdir = workdir or self.home.parent
         keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONHASHSEED")}
-        return {**keep, **self.azure.env(), "GITHUB_ACTIONS": "true", "CI": "true",
+        return {**keep, **self.azure.env(environment), "GITHUB_ACTIONS": "true", "CI": "true",
                 "GITHUB_API_URL": self.github.url, "GITHUB_REPOSITORY": REPO_NAME, "GITHUB_TOKEN": WRITE_TOKEN,
                 "GITHUB_EVENT_NAME": "schedule", "GITHUB_RUN_ID": "4242", "HF_HUB_OFFLINE": "1",
                 "AUTOMATION_HOME": str(workdir / ".automation"), "NO_COLOR": "1",
                 "GITHUB_STEP_SUMMARY": str(workdir / "summary.md"), **extra}
 
-    def run(self, *args: str, timeout: float = 300, **extra: str) -> Result:
+    def run(self, *args: str, timeout: float = 300, environment: str = "staging", **extra: str) -> Result:
         """One workflow job's step, on a fresh runner (its own working folder and AUTOMATION_HOME)."""
         argv = [str(self.cli), *args]
         workdir = self.workdir()
         start = time.monotonic()
-        done = subprocess.run(argv, env=self.env(workdir, **extra), cwd=workdir, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(argv, env=self.env(workdir, environment, **extra), cwd=workdir, capture_output=True,
+                              text=True, timeout=timeout)
         return Result(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
 
     def reconcile(self, pr: int = 7, **extra: str) -> Result:
         """An `azure` leg: `automation reconcile --backend azure --pr N --experiment X`."""
         return self.run("reconcile", "--backend", "azure", "--pr", str(pr), "--experiment", EXPERIMENT_NAME, **extra)
+
+    def promote(self, pr: int = 7, environment: str = "production") -> Result:
+        """The promote job: `reconcile --backend azure --promote`, in the `production` environment."""
+        return self.run("reconcile", "--backend", "azure", "--promote", "--pr", str(pr), "--experiment",
+                        EXPERIMENT_NAME, environment=environment, GITHUB_EVENT_NAME="workflow_dispatch")
 
     def plan(self, **extra: str) -> tuple[Result, dict]:
         """The `azure-plan` job: `automation reconcile --plan --backend azure`, its $GITHUB_OUTPUT read back."""
