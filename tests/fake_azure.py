@@ -8,7 +8,7 @@ a lookup by version raises ResourceNotFoundError, by label "latest" ValidationEx
 the version ValidationException("A model with this name and version already exists in registry");
 a job name that exists HttpResponseError 400; a 404 or 409 of an ARM operation ResourceNotFoundError
 or ResourceExistsError (map_error); a model version registered again with another path
-AssetPathException. Long-running operations return pollers, and faults can be queued per operation
+HttpResponseError 400 "Asset paths cannot be updated". Long-running operations return pollers, and faults can be queued per operation
 (`fail("online_endpoints.begin_create_or_update", error, times=2)`) to play transient 429/503
 answers, 409 conflicts, dropped connections, quota refusals or a gateway's plain text.
 
@@ -77,21 +77,13 @@ def conflict(message: str = "Conflict: an operation on this resource is in progr
     return http_error(409, "Conflict", message)
 
 
-def asset_path_changed(name: str, version: str):
-    """What `models.create_or_update` raises when the version exists with another path
-    (operations/_model_operations.py: the service's "(UserError) Asset paths cannot be updated.")."""
-    from azure.ai.ml._artifacts._constants import (
-        ASSET_PATH_ERROR,
-        CHANGED_ASSET_PATH_MSG,
-        CHANGED_ASSET_PATH_MSG_NO_PERSONAL_DATA,
-    )
-    from azure.ai.ml.exceptions import AssetPathException, ErrorCategory, ErrorTarget
-
-    error = AssetPathException(message=CHANGED_ASSET_PATH_MSG, target=ErrorTarget.MODEL,
-                               no_personal_data_message=CHANGED_ASSET_PATH_MSG_NO_PERSONAL_DATA,
-                               error_category=ErrorCategory.USER_ERROR)
-    error.__cause__ = HttpResponseError(message=ASSET_PATH_ERROR)
-    return error
+def asset_path_changed(name: str, version: str) -> HttpResponseError:
+    """What `models.create_or_update` raises when the version exists with another path: the
+    service's 400 "(UserError) Asset paths cannot be updated." as azure-core's HttpResponseError.
+    (operations/_model_operations.py would turn it into AssetPathException only when str(err)
+    equals that text exactly, which azure-core's formatted message never does: the wire stand-in
+    shows it, tests/test_azure_contract.py.)"""
+    return http_error(400, "UserError", "Asset paths cannot be updated.")
 
 
 def throttled(retry_after: str = "7") -> HttpResponseError:
@@ -108,7 +100,8 @@ def quota_error() -> HttpResponseError:
 
 
 def not_found(kind: str, name: str) -> ResourceNotFoundError:
-    return ResourceNotFoundError(f"{kind} {name} not found")
+    """A 404 as the SDK raises it for an ARM read (map_error): the status and the error body kept."""
+    return ResourceNotFoundError(response=FakeResponse(404, "ResourceNotFound", f"{kind} {name} not found"))
 
 
 def no_latest_version(name: str, scope: str):
@@ -672,7 +665,7 @@ class OnlineDeployments(_Ops):
 
 
 # What a workspace answers as its mlflow_tracking_uri (the ARM scope of the workspace in the path).
-TRACKING_URI = ("azureml://westeurope.api.azureml.ms/mlflow/v1.0/subscriptions/00000000-0000-0000-0000-000000000000"
+TRACKING_URI = ("azureml://westeurope.api.azureml.ms/mlflow/v2.0/subscriptions/00000000-0000-0000-0000-000000000000"
                 "/resourceGroups/rg/providers/Microsoft.MachineLearningServices/workspaces/ws")
 
 

@@ -172,27 +172,12 @@ CASES: list[tuple[str, Callable | None, Callable, Callable]] = [
     ("workspace models of an unknown name", None, lambda ws, reg: list(ws.models.list(name="no-such-model")), len),
 ]
 
-NOT_FOUND_STATUS = ("fake drift: fake_azure.not_found() builds ResourceNotFoundError without a response, so its "
-                    "status_code is None where the service's is 404")
 DRIFT = {
     # id -> why the fake still differs from the wire (xfail strict: fix the fake, then drop the entry)
-    "registry model, missing version": NOT_FOUND_STATUS,
-    "compute cluster, missing": NOT_FOUND_STATUS,
-    "job, missing": NOT_FOUND_STATUS,
-    "endpoint, missing": NOT_FOUND_STATUS,
-    "deployment, missing": NOT_FOUND_STATUS,
-    "workspace models of an unknown name": NOT_FOUND_STATUS,
     "compute cluster": "fake drift: reference_clients' AmlCompute has no provisioning_state (None); the service "
                        "answers ProvisioningState.SUCCEEDED (a Failed cluster is what validate refuses)",
     "job, cancelled": "fake drift: without a clock the fake's begin_cancel leaves the job Running; the service "
                       "answers CancelRequested at once",
-    "model version registered again with another path": (
-        "fake drift: _model_operations raises AssetPathException only when str(err) == '(UserError) Asset paths "
-        "cannot be updated.', which azure-core's formatted HttpResponseError ('...\\nCode: UserError\\nMessage: "
-        "...') never equals: on the wire it is HttpResponseError 400"),
-    "workspace's MLflow tracking URI": "fake drift: the fake's tracking URI says /mlflow/v1.0/; Workspace."
-                                       "_from_rest_object (azureml-mlflow's get_mlflow_tracking_uri_v2) gives "
-                                       "/mlflow/v2.0/ with MLflow 3",
 }
 
 

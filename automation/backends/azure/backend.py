@@ -401,9 +401,11 @@ class AzureBackend(Backend):
                                           version=timestamp_version, tags=tags))
 
         def taken(err: BaseException) -> bool:
-            # the version exists with another path (AssetPathException, what the SDK raises for the
-            # service's "Asset paths cannot be updated"), or as a 409 / "already exists"
-            return isinstance(err, AssetPathException) or retry.is_already_exists(err)
+            # the version exists with another path: the service's 400 "Asset paths cannot be updated"
+            # (the SDK means to raise AssetPathException for it, but compares azure-core's formatted
+            # message for equality and never does: found on the wire), or a 409 / "already exists"
+            return (isinstance(err, AssetPathException) or retry.is_already_exists(err)
+                    or "asset paths cannot be updated" in str(err).lower())
 
         try:
             created = self._call(f"registering {model_name}:{timestamp_version}",
