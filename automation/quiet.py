@@ -22,7 +22,9 @@ ENVIRONMENT = {
     "TOKENIZERS_PARALLELISM": "false",  # else a warning when the endpoint process forks
     "TQDM_DISABLE": "1",  # plain tqdm bars (GGUF de-quantizing): the project logs a line before and after
 }
-QUIET_LOGGERS = ("mlflow", "alembic", "httpx", "httpcore", "urllib3", "datasets", "transformers")
+# "azure": azure-core logs every request and answer with its headers at INFO (about 530 lines for one
+# submitting tick, found by the wire stand-in); its warnings and errors still show.
+QUIET_LOGGERS = ("mlflow", "alembic", "httpx", "httpcore", "urllib3", "datasets", "transformers", "azure")
 
 
 # Deprecations raised inside the libraries by their own calls to each other, not by this project.

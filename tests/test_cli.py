@@ -167,3 +167,21 @@ def test_dry_run_plan_goes_into_the_report(workspace, capsys):
     assert main(["report", exp]) == 0
     report = (workspace / "runs" / "phi3-mini-ultrachat" / "report.md").read_text()
     assert "Plan: every operation the run makes (dry run)" in report and "chat_completion_pipeline" in report
+
+
+def test_the_azure_sdks_request_logs_stay_out_of_the_job_log():
+    """azure-core logs each request and answer with its headers at INFO; the CLI shows only its
+    warnings (the wire stand-in counted ~530 such lines in one submitting tick)."""
+    import logging
+
+    from automation.quiet import configure_logging
+
+    root, level = logging.getLogger(), logging.getLogger().level
+    handlers = list(root.handlers)
+    try:
+        configure_logging(False)
+        assert logging.getLogger("azure.core.pipeline.policies.http_logging_policy").getEffectiveLevel() \
+            == logging.WARNING
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

@@ -37,8 +37,10 @@ of a workflow leg, so the leg still comments). Before, azure-core's defaults (10
   this name and version already exists in registry") (operations/_model_operations.py).
 - A job submitted under a name that exists is refused with HttpResponseError (400 UserError), not
   ResourceExistsError: the service answers 400, which map_error does not map.
-- `models.create_or_update` of a version that exists with another path raises AssetPathException
-  (operations/_model_operations.py, from the service's "(UserError) Asset paths cannot be updated.").
+- `models.create_or_update` of a version that exists with another path raises the service's 400
+  "(UserError) Asset paths cannot be updated." as HttpResponseError: operations/_model_operations.py
+  means to raise AssetPathException for it but compares azure-core's formatted message for equality,
+  which never holds (shown by the wire stand-in, tests/test_azure_contract.py).
 """
 
 from __future__ import annotations
