@@ -48,6 +48,7 @@ def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment):
                 "finetuned_repetitive_rate", "finetuned_mean_words"):
         assert key in run.data.metrics, key
     assert "train_tokens_per_second" not in run.data.metrics, "one tokens/s figure, under the project's key"
+    assert "eval_loss" not in run.data.metrics, "the trainer's own last-step evaluation is not run twice"
     assert run.data.metrics["tokens_per_second"] == pytest.approx(ft.tokens_per_second)
     history = mlflow.MlflowClient().get_metric_history(ft.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 4, 6]

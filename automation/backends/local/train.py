@@ -175,6 +175,11 @@ class _MlflowLossCallback:
             def on_step_end(self, args, state, control, **kwargs):
                 if state.max_steps and state.global_step >= state.max_steps:
                     control.should_log = True
+                    outer.skip_final_eval(args, control)
+
+            def on_epoch_end(self, args, state, control, **kwargs):
+                if state.max_steps and state.global_step >= state.max_steps:
+                    outer.skip_final_eval(args, control)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 outer.on_log(state, logs or {})
@@ -182,6 +187,14 @@ class _MlflowLossCallback:
         self.callback = Callback()
         self.curve: list[tuple[int, float]] = []
         self.started = time.monotonic()
+
+    @staticmethod
+    def skip_final_eval(args, control) -> None:
+        """The trainer's own evaluation at the last step is the one `train` makes next, per
+        conversation and in the run's precision: measured once, not twice. Kept where early
+        stopping picks the best checkpoint by it."""
+        if not args.load_best_model_at_end:
+            control.should_evaluate = False
 
     def on_log(self, state, logs: dict[str, float]) -> None:
         import mlflow
@@ -213,13 +226,17 @@ def build_trainer(experiment: Experiment, *, base_model: Path | str, train_file:
     if device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     precision = choose_precision(experiment.compute.precision, device)
+    # bf16 with LoRA: the frozen base model is held in bf16 (nothing to update, so no fp32 master
+    # copy) and the adapters in fp32 (PEFT's default), with no autocast recasting the frozen weights
+    # at every forward and backward; a full fine-tune keeps fp32 weights under bf16 autocast.
+    frozen_bf16 = precision.bf16 and experiment.optimization.apply_lora
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     apply_training_template(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     max_length = _max_length(experiment, tokenizer)
-    args = sft_config(experiment, output_dir, device, max_length, bf16=precision.bf16)
+    args = sft_config(experiment, output_dir, device, max_length, bf16=precision.bf16 and not frozen_bf16)
     extra = []
     if experiment.training.apply_early_stopping:
         extra.append(EarlyStoppingCallback(experiment.training.early_stopping_patience,
@@ -359,7 +376,8 @@ def _save_model(trainer, tokenizer, model_dir: Path, *, merge: bool) -> None:
 
     model = trainer.model
     if merge and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        # merged in fp32 (a bf16-held base would round the adapters' small deltas away), saved fp32
+        model = model.float().merge_and_unload()
     tmp = model_dir.with_name(model_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
