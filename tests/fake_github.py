@@ -20,9 +20,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.loopback import LoopbackServer
 
 WRITE_TOKEN = "ghs_fakeWriteInstallationToken0000000000"
 READ_TOKEN = "ghs_fakeReadOnlyForkToken000000000000000"
@@ -89,16 +91,12 @@ class FakeGitHub:
         class Handler(_Handler):
             github = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
+        self._loopback = LoopbackServer(Handler)
+        self.url = self._loopback.url
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._loopback.stop()
 
     def fail_next(self, method: str, path_pattern: str, status: int, *, times: int = 1,
                   headers: dict[str, str] | None = None, message: str = "Server Error", body: Any = None) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -15,6 +15,7 @@ import pytest
 from automation.backends.azure.backend import LOSS_CURVE, AzureBackend, mlflow_metrics
 from automation.errors import BackendError
 from tests.fake_azure import TRACKING_URI, StaticCredential
+from tests.loopback import LoopbackServer
 
 SCOPE = ("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg"
          "/providers/Microsoft.MachineLearningServices/workspaces/ws")
@@ -79,15 +80,12 @@ class FakeWorkspaceMlflow:
 
             do_GET = do_POST = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self._loopback = LoopbackServer(Handler)
+        self.url = self._loopback.url
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self._loopback.stop()
 
 
 @pytest.fixture(autouse=True)

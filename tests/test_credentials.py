@@ -6,9 +6,8 @@ azure-core's own requests transport."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
 import pytest
@@ -23,6 +22,7 @@ from automation.backends.azure.credentials import (
 )
 from automation.errors import AuthenticationError, ConfigError
 from tests.fake_github import OIDC_REQUEST_TOKEN, FakeGitHub
+from tests.loopback import LoopbackServer
 
 TENANT, CLIENT = "72f988bf-86f1-41af-91ab-2d7cd011db47", "00000000-0000-0000-0000-0000000000c1"
 SCOPE = "https://management.azure.com/.default"
@@ -55,13 +55,11 @@ class FakeEntra:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self._loopback = LoopbackServer(Handler)
+        self.url = self._loopback.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._loopback.stop()
 
 
 class Loopback(RequestsTransport):

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.loopback import LoopbackServer
 from tests.standin.ca import TestCA
 
 
@@ -175,14 +175,9 @@ class Proxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = _plain
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Connect)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
+        self._loopback = LoopbackServer(Connect)
+        self.url = self._loopback.url
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._loopback.stop()
