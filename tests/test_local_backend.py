@@ -30,8 +30,10 @@ def test_unknown_backend_lists_the_valid_ones():
         get_backend("gcp")
 
 
-def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment):
+def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment, monkeypatch):
     import mlflow
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # the tiny run lasts seconds
 
     assert main(["finetune", str(tiny_experiment)]) == 0
     ft = record_of(workspace).finetune

@@ -406,13 +406,15 @@ def test_a_client_that_leaves_stops_its_generation(starts, stream):
     record = starts["long"].result()
     before = _stats(record)["cancelled"]
     body = _chat("Tell me everything.", 2000, stream=stream)
-    with httpx.Client(trust_env=False, timeout=2) as http:
+    # The client gives up mid-reply: 2,000 tokens take the tiny model a second or more even on an idle
+    # machine (about 1,000 tokens/s), and it leaves after 0.5 s (at 2 s an idle machine had finished).
+    with httpx.Client(trust_env=False, timeout=httpx.Timeout(2, read=0.5)) as http:
         if stream:
             with http.stream("POST", f"{record.url}/v1/chat/completions", json=body, headers=auth(record)) as response:
                 assert response.status_code == 200
                 next(response.iter_lines())  # the first chunk: generation has started
         else:
-            with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
+            with pytest.raises(httpx.ReadTimeout):  # closes the connection
                 http.post(f"{record.url}/v1/chat/completions", json=body, headers=auth(record))
     for _ in range(600):  # the engine drops the job at its next step; poll (up to 30 s on a loaded machine)
         stats = _stats(record)

@@ -134,6 +134,9 @@ class LocalBackend(Backend):
         baseline = self._production_baseline(naming.model_name(experiment.model.name, experiment.data.dataset))
         run_tags = _present({**tags, "job_name": job_name, "mlflow.source.git.commit": tags.get("sha", ""),
                              "mlflow.note.content": _run_description(experiment, job_name)})
+        # System metrics every 5 s unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says (MLflow's 10 s
+        # default leaves a short run with none).
+        os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
         with mlflow.start_run(run_id=run_id, run_name=job_name, tags=run_tags, log_system_metrics=True) as run:
             if run_id is None:
                 mlflow.log_params(_flatten("training", experiment.training.model_dump()))
