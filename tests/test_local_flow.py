@@ -11,6 +11,7 @@ import pytest
 
 from automation.cli import main
 from automation.record import RunRecord
+from automation.report import prose
 from automation.serving import process
 from tests.conftest import REPO
 
@@ -35,9 +36,8 @@ def test_run_keep_endpoint_list_teardown(workspace, tiny_experiment, capsys):
 
     report = Path(record.report_file).read_text()
     assert "### Evaluation" in report and "```mermaid" in report and "Promotion policy" in report
-    reply = record.score.reply.replace("\r\n", "\n").replace("\r", "\n").strip()
-    first_line = next(line for line in reply.split("\n") if line.strip())
-    assert "> " + first_line[:40].replace("<", "&lt;").replace(">", "&gt;") in report, "the reply, quoted"
+    assert prose(record.score.reply) in report, "the reply, quoted as the report quotes model text"
+    assert prose(record.score.reply).startswith("> "), "a markdown quote (tests/test_report.py checks its HTML)"
     # The run's record, gathered in one folder for the workflow to upload, opens in MLflow from there.
     bundle = Path(record.bundle_dir)
     assert {"record.json", "report.md", "sample_score.json", "tiny-local.yaml", "mlflow.db"} <= {
