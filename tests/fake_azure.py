@@ -536,9 +536,12 @@ class Jobs(_Ops):
         if name not in self.items:
             raise not_found("job", name)
         self._advance(name)
-        if self.items[name]._status not in ("Completed", "Failed", "Canceled") and self.clock is not None:
-            self._timeline(name).setdefault("cancel", self.clock())
-            self._advance(name)
+        if str(self.items[name]._status) not in ("Completed", "Failed", "Canceled"):
+            if self.clock is not None:
+                self._timeline(name).setdefault("cancel", self.clock())
+                self._advance(name)
+            else:  # no clock to reach Canceled by: the request is accepted, as the service says at once
+                self.items[name]._status = "CancelRequested"
         self.cancelled.append(name)
         return Poller(None)
 
@@ -781,6 +784,7 @@ def reference_clients(component, models=CURRENT_MODELS) -> tuple[FakeMLClient, F
         registry.models.publish(model_spec(name, version, when))
     registry.components.add(component)
     workspace.compute.clusters["gpu-a100"] = AmlCompute(name="gpu-a100", size=a100, min_instances=0, max_instances=2)
+    workspace.compute.clusters["gpu-a100"]._provisioning_state = "Succeeded"  # as the service reads it back
     workspace.compute.sizes = [VmSize(name="Standard_NC8as_T4_v3", gpus=1), VmSize(name=a100, gpus=1),
                                VmSize(name="Standard_NC48ads_A100_v4", gpus=2), VmSize(name="Standard_D4s_v3", gpus=0)]
     return workspace, registry

@@ -174,10 +174,6 @@ CASES: list[tuple[str, Callable | None, Callable, Callable]] = [
 
 DRIFT = {
     # id -> why the fake still differs from the wire (xfail strict: fix the fake, then drop the entry)
-    "compute cluster": "fake drift: reference_clients' AmlCompute has no provisioning_state (None); the service "
-                       "answers ProvisioningState.SUCCEEDED (a Failed cluster is what validate refuses)",
-    "job, cancelled": "fake drift: without a clock the fake's begin_cancel leaves the job Running; the service "
-                      "answers CancelRequested at once",
 }
 
 
