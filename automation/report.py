@@ -48,14 +48,13 @@ CHART_STYLE = {"xyChart": {
     "yAxisTickColor": TEXT_COLOUR, "yAxisLineColor": TEXT_COLOUR}}
 # Experiment fields that only one backend reads (the others apply to both).
 AZURE_ONLY = {
-    "compute": {"cluster", "size", "nodes", "gpus_per_node", "create_if_missing"},
-    "training": {"pad_to_max_length", "metric_for_best_model", "resume_from_checkpoint"},
+    "compute": {"cluster", "size", "nodes", "gpus_per_node", "create_if_missing", "serverless", "preprocess_size",
+                "shm_size"},
+    "training": {"pad_to_max_length", "metric_for_best_model", "resume_from_checkpoint", "component_version"},
     "optimization": {"apply_deepspeed", "deepspeed_stage", "apply_ort"},
     "deployment": {"instance_type", "instance_count", "liveness_initial_delay_s", "liveness_failure_threshold",
                    "max_concurrent_requests_per_instance"},
 }
-AZURE_ONLY["compute"] |= {"serverless", "preprocess_size", "shm_size"}
-AZURE_ONLY["training"] |= {"component_version"}
 LOCAL_ONLY = {"compute": {"device", "precision"}}
 _MARKDOWN_SPECIALS = {c: f"&#{ord(c)};" for c in "\\`*_[]<>|~#!&"}
 
