@@ -125,3 +125,88 @@ def test_stats_match_their_published_schema_before_and_after_loading(engine, tin
     assert not before.ready and (before.threads, before.prefill_threads) == (1, 2)
     after = Stats.model_validate(engine.snapshot())  # extra="forbid": a new counter must be described
     assert after.ready and after.steps > 0
+
+
+# -- precision: bf16 weights where the CPU does bf16 natively, fp32 elsewhere -------------------------
+
+def _native_bf16() -> bool:
+    from automation.backends.local.precision import choose
+
+    return choose("auto", "cpu").bf16
+
+
+def _engine(model_dir, precision: str) -> Generator:
+    generator = Generator(Settings(model_dir=str(model_dir), api_key="k", threads=1, prefill_threads=1,
+                                   max_prefill_tokens=48, max_prompt_tokens=1000, precision=precision))
+    generator.start()
+    assert generator.ready.wait(120) and not generator.failed
+    return generator
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_each_precision_answers_and_batched_greedy_equals_one_at_a_time(sharp_model, precision):
+    """Both precisions serve; in either, replies decoded together (left-padded, joining mid-batch,
+    chunked) are exactly the replies each prompt gets alone through the same engine."""
+    generator = _engine(sharp_model, precision)
+    try:
+        expected_dtype = {"bf16": "bfloat16", "fp32": "float32"}[precision]
+        assert generator.info()["precision"] == precision and generator.info()["dtype"] == expected_dtype
+        assert str(generator._model.dtype) == f"torch.{expected_dtype}"  # the weights, not autocast
+        assert "forced" in generator.info()["precision_reason"]
+        prompts = _prompts(generator, [5, 120, 17, 40, 9, 60], seed=21)
+        together = _run(generator, prompts, [0, 0, 0, 0.05, 0.05, 0.1])
+        alone = [_run(generator, [prompt], [0])[0] for prompt in prompts]
+        assert together == alone
+        assert generator.snapshot()["largest_batch"] > 1
+        assert any(len(tokens) == NEW_TOKENS for tokens in alone)  # they answered, not stopped at once
+        twice = _run(generator, prompts, [0] * len(prompts))  # and the same again: deterministic
+        assert twice == alone
+    finally:
+        generator.stop()
+
+
+def test_auto_serves_bf16_on_a_native_cpu_and_fp32_when_forced(tiny_model_dir):
+    if not _native_bf16():
+        pytest.skip("this CPU has no native bf16 (no amx_bf16 / avx512_bf16 or oneDNN says no)")
+    auto = _engine(tiny_model_dir, "auto")
+    try:
+        info = auto.info()
+        assert (info["precision"], info["dtype"]) == ("bf16", "bfloat16")
+        assert info["precision_reason"].startswith("native bf16 on this CPU")
+    finally:
+        auto.stop()
+    forced = _engine(tiny_model_dir, "fp32")
+    try:
+        info = forced.info()
+        assert (info["precision"], info["dtype"]) == ("fp32", "float32")
+        assert info["precision_reason"].startswith("forced by compute.precision: fp32")
+    finally:
+        forced.stop()
+
+
+def test_auto_falls_back_to_fp32_on_a_cpu_without_native_bf16(tiny_model_dir, monkeypatch):
+    from automation.backends.local import precision
+    from automation.serving.generator import serving_precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo=precision.CPUINFO: {"avx2", "avx512f"})
+    chosen, dtype = serving_precision("auto", "cpu")
+    assert (chosen.name, str(dtype)) == ("fp32", "torch.float32")
+    assert "no native bf16" in chosen.reason
+    # oneDNN saying no is enough too, even with the flag present
+    monkeypatch.setattr(precision, "cpu_flags", lambda cpuinfo=precision.CPUINFO: {"avx512_bf16"})
+    monkeypatch.setattr(precision, "onednn_bf16", lambda: False)
+    assert serving_precision("auto", "cpu")[0].name == "fp32"
+    generator = _engine(tiny_model_dir, "auto")  # the engine itself, on the "old" CPU
+    try:
+        assert generator.info()["precision"] == "fp32" and str(generator._model.dtype) == "torch.float32"
+        assert _run(generator, _prompts(generator, [7], seed=3), [0])[0] is not None
+    finally:
+        generator.stop()
+
+
+def test_info_is_empty_while_loading_and_the_option_reaches_the_settings(tiny_model_dir):
+    from automation.serving.__main__ import parse_args
+
+    assert Generator(Settings(model_dir=str(tiny_model_dir), api_key="k")).info() == {}
+    assert parse_args(["--model-dir", "m", "--key-file", "k"]).precision in ("auto", "bf16", "fp32")
+    assert parse_args(["--model-dir", "m", "--key-file", "k", "--precision", "fp32"]).precision == "fp32"

@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-threads", type=int, default=0,
                         help="torch threads while prefilling new prompts; 0: OMP_NUM_THREADS if set, else the usable CPUs")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                        default=os.environ.get("AUTOMATION_SERVING_PRECISION", "auto"),
+                        help="weights' precision; auto: bf16 where the CPU has native bf16 (AMX-BF16 or "
+                             "AVX512-BF16, as oneDNN confirms) or the GPU supports it, else fp32 "
+                             "(default: $AUTOMATION_SERVING_PRECISION or auto)")
     return parser.parse_args(argv)
 
 
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=args.max_body_bytes,
         max_messages=args.max_messages, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_in_flight=args.max_tokens_in_flight, threads=max(0, args.threads),
-        prefill_threads=max(0, args.prefill_threads),
+        prefill_threads=max(0, args.prefill_threads), precision=args.precision,
     )
     sock = bind(args.host, args.port)
     port = sock.getsockname()[1]

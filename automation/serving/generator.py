@@ -78,6 +78,23 @@ def default_prefill_threads() -> int:
     return usable_cpus()
 
 
+def serving_precision(requested: str, device: str):
+    """(precision.Precision, torch dtype) of the weights the endpoint serves: bf16 where the device
+    does bf16 natively (on a CPU: AMX-BF16 or AVX512-BF16 and oneDNN agreeing), fp32 elsewhere
+    (emulated bf16 on a CPU can be ~100x slower), as training and evaluation choose. On a GPU
+    without bf16, fp16 rather than fp32, unless fp32 is forced."""
+    import torch
+
+    from automation.backends.local.precision import Precision, choose
+
+    chosen = choose(requested, device)
+    if chosen.bf16:
+        return chosen, torch.bfloat16
+    if device == "cuda" and requested != "fp32":
+        return Precision("fp16", chosen.reason), torch.float16
+    return chosen, torch.float32
+
+
 @dataclass(frozen=True)
 class Settings:
     model_dir: str
@@ -94,6 +111,9 @@ class Settings:
     max_tokens_in_flight: int = 65_536  # prompt + max_new_tokens over all admitted requests
     threads: int = 0  # torch threads while decoding; 0 = default_threads()
     prefill_threads: int = 0  # torch threads while prefilling; 0 = default_prefill_threads()
+    # "auto": bf16 weights where the device does bf16 natively (precision.choose), else fp32;
+    # "bf16" / "fp32" force it (a deployment carries its experiment's compute.precision).
+    precision: str = "auto"
 
     @property
     def max_queue(self) -> int:
@@ -177,6 +197,8 @@ class Generator:
         self._recent: collections.deque[list[int]] = collections.deque(maxlen=16)  # the last prompts prefilled
         self.tokenizer: Any = None
         self.model_name = Path(settings.model_dir).name
+        self.precision: Any = None  # precision.Precision, once the model is loaded
+        self.dtype = ""  # the weights' dtype, once loaded ("bfloat16", "float32", "float16")
 
     def start(self) -> None:
         self._thread.start()
@@ -195,6 +217,12 @@ class Generator:
                     "tokens_in_flight": self._in_flight, "max_tokens_in_flight": self.settings.max_tokens_in_flight,
                     "threads": self._threads, "prefill_threads": self._prefill_threads,
                     "ready": self.ready.is_set()}
+
+    def info(self) -> dict[str, str]:
+        """What the endpoint computes in and why (empty while the model loads): for /ready and the log."""
+        if self.precision is None:
+            return {}
+        return {"precision": self.precision.name, "precision_reason": self.precision.reason, "dtype": self.dtype}
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -258,8 +286,9 @@ class Generator:
             self._on_fatal()
             return
         self.ready.set()
-        log.info("model loaded from %s on %s with %d torch threads; ready", self.settings.model_dir,
-                 self._device, self._threads)
+        log.info("model loaded from %s on %s in %s (%s; weights %s) with %d torch threads; ready",
+                 self.settings.model_dir, self._device, self.precision.name, self.precision.reason, self.dtype,
+                 self._threads)
         with self._torch.inference_mode():
             while not self._stop.is_set():
                 try:
@@ -289,14 +318,14 @@ class Generator:
         device = self.settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        # fp32 on a CPU: bf16 matmuls there are about 100x slower.
-        dtype = torch.float32
-        if device == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.precision, dtype = serving_precision(self.settings.precision, device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if not tokenizer.chat_template:
             raise ValueError(f"the tokenizer in {folder} has no chat template")
+        # The weights themselves in the chosen dtype (not autocast per call): a bf16 decoding step
+        # reads half the bytes and runs oneDNN's bf16 kernels; logits are taken in fp32 to sample.
         self._model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        self.dtype = str(dtype).removeprefix("torch.")
         self._device, self._torch = device, torch
         self.tokenizer = tokenizer
         # A second tokenizer for the worker: a Rust tokenizer used from two threads at once can

@@ -68,6 +68,7 @@ class EndpointRecord(BaseModel):
     key_file: str
     log_file: str
     standby_id: str | None = None  # set when a warm standby became this server: its process marker
+    precision: str = "auto"  # as requested (--precision); the server's /ready and log say what it chose
     alive: bool = False  # computed when read; not meaningful in the stored file
 
     @property
@@ -298,7 +299,8 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
                    request_timeout_ms: int = 90_000, ready_timeout_s: float = 300,
                    device: str = "auto", max_batch_size: int = 16, max_tokens_in_flight: int = 65_536,
                    max_prompt_tokens: int = 4096, threads: int = 0,
-                   prefill_threads: int = 0, max_prefill_tokens: int = 512) -> EndpointRecord:
+                   prefill_threads: int = 0, max_prefill_tokens: int = 512,
+                   precision: str = "auto") -> EndpointRecord:
     """Start a server for model_dir on a free loopback port and wait until it is ready.
 
     Continuous batching: up to `max_batch_size` requests decode together, each joining and leaving
@@ -306,7 +308,8 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
     the server answers 429 with Retry-After; a conversation over `max_prompt_tokens` gets 400. At most
     `max_prefill_tokens` prompt tokens are prefilled between two decoding steps (longer prompts in chunks).
     `threads` / `prefill_threads`: torch threads while decoding / prefilling, 0 for the server's
-    defaults (the usable CPUs less one / all of them).
+    defaults (the usable CPUs less one / all of them). `precision` ("auto", "bf16", "fp32"): the
+    weights' precision (auto: bf16 where the machine does it natively, else fp32; see generator.py).
 
     Idempotent: a live, ready endpoint of that name serving the same folder is returned as it is;
     one serving another folder is stopped and replaced.
@@ -315,7 +318,8 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
     model_dir = str(Path(model_dir).resolve())
     existing = get_endpoint(name)
     if existing is not None:
-        if existing.alive and existing.model_dir == model_dir and _is_ready(existing.url):
+        if (existing.alive and existing.model_dir == model_dir and existing.precision == precision
+                and _is_ready(existing.url)):
             log.info("endpoint %s already serves %s (pid %d)", name, model_dir, existing.pid)
             return existing
         stop_endpoint(name)
@@ -331,7 +335,7 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         "--device", device, "--max-batch-size", str(max_batch_size),
         "--max-tokens-in-flight", str(max_tokens_in_flight), "--max-prompt-tokens", str(max_prompt_tokens),
         "--max-prefill-tokens", str(max_prefill_tokens),
-        "--threads", str(threads), "--prefill-threads", str(prefill_threads),
+        "--threads", str(threads), "--prefill-threads", str(prefill_threads), "--precision", precision,
     ]
     standby, import_writes = _claim_standby(arguments, paths["log"])
     if standby is not None:
@@ -350,6 +354,7 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         name=name, pid=pid, port=port, url=f"http://{HOST}:{port}", model_dir=model_dir,
         tags={str(k): str(v) for k, v in tags.items()}, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         key_file=str(paths["key"]), log_file=str(paths["log"]), standby_id=standby_id, alive=True,
+        precision=precision,
     )
     write_text_atomic(paths["json"], record.model_dump_json(indent=2, exclude={"alive"}) + "\n")
     paths["port"].unlink(missing_ok=True)

@@ -310,7 +310,7 @@ class LocalBackend(Backend):
             endpoint_name, self._model_dir(model),
             tags={**tags, "model": model.model_name, "model_version": model.version},
             max_new_tokens_cap=d.max_new_tokens_cap, request_timeout_ms=d.request_timeout_ms,
-            device=experiment.compute.device,
+            device=experiment.compute.device, precision=experiment.compute.precision,
         )
         return DeployPart(endpoint_name=record.name, deployment_name="default", url=record.url,
                           stage=tags.get("stage", "staging"))
@@ -357,7 +357,7 @@ class LocalBackend(Backend):
             tags={**tags, "production_endpoint": endpoint_name, "deployment": deployment,
                   "model": model.model_name, "model_version": model.version},
             max_new_tokens_cap=d.max_new_tokens_cap, request_timeout_ms=d.request_timeout_ms,
-            device=experiment.compute.device,
+            device=experiment.compute.device, precision=experiment.compute.precision,
         )
         smoke = {"input_data": {"input_string": [{"role": "user", "content": "Say hello."}],
                                 "parameters": {"max_new_tokens": 8, "do_sample": False}}, "params": {}}
