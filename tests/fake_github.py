@@ -4,16 +4,25 @@ Tokens stand for the identities a workflow meets:
 
 - `WRITE_TOKEN`: the GITHUB_TOKEN of a same-repository pull request (`pull-requests: write`);
 - `READ_TOKEN`: the GITHUB_TOKEN of a fork's pull request (read-only: writes answer 403);
+- `ACTIONS_TOKEN`: the GITHUB_TOKEN of a job granted `actions: write` as well (it may enable and
+  disable workflows; the others are refused with 403, as GitHub refuses a token without it);
 - `USER_TOKEN`: a person's token (GET /user works, as with a PAT).
 
-Installation tokens (the first two) get 403 from GET /user and write as `github-actions[bot]`,
-as on github.com. `fail_next` queues errors (5xx, 429 with Retry-After, rate-limited 403) for
-retry tests; `requests` records every call. `parse_file_commands` reads `$GITHUB_OUTPUT` and
-`$GITHUB_ENV` as the runner does.
+Installation tokens get 403 from GET /user and write as `github-actions[bot]`, as on github.com.
+`fail_next` queues errors (5xx, 429 with Retry-After, rate-limited 403) for retry tests;
+`requests` records every call with its status.
+
+The request budget is GitHub's: every 200 to a GET carries a weak ETag (`W/"..."`, specific to the
+token, as GitHub's are), a GET whose `If-None-Match` names it gets a 304 with no body, and only
+the other answers are billed against the token's hourly limit (1,000 for an installation token,
+as for GITHUB_TOKEN; 5,000 for a person's), with the `x-ratelimit-*` headers to match and a
+rate-limited 403 once it is spent. `billed()` and `not_modified()` count them.
+`parse_file_commands` reads `$GITHUB_OUTPUT` and `$GITHUB_ENV` as the runner does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -27,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 from tests.loopback import LoopbackServer
 
 WRITE_TOKEN = "ghs_fakeWriteInstallationToken0000000000"
+ACTIONS_TOKEN = "ghs_fakeActionsWriteInstallationToken000"
 READ_TOKEN = "ghs_fakeReadOnlyForkToken000000000000000"
 USER_TOKEN = "ghp_fakePersonalAccessToken0000000000000"
 # ACTIONS_ID_TOKEN_REQUEST_TOKEN: what a job granted `id-token: write` presents to the token service
@@ -43,6 +53,23 @@ class Identity:
     user: dict[str, Any]
     can_write: bool
     installation: bool
+    # An installation token's permissions (a job's `permissions:`); a person's token may do anything.
+    permissions: dict[str, str] | None = None
+    rate_limit: int | None = None  # requests an hour; None: 1,000 for an installation, 5,000 for a person
+
+    def may(self, scope: str, level: str) -> bool:
+        """Whether the token holds `scope` at `level` ("read" or "write")."""
+        if not self.installation:
+            return True
+        held = (self.permissions or {
+            "contents": "read", "metadata": "read", "actions": "read",
+            "pull_requests": "write" if self.can_write else "read",
+            "issues": "write" if self.can_write else "read"}).get(scope, "none")
+        return held == "write" or (level == "read" and held == "read")
+
+    @property
+    def limit(self) -> int:
+        return self.rate_limit or (1000 if self.installation else 5000)
 
 
 @dataclass
@@ -61,6 +88,8 @@ class Call:
     path: str
     token: str | None
     body: Any
+    status: int = 0  # what the fake answered
+    billed: bool = False  # counted against the token's hourly limit (not a 304, not an injected failure)
 
 
 @dataclass
@@ -69,6 +98,9 @@ class FakeGitHub:
 
     tokens: dict[str, Identity] = field(default_factory=lambda: {
         WRITE_TOKEN: Identity(BOT, can_write=True, installation=True),
+        ACTIONS_TOKEN: Identity(BOT, can_write=True, installation=True, permissions={
+            "contents": "read", "metadata": "read", "actions": "write", "pull_requests": "write",
+            "issues": "write"}),
         READ_TOKEN: Identity(BOT, can_write=False, installation=True),
         USER_TOKEN: Identity(OCTOCAT, can_write=True, installation=False),
         OIDC_REQUEST_TOKEN: Identity(BOT, can_write=False, installation=True),
@@ -81,6 +113,8 @@ class FakeGitHub:
     pulls: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # (repo, number) -> PR, "_files"
     trees: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (repo, sha) -> path -> text
     oidc_requests: list[str] = field(default_factory=list)  # audiences asked for at /_oidc/token
+    workflows: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # (repo, id) -> workflow
+    used: dict[str, int] = field(default_factory=dict)  # token -> billed requests this hour
     _next_id: int = 1_900_000_000
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -164,6 +198,36 @@ class FakeGitHub:
     def calls(self, method: str | None = None) -> list[Call]:
         return [c for c in self.requests if method is None or c.method == method]
 
+    def billed(self, token: str | None = None) -> int:
+        """Requests that counted against the rate limit (of `token`, or of every token)."""
+        return sum(1 for c in self.requests if c.billed and (token is None or c.token == token))
+
+    def not_modified(self) -> int:
+        """Conditional GETs answered 304: free under GitHub's primary rate limit."""
+        return sum(1 for c in self.requests if c.status == 304)
+
+    def add_workflow(self, repo: str, path: str, name: str | None = None, state: str = "active") -> dict[str, Any]:
+        """A workflow file of the repository (`.github/workflows/loop.yml`), as GitHub lists it."""
+        with self._lock:
+            wid = 161_335 + len(self.workflows)
+            now = _now()
+            file = path.rsplit("/", 1)[-1]
+            workflow = {
+                "id": wid, "node_id": f"W_kwDO{wid:x}", "name": name or file, "path": path, "state": state,
+                "created_at": now, "updated_at": now, "url": f"{self.url}/repos/{repo}/actions/workflows/{wid}",
+                "html_url": f"https://github.com/{repo}/blob/main/{path}",
+                "badge_url": f"https://github.com/{repo}/workflows/{name or file}/badge.svg",
+            }
+            self.workflows[(repo, wid)] = workflow
+            return workflow
+
+    def workflow(self, repo: str, workflow_id: str) -> dict[str, Any] | None:
+        """By id or by file name (`loop.yml`), as GitHub finds `{workflow_id}`."""
+        for (r, wid), workflow in self.workflows.items():
+            if r == repo and (workflow_id == str(wid) or workflow_id == workflow["path"].rsplit("/", 1)[-1]):
+                return workflow
+        return None
+
     # -- state ----------------------------------------------------------------------------------
     def _create(self, repo: str, number: int, body: str, user: dict[str, Any]) -> dict[str, Any]:
         self._next_id += 1
@@ -238,16 +302,38 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     # -- plumbing -------------------------------------------------------------------------------
+    _call: Call | None = None
+    _identity: Identity | None = None
+
     def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None) -> None:
         data = b"" if body is None else json.dumps(body).encode()
+        github, call, me = self.github, self._call, self._identity
+        etag = None
+        if me is not None and call is not None and call.method == "GET" and status == 200:
+            # GitHub's ETags are weak and token-specific: another token's ETag never matches.
+            etag = 'W/"' + hashlib.sha256(call.token.encode() + b"\0" + data).hexdigest() + '"'
+            if _etag_matches(self.headers.get("If-None-Match"), etag):
+                status, data, body = 304, b"", None
+        billed = me is not None and call is not None and status != 304
+        if billed:
+            github.used[call.token] = github.used.get(call.token, 0) + 1
+        if call is not None:
+            call.status, call.billed = status, billed
         self.send_response(status)
         if body is not None:
             self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
+        if status != 304:
+            self.send_header("Content-Length", str(len(data)))
+        if etag:
+            self.send_header("ETag", etag)
+            self.send_header("Cache-Control", "private, max-age=60, s-maxage=60")
+            self.send_header("Vary", "Accept, Authorization, Cookie, X-GitHub-OTP, Accept-Encoding")
         self.send_header("X-GitHub-Api-Version-Selected", "2022-11-28")
         self.send_header("X-GitHub-Request-Id", f"FAKE:{id(self):X}")
-        defaults = {"x-ratelimit-limit": "5000", "x-ratelimit-remaining": "4999",
-                    "x-ratelimit-reset": str(int(time.time()) + 3600), "x-ratelimit-used": "1",
+        limit = me.limit if me is not None else 5000
+        used = github.used.get(call.token, 0) if me is not None and call is not None else 1
+        defaults = {"x-ratelimit-limit": str(limit), "x-ratelimit-remaining": str(max(limit - used, 0)),
+                    "x-ratelimit-reset": str(int(time.time()) + 3600), "x-ratelimit-used": str(used),
                     "x-ratelimit-resource": "core"}
         for key, value in {**defaults, **(headers or {})}.items():
             self.send_header(key, value)
@@ -271,7 +357,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, "Problems parsing JSON")
             return
         with github._lock:
-            github.requests.append(Call(method, parts.path, token, body))
+            self._call, self._identity = Call(method, parts.path, token, body), None
+            github.requests.append(self._call)
             for failure in github.failures:
                 if failure.times > 0 and failure.method == method and failure.path.search(parts.path):
                     failure.times -= 1
@@ -291,6 +378,11 @@ class _Handler(BaseHTTPRequestHandler):
             if identity is None:
                 self._error(401, "Bad credentials")
                 return
+            if github.used.get(token, 0) >= identity.limit:
+                self._error(403, "API rate limit exceeded for installation. If you reach out to GitHub Support "
+                                 "for help, please include the request ID.", )
+                return
+            self._identity = identity
             self._route(method, parts.path, parse_qs(parts.query), body, identity)
 
     def _oidc_token(self, method: str, token: str | None, query: dict[str, list[str]]) -> None:
@@ -348,6 +440,25 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, _content_entry(github.url, repo, ref, file_path, text))
             return
+        if match := re.fullmatch(r"/repos/([\w.-]+/[\w.-]+)/actions/workflows(?:/([^/]+)(?:/(enable|disable))?)?",
+                                 path):
+            self._workflows(method, match.group(1), match.group(2), match.group(3), query, me)
+            return
+        if match := re.fullmatch(r"/repos/([\w.-]+/[\w.-]+)/issues/comments", path):
+            # GET /repos/{owner}/{repo}/issues/comments: every issue's comments, `since` an update time
+            if method != "GET":
+                self._error(404, "Not Found")
+                return
+            repo, since = match.group(1), query.get("since", [""])[0]
+            items = [c for c in sorted(github.comments.values(), key=lambda c: c["id"])
+                     if c["_issue"][0] == repo and c["updated_at"] >= since]
+            if query.get("sort", [""])[0] == "updated":
+                items.sort(key=lambda c: (c["updated_at"], c["id"]))
+            if query.get("direction", ["asc"])[0] == "desc" and "sort" in query:
+                items.reverse()
+            keep = {k: v[0] for k, v in query.items() if k in ("since", "sort", "direction")}
+            self._page(items, query, f"{github.url}/repos/{repo}/issues/comments", keep, _public)
+            return
         if match := re.fullmatch(r"/repositories/(\d+)/issues/(\d+)/comments", path):
             # Where GitHub's pagination links point: the repository by id.
             repo = next((r for r, i in github.repo_ids.items() if i == int(match.group(1))), None)
@@ -398,6 +509,30 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._error(404, "Not Found")
 
+    def _workflows(self, method: str, repo: str, workflow_id: str | None, verb: str | None,
+                   query: dict[str, list[str]], me: Identity) -> None:
+        """GET .../actions/workflows[/{workflow_id}] and PUT .../{workflow_id}/enable|disable, with
+        the answers GitHub's description gives: 200 with the workflow, 204 with no body."""
+        github = self.github
+        if (method, verb) not in (("GET", None), ("PUT", "enable"), ("PUT", "disable")):
+            self._error(404, "Not Found")
+            return
+        if not me.may("actions", "write" if verb else "read"):
+            self._error(403, "Resource not accessible by integration")
+            return
+        if workflow_id is None:
+            found = [w for (r, _), w in sorted(github.workflows.items()) if r == repo]
+            self._send(200, {"total_count": len(found), "workflows": found})
+            return
+        workflow = github.workflow(repo, workflow_id)
+        if workflow is None:
+            self._error(404, "Not Found")
+        elif verb is None:
+            self._send(200, workflow)
+        else:
+            workflow.update(state="active" if verb == "enable" else "disabled_manually", updated_at=_now())
+            self._send(204)
+
     def _page(self, items: list, query: dict[str, list[str]], base: str, keep: dict[str, str], shape) -> None:
         per_page = min(int(query.get("per_page", ["30"])[0]), 100)
         page = int(query.get("page", ["1"])[0])
@@ -439,6 +574,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         self._handle("DELETE")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """If-None-Match uses the weak comparison: `W/"x"` matches `"x"` and `W/"x"`; `*` matches all."""
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == bare for tag in header.split(","))
 
 
 def parse_file_commands(text: str) -> dict[str, str]:

@@ -208,7 +208,8 @@ def test_a_next_link_off_the_api_host_is_refused(fake):
 
 
 def test_who_we_are(fake, monkeypatch):
-    monkeypatch.delenv("AUTOMATION_COMMENT_AUTHOR", raising=False)
+    for name in ("AUTOMATION_COMMENT_AUTHOR", "AUTOMATION_BOT_LOGIN", "GITHUB_ACTIONS"):
+        monkeypatch.delenv(name, raising=False)
     with client(fake, WRITE_TOKEN) as gh:
         assert gh.viewer_login() == "github-actions[bot]"  # /user answers 403 to an installation token
     with client(fake, USER_TOKEN) as gh:
@@ -272,15 +273,22 @@ def test_duplicates_from_a_race_are_folded_into_the_oldest(fake):
     assert comment["body"] == f"{MARKER}\nrun C"
 
 
-def test_a_second_creator_racing_us_still_ends_with_one_comment(fake):
+def test_a_second_creator_racing_us_still_ends_with_one_comment(fake, monkeypatch):
     # Another job's comment appears between our listing and our POST: our POST is not the oldest.
+    racer, created = [], []
     with client(fake) as gh:
-        gh.list_issue_comments(42)
-        racer = fake.add_comment(REPO_NAME, 42, f"{MARKER}\nthe other job", BOT)
-        created = gh.create_issue_comment(42, f"{MARKER}\nours")
+        post = gh.create_issue_comment
+
+        def racing_post(number: int, body: str) -> dict:
+            racer.append(fake.add_comment(REPO_NAME, 42, f"{MARKER}\nthe other job", BOT))
+            created.append(post(number, body))
+            return created[-1]
+
+        monkeypatch.setattr(gh, "create_issue_comment", racing_post)
         result = github.upsert_comment(gh, 42, f"{MARKER}\nours", MARKER)
-    assert result.comment_id == racer["id"] and result.removed_duplicates == 1
-    assert created["id"] not in fake.comments
+        assert [c["body"] for c in gh.list_issue_comments(42)] == [f"{MARKER}\nours"]  # the kept list
+    assert result.comment_id == racer[0]["id"] and result.removed_duplicates == 1
+    assert created[0]["id"] not in fake.comments
     assert [c["body"] for c in fake.issue_comments(REPO_NAME, 42)] == [f"{MARKER}\nours"]
 
 
@@ -319,10 +327,17 @@ def test_fit_comment_always_fits(chunk, repeat):
 # ---------------------------------------------------------------------------------------------
 # A fork's job summary: the report once
 
+def _comment_or_summary(gh: github.GitHubClient, pr: int, experiment: str, body: str) -> None:
+    """What a reconcile leg does with a report: the sticky comment, else (403) the job summary."""
+    marker = f"<!-- automation:report experiment={experiment} -->"
+    try:
+        github.upsert_comment(gh, pr, github.fit_comment(body), marker)
+    except github.GitHubPermissionError:
+        github.report_to_summary(experiment, body)
+
+
 @pytest.mark.parametrize("steps", ["one step (a reconcile leg)", "two steps (report, then comment)"])
 def test_a_forks_job_summary_holds_the_report_once(fake, tmp_path, monkeypatch, steps):
-    from automation.pulls import PullRequests
-
     monkeypatch.setenv("RUNNER_TEMP", str(tmp_path))
     summaries = [tmp_path / "step_summary_1", tmp_path / "step_summary_2"]
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summaries[0]))
@@ -333,7 +348,7 @@ def test_a_forks_job_summary_holds_the_report_once(fake, tmp_path, monkeypatch, 
     with client(fake, READ_TOKEN) as gh:  # a fork's token: the comment answers 403
         # The reconcile leg comments the report with its status line after the marker.
         body = report.replace(MARKER, f"{MARKER}\n<!-- automation:status job=j phase=done -->", 1)
-        PullRequests(gh).comment(57, "tiny-pr", body)
+        _comment_or_summary(gh, 57, "tiny-pr", body)
     assert fake.issue_comments(REPO_NAME, 57) == []
     job_summary = "".join(p.read_text() for p in summaries if p.exists())  # what GitHub shows
     assert job_summary.count("| row 399 | eval loss 1.399 |") == 1
@@ -343,6 +358,6 @@ def test_a_forks_job_summary_holds_the_report_once(fake, tmp_path, monkeypatch, 
     (tmp_path / "another-job").mkdir()
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "another-job" / "step_summary"))
     with client(fake, READ_TOKEN) as gh:
-        PullRequests(gh).comment(57, "tiny-pr", body)
+        _comment_or_summary(gh, 57, "tiny-pr", body)
     alone = (tmp_path / "another-job" / "step_summary").read_text()
     assert alone.count("| row 399 | eval loss 1.399 |") == 1 and "Report for <code>tiny-pr</code>" in alone
