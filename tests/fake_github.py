@@ -379,8 +379,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(401, "Bad credentials")
                 return
             if github.used.get(token, 0) >= identity.limit:
-                self._error(403, "API rate limit exceeded for installation. If you reach out to GitHub Support "
-                                 "for help, please include the request ID.", )
+                self._send(403, {"message": "API rate limit exceeded for installation. If you reach out to GitHub "
+                                            "Support for help, please include the request ID.",
+                                 "documentation_url": "https://docs.github.com/rest/overview/rate-limits-for-the-rest-api",
+                                 "status": "403"},
+                           {"x-ratelimit-limit": str(identity.limit), "x-ratelimit-remaining": "0",
+                            "x-ratelimit-used": str(identity.limit)})
                 return
             self._identity = identity
             self._route(method, parts.path, parse_qs(parts.query), body, identity)

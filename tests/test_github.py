@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from automation import github
 from automation.errors import ConfigError
 from tests.fake_github import (
+    ACTIONS_TOKEN,
     BOT,
     OCTOCAT,
     READ_TOKEN,
@@ -361,3 +362,206 @@ def test_a_forks_job_summary_holds_the_report_once(fake, tmp_path, monkeypatch, 
         _comment_or_summary(gh, 57, "tiny-pr", body)
     alone = (tmp_path / "another-job" / "step_summary").read_text()
     assert alone.count("| row 399 | eval loss 1.399 |") == 1 and "Report for <code>tiny-pr</code>" in alone
+
+
+# ---------------------------------------------------------------------------------------------
+# The request budget
+
+
+def test_the_fake_answers_conditional_requests_as_github_does(fake):
+    """A weak ETag on every 200 to a GET, 304 with no body to If-None-Match (weak comparison),
+    nothing billed for it; another token's ETag never matches (GitHub's are token-specific)."""
+    import httpx
+
+    fake.open_pull(REPO_NAME, 7, head_sha="a" * 40, files={"experiments/x.yaml": "name: x\n"})
+    url = f"{fake.url}/repos/{REPO_NAME}/pulls/7"
+    first = httpx.get(url, headers={"Authorization": f"Bearer {WRITE_TOKEN}"})
+    etag = first.headers["etag"]
+    assert first.status_code == 200 and etag.startswith('W/"') and etag.endswith('"')
+    assert first.headers["x-ratelimit-limit"] == "1000" and first.headers["x-ratelimit-remaining"] == "999"
+    for sent in (etag, etag.removeprefix("W/"), f'"nope", {etag}'):
+        again = httpx.get(url, headers={"Authorization": f"Bearer {WRITE_TOKEN}", "If-None-Match": sent})
+        assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+        assert again.headers["x-ratelimit-remaining"] == "999"  # a 304 is free
+    other = httpx.get(url, headers={"Authorization": f"Bearer {USER_TOKEN}", "If-None-Match": etag})
+    assert other.status_code == 200 and other.headers["x-ratelimit-limit"] == "5000"
+    fake.push(REPO_NAME, 7, "b" * 40, {})
+    moved = httpx.get(url, headers={"Authorization": f"Bearer {WRITE_TOKEN}", "If-None-Match": etag})
+    assert moved.status_code == 200 and moved.json()["head"]["sha"] == "b" * 40
+    assert fake.not_modified() == 3 and fake.billed() == 3 and fake.billed(WRITE_TOKEN) == 2
+
+
+def test_repeated_reads_are_conditional_and_free(fake):
+    fake.open_pull(REPO_NAME, 7, head_sha="a" * 40, files={"experiments/x.yaml": "name: x\n"})
+    with client(fake) as gh:
+        first = gh.get_pull(7)
+        assert gh.get_pull(7) == first  # a 304, answered from the cache
+        fake.close_pull(REPO_NAME, 7)
+        assert gh.get_pull(7)["state"] == "closed"  # changed: a 200 again
+        assert gh.list_pulls() == [] and gh.list_pulls() == []
+    assert fake.billed() == 3 and fake.not_modified() == 2
+    assert gh.counts["billed"] == 3 and gh.counts["not_modified"] == 2 and gh.counts["sent"] == 5
+    assert "3 billed request(s), 2 free 304(s)" in gh.budget_line() and "997 of 1000 left" in gh.budget_line()
+    sent = [c for c in fake.calls("GET")]
+    assert [c.status for c in sent] == [200, 304, 200, 200, 304]
+
+
+def test_the_cache_on_disk_serves_the_next_process_with_the_same_token(fake, tmp_path):
+    fake.open_pull(REPO_NAME, 7, head_sha="a" * 40, files={"experiments/x.yaml": "name: x\n"})
+    folder = tmp_path / "cache" / "github"
+    with client(fake, cache=github.ResponseCache(folder)) as gh:
+        gh.get_pull(7)
+    with client(fake, cache=github.ResponseCache(folder)) as gh:  # the next run on this desk
+        assert gh.get_pull(7)["number"] == 7
+    with client(fake, USER_TOKEN, cache=github.ResponseCache(folder)) as gh:  # another token: its own ETags
+        assert gh.get_pull(7)["number"] == 7
+    assert [c.status for c in fake.calls("GET")] == [200, 304, 200]
+    stored = "".join(p.read_text() for p in folder.rglob("*.json"))
+    assert WRITE_TOKEN not in stored and USER_TOKEN not in stored and "/pulls/7" in stored
+
+
+def test_the_default_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("AUTOMATION_HOME", str(tmp_path))
+    assert github.default_cache_folder({}) == tmp_path / "cache" / "github"  # a desk
+    assert github.default_cache_folder({"GITHUB_ACTIONS": "true"}) is None  # a fresh runner and token each job
+    assert github.default_cache_folder({"GITHUB_ACTIONS": "true", "AUTOMATION_GITHUB_CACHE": "1"}) is not None
+    assert github.default_cache_folder({"AUTOMATION_GITHUB_CACHE": "off"}) is None
+    gh = github.GitHubClient.from_env({"GITHUB_TOKEN": "t", "GITHUB_REPOSITORY": REPO_NAME, "GITHUB_ACTIONS": "true"})
+    assert gh.cache.folder is None
+    gh.close()
+
+
+def test_answers_at_a_commit_are_kept_for_good(fake, tmp_path):
+    head = "a" * 40
+    fake.open_pull(REPO_NAME, 7, head_sha=head, files={"experiments/x.yaml": "name: x\n"})
+    cache = github.ResponseCache(tmp_path)
+    with client(fake, cache=cache) as gh:
+        assert gh.file_text("experiments/x.yaml", head) == "name: x\n"
+        assert gh.file_text("experiments/gone.yaml", head) is None
+        files = gh.list_pull_files(7, head)
+        assert gh.file_text("experiments/x.yaml", head) == "name: x\n"
+        assert gh.file_text("experiments/gone.yaml", head) is None
+        assert gh.list_pull_files(7, head) == files
+        assert gh.counts["cached"] == 3
+    assert len(fake.calls("GET")) == 3
+    with client(fake, cache=github.ResponseCache(tmp_path)) as gh:  # the next process, from the folder
+        assert gh.list_pull_files(7, head) == files and gh.file_text("experiments/x.yaml", head) == "name: x\n"
+    assert len(fake.calls("GET")) == 3
+    # A stale head: GitHub answers for the new head, which is not kept under the old one.
+    fake.push(REPO_NAME, 7, "b" * 40, {"experiments/y.yaml": "name: y\n"})
+    with client(fake) as gh:
+        stale = gh.list_pull_files(7, "c" * 40)
+        assert len(stale) == 2 and len(gh.list_pull_files(7, "c" * 40)) == 2
+    assert len(fake.calls("GET")) == 5
+    with client(fake) as gh:  # a branch name is not a commit: never kept
+        gh.file_text("experiments/x.yaml", "main")
+        gh.file_text("experiments/x.yaml", "main")
+    assert len(fake.calls("GET")) == 7
+
+
+@pytest.fixture
+def in_actions(monkeypatch):
+    """A job's environment: GITHUB_ACTIONS=true, no bot login configured."""
+    for name in ("AUTOMATION_COMMENT_AUTHOR", "AUTOMATION_BOT_LOGIN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+
+
+def test_comments_are_listed_once_per_process(fake, in_actions):
+    fake.add_comment(REPO_NAME, 42, "a person's comment")
+    with client(fake) as gh:
+        assert len(gh.list_issue_comments(42)) == 1
+        result = github.upsert_comment(gh, 42, f"{MARKER}\nfirst", MARKER)  # listed already: POST + one fresh list
+        assert [c["body"] for c in gh.list_issue_comments(42)] == ["a person's comment", f"{MARKER}\nfirst"]
+        github.upsert_comment(gh, 42, f"{MARKER}\nsecond", MARKER)  # from the kept list: one PATCH
+        github.upsert_comment(gh, 42, f"{MARKER}\nsecond", MARKER)  # unchanged: nothing
+        assert gh.list_issue_comments(42)[-1]["body"] == f"{MARKER}\nsecond"
+        gh.delete_issue_comment(result.comment_id)
+        assert [c["body"] for c in gh.list_issue_comments(42)] == ["a person's comment"]
+        assert len(gh.list_issue_comments(42, fresh=True)) == 1  # read again: changed since, a 200
+        assert len(gh.list_issue_comments(42, fresh=True)) == 1  # and again: a free 304
+    lists = [c for c in fake.calls("GET") if c.path.endswith("/comments")]
+    assert [c.status for c in lists] == [200, 200, 200, 304]
+    assert [c.method for c in fake.requests if c.method != "GET"] == ["POST", "PATCH", "DELETE"]
+    assert fake.billed() == 6 and not [c for c in fake.calls("GET") if c.path == "/user"]
+
+
+def test_comments_of_many_pull_requests_in_one_listing(fake, in_actions):
+    for number in (7, 8, 9):
+        fake.open_pull(REPO_NAME, number, head_sha=f"{number}" * 40, files={})
+    fake.add_comment(REPO_NAME, 7, f"{MARKER}\non 7", BOT)
+    fake.add_comment(REPO_NAME, 9, "a person on 9")
+    fake.add_comment(REPO_NAME, 9, f"{MARKER}\non 9", BOT)
+    fake.add_comment(REPO_NAME, 3, "an old issue's comment")
+    fake.add_comment("someone/else", 7, "another repository")
+    with client(fake) as gh:
+        pulls = gh.list_pulls()
+        assert gh.prime_issue_comments(pulls) == [7, 8, 9]
+        assert gh.prime_issue_comments(pulls) == []  # nothing left to prime
+        assert [c["body"] for c in gh.list_issue_comments(7)] == [f"{MARKER}\non 7"]
+        assert gh.list_issue_comments(8) == []
+        assert [c["body"] for c in gh.list_issue_comments(9)] == ["a person on 9", f"{MARKER}\non 9"]
+        assert github.upsert_comment(gh, 9, f"{MARKER}\non 9", MARKER).action == "unchanged"
+    assert [c.path for c in fake.calls("GET")] == [f"/repos/{REPO_NAME}/pulls", f"/repos/{REPO_NAME}/issues/comments"]
+
+
+def test_priming_gives_up_when_the_repository_list_is_longer_than_listing_each(fake):
+    for number in (7, 8):
+        fake.open_pull(REPO_NAME, number, head_sha=f"{number}" * 40, files={})
+    for i in range(250):  # three pages of the repository's comments for two pull requests
+        fake.add_comment(REPO_NAME, 100 + i % 5, f"chatter {i}")
+    with client(fake) as gh:
+        assert gh.prime_issue_comments(gh.list_pulls()) == []
+        assert gh.list_issue_comments(7) == []  # listed on its own
+    pages = [c for c in fake.calls("GET") if c.path.endswith("/issues/comments")]
+    assert len(pages) == 2
+
+
+def test_who_we_are_in_actions_costs_no_request(fake, monkeypatch, in_actions):
+    with client(fake, USER_TOKEN) as gh:
+        assert gh.viewer_login() == "github-actions[bot]"
+    monkeypatch.setenv("AUTOMATION_BOT_LOGIN", "acme-ml-loop[bot]")  # a GitHub App's token
+    with client(fake) as gh:
+        assert gh.viewer_login() == "acme-ml-loop[bot]"
+    assert fake.requests == []
+
+
+def test_workflows_are_enabled_and_disabled_as_github_answers(fake):
+    loop = fake.add_workflow(REPO_NAME, ".github/workflows/reconcile-tick.yml", "Reconcile tick")
+    with client(fake, ACTIONS_TOKEN) as gh:
+        assert gh.get_workflow("reconcile-tick.yml")["id"] == loop["id"]
+        assert gh.workflow_state(loop["id"]) == "active"
+        gh.disable_workflow(".github/workflows/reconcile-tick.yml")  # a path is cut to its file name
+        assert gh.workflow_state("reconcile-tick.yml") == "disabled_manually"
+        gh.enable_workflow("reconcile-tick.yml")
+        gh.enable_workflow("reconcile-tick.yml")  # idempotent
+        assert gh.workflow_state("reconcile-tick.yml") == "active"
+        with pytest.raises(github.GitHubError) as missing:
+            gh.enable_workflow("nope.yml")
+        assert missing.value.status == 404
+    puts = fake.calls("PUT")
+    assert [c.status for c in puts] == [204, 204, 204, 404] and all(c.body is None for c in puts)
+    with client(fake, WRITE_TOKEN) as gh:  # a job without `actions: write`: reads, but may not switch
+        assert gh.workflow_state("reconcile-tick.yml") == "active"
+        with pytest.raises(github.GitHubPermissionError, match="Resource not accessible by integration"):
+            gh.disable_workflow("reconcile-tick.yml")
+    with client(fake, USER_TOKEN) as gh:  # a person's token with the repo scope
+        gh.disable_workflow("reconcile-tick.yml")
+    assert fake.workflow(REPO_NAME, "reconcile-tick.yml")["state"] == "disabled_manually"
+    assert len(fake.calls("PUT")) == 6  # the 403 was not retried
+
+
+def test_a_spent_hourly_limit_is_a_rate_limited_403(fake):
+    from tests.fake_github import Identity
+
+    fake.tokens["ghs_small"] = Identity(BOT, can_write=True, installation=True, rate_limit=2)
+    fake.open_pull(REPO_NAME, 7, head_sha="a" * 40, files={})
+    sleeps = Sleeps()
+    with client(fake, "ghs_small", sleep=sleeps, max_wait_s=60) as gh:
+        gh.get_pull(7)
+        gh.get_pull(7)  # a 304: free
+        gh.list_pulls()
+        assert gh.rate_limit["x-ratelimit-remaining"] == "0"
+        with pytest.raises(github.GitHubError, match="rate limit exceeded"):
+            gh.list_issue_comments(7)
+    assert fake.billed("ghs_small") == 2 and sleeps == []
