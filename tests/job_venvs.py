@@ -8,9 +8,9 @@ not installed there, so importing it fails the verb.
 
 The venvs live under `.automation/job-venvs/` (ignored by git; `make clean` removes it, or set
 `AUTOMATION_JOB_VENVS` to a folder elsewhere), one folder per kind and per content of `uv.lock`,
-`pyproject.toml`, the Makefile, the Python and this checkout's path. The first test session after
-any of those changes builds the venv (from the uv and pip caches when warm); later sessions reuse
-it. A lock file makes concurrent sessions build a venv once; folders of an older key that no
+`pyproject.toml`, the Makefile, `requirements/`, the Python and this checkout's path. The first
+test session after any of those changes builds the venv (from the uv and pip caches when warm);
+later sessions reuse it. A lock file makes concurrent sessions build a venv once; folders of an older key that no
 session used for an hour are removed when a newer one is built.
 
 Fixtures: `core_venv`, `azure_venv`, `local_venv` (session scope); a test module takes the ones
@@ -50,10 +50,12 @@ def venvs_root() -> Path:
 
 
 def install_key() -> str:
-    """What decides a venv's contents: the lock, the project, the Makefile, the Python, and the
-    checkout the project is installed from (editable)."""
+    """What decides a venv's contents: the lock, the project, the Makefile, the hashed requirements
+    (uv, torch), the Python, and the checkout the project is installed from (editable)."""
     digest = hashlib.sha256()
-    for name in ("uv.lock", "pyproject.toml", "Makefile"):
+    names = ["uv.lock", "pyproject.toml", "Makefile", *sorted(p.relative_to(REPO).as_posix()
+                                                           for p in (REPO / "requirements").glob("*.txt"))]
+    for name in names:
         digest.update(name.encode() + b"\0" + (REPO / name).read_bytes() + b"\0")
     digest.update(f"{sys.version}\0{base_python()}\0{REPO}".encode())
     return digest.hexdigest()[:12]
@@ -111,7 +113,7 @@ def _remove_stale(root: Path, kind: str, keep: Path) -> None:
 
 
 def installed_names(kind: str) -> set[str]:
-    """The distributions `make setup-<kind>` installs, from the lock (torch apart, from its index)."""
+    """The distributions `make setup-<kind>` installs, from the lock (torch apart: requirements/torch-cpu.txt)."""
     from tests.test_installs import export
 
     names = set(export(*{"core": (), "azure": ("azure",), "local": ("local",)}[kind]))
