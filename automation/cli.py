@@ -404,10 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gitops.add_commands(commands)
     from automation import (
-        ticks,  # reconcile: the event-driven PR flow, one step per tick, never waiting
+        loop,  # reconcile: the event-driven PR flow, one step per run, never waiting
     )
 
-    ticks.add_command(commands)
+    loop.add_command(commands)
     return parser
 
 

@@ -29,6 +29,11 @@ class BackendError(AutomationError):
     exit_code = 1
 
 
+class TransientError(BackendError):
+    """A call the service may answer differently later: throttling, a 5xx, a busy resource, an
+    operation still running. The reconcile loop retries it with backoff; everything else settles."""
+
+
 class AuthenticationError(AutomationError):
     """No credential could be obtained (e.g. GitHub's OIDC token service kept failing). Exit code 1:
     the stage failed; the experiment is not at fault."""

@@ -23,12 +23,12 @@ from typing import Any
 
 from automation import github
 from automation.errors import AutomationError, ConfigError, ExperimentInvalid
+from automation.naming import SUFFIXES, is_experiment_path
+from automation.spec import backend_of
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-EXPERIMENTS_DIR = "experiments"
-SUFFIXES = (".yaml", ".yml")
 # Repository variables the Azure jobs need (OIDC: an app registration's ids, no secret).
 AZURE_SETTINGS = ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP",
                   "AZURE_ML_WORKSPACE")
@@ -68,11 +68,6 @@ def azure_settings_missing(env: dict[str, str] | None = None) -> list[str]:
 class Change:
     status: str  # added, modified, deleted
     path: str
-
-
-def is_experiment_path(path: str) -> bool:
-    parts = PurePosixPath(path).parts
-    return len(parts) >= 2 and parts[0] == EXPERIMENTS_DIR and PurePosixPath(path).suffix in SUFFIXES
 
 
 def _git(args: list[str], cwd: Path | None = None) -> str:
@@ -124,17 +119,6 @@ def diff_changes(base: str, head: str, cwd: Path | None = None) -> list[Change]:
     return changes
 
 
-def _raw_backend(text: str, file: str) -> str:
-    from automation.yamlfile import YamlProblem, parse_yaml
-
-    try:
-        data = parse_yaml(text, file).data
-    except YamlProblem:
-        return "unknown"
-    backend = data.get("backend") if isinstance(data, dict) else None
-    return backend if backend in ("local", "azure") else "unknown"
-
-
 def describe(change: Change, root: Path) -> dict[str, Any]:
     """One matrix entry: the experiment, its file, its backend and whether it validates."""
     from automation.spec import load_experiment
@@ -148,7 +132,7 @@ def describe(change: Change, root: Path) -> dict[str, Any]:
             text = (root / change.path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             text = ""
-        entry["backend"], entry["valid"] = _raw_backend(text, change.path), False
+        entry["backend"], entry["valid"] = backend_of(text, change.path), False
     return entry
 
 
@@ -233,7 +217,7 @@ def make_plan(changes: list[Change], *, root: Path, base: str, fork: bool,
                 text = _git(["show", f"{base}:{c.path}"], root)
             except AutomationError:
                 text = ""
-            removed.append({"experiment": name, "file": c.path, "backend": _raw_backend(text, c.path)})
+            removed.append({"experiment": name, "file": c.path, "backend": backend_of(text, c.path)})
     return Plan(changed, removed, fork, azure_settings_missing(env))
 
 
@@ -251,14 +235,12 @@ def staging_match(pr: int | None, experiment: str | None = None) -> dict[str, st
 def _teardown_each(backends: list[str], matches: list[dict[str, str]]) -> tuple[list[str], list[str]]:
     """Delete the endpoints matching any of `matches` on each backend; (deleted, errors)."""
     from automation.backends import get_backend
-    from automation.stages import teardown
-
     resolved = [(name, get_backend(name)) for name in backends]  # an unknown name is bad input: raise
     deleted, errors = [], []
     for name, backend in resolved:
         for match in matches:
             try:
-                deleted += teardown(backend, match)
+                deleted += backend.delete_endpoints(match)
             except AutomationError as err:
                 errors.append(f"{name}: {err}")
     return deleted, errors
@@ -303,7 +285,12 @@ def cmd_changed(args: argparse.Namespace) -> int:
     github.append_step_summary(plan.summary(deleted))
     for error in errors:
         _out(github.annotation("error", f"teardown of a removed experiment failed: {error}"))
-    return EXIT_FAILED if errors else EXIT_OK
+    code = EXIT_FAILED if errors else EXIT_OK
+    if args.validate and plan.changed:  # the same job validates: the first annotation after one pickup
+        from automation.cli import cmd_validate
+
+        code = max(code, cmd_validate(argparse.Namespace(targets=[e["file"] for e in plan.changed], set=[])))
+    return code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,6 +448,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                    help="where to delete removed experiments' staging endpoints (repeatable; default local)")
     p.add_argument("--no-teardown", dest="teardown_backend", action="store_const", const=[],
                    help="only plan; delete nothing")
+    p.add_argument("--validate", action="store_true",
+                   help="also validate each changed experiment file (annotations on the diff; exit 2 when invalid)")
     p.set_defaults(handler=cmd_changed)
 
     p = commands.add_parser("comment", help="create or update this experiment's one comment on the pull request")

@@ -22,6 +22,18 @@ TAG_KEYS = ("repo", "pr", "experiment", "sha", "stage", "created_at", "ttl_hours
 MANAGED_BY = "gitops-finetune"
 
 
+EXPERIMENTS_DIR = "experiments"
+SUFFIXES = (".yaml", ".yml")
+
+
+def is_experiment_path(path: str) -> bool:
+    """A file under experiments/ (any depth) with a YAML suffix: one experiment."""
+    from pathlib import PurePosixPath
+
+    parts = PurePosixPath(path).parts
+    return len(parts) >= 2 and parts[0] == EXPERIMENTS_DIR and PurePosixPath(path).suffix in SUFFIXES
+
+
 def _digest(*parts: object, length: int) -> str:
     joined = "\x1f".join(str(p) for p in parts)
     return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:length]

@@ -29,6 +29,7 @@ from automation.record import EvaluationPart, RunRecord
 from automation.spec import Experiment
 
 MARKER = "<!-- automation:report experiment={name} -->"
+MARKER_PATTERN = re.compile(r"<!-- automation:report experiment=(?P<name>[a-z][a-z0-9-]*) -->")
 MAX_TEXT = 1500  # characters of one model text in the report
 TEXT_BUDGET = 36_000  # characters for all the per-prompt texts together
 PREVIEW = 90  # characters of a reply in the side-by-side table (fewer when there are many prompts)

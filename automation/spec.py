@@ -441,6 +441,16 @@ def _issues_from(error: ValidationError, loaded: LoadedYaml, file: str) -> list[
     return sorted(issues, key=lambda i: (i.line or 0, i.path))
 
 
+def backend_of(text: str, file: str) -> str:
+    """The `backend:` of an experiment file read without validating it (local, azure or unknown)."""
+    try:
+        data = parse_yaml(text, file).data
+    except YamlProblem:
+        return "unknown"
+    backend = data.get("backend") if isinstance(data, dict) else None
+    return backend if backend in ("local", "azure") else "unknown"
+
+
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Read, parse and validate one experiment file; raise `ExperimentInvalid` with every issue."""
     file = str(path)

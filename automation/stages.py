@@ -312,20 +312,11 @@ def stage_report(run: Run, out: Path | None = None) -> Path:
     return path
 
 
-def teardown(backend: Backend, match_tags: dict[str, str]) -> list[str]:
-    """Delete every endpoint whose tags match; returns the names deleted. Missing is success."""
-    deleted = []
-    for endpoint in backend.list_endpoints(match_tags):
-        if backend.delete_endpoint(endpoint.name):
-            deleted.append(endpoint.name)
-    return deleted
-
-
 def stage_teardown(run: Run) -> list[str]:
     with timed(run, "teardown"):
         match = {"repo": run.record.repo, "experiment": run.experiment.name, "stage": "staging",
                  "pr": "" if run.record.pr is None else str(run.record.pr)}
-        deleted = teardown(run.backend, match)
+        deleted = run.backend.delete_endpoints(match)
         run.record.torn_down = True
     return deleted
 
@@ -355,34 +346,62 @@ def stage_promote(run: Run, *, override: str | None = None) -> None:
         run.record.promote.policy_override = None if policy.passed else override.strip()
 
 
+# The stage sequence, declared once. `run` runs it whole; the loop runs it split at the fine-tune
+# (data and submit, then the rest once the job has completed, from `register`); promotion and the
+# dry-run plan read it too. `sequence` applies the conditions.
+SEQUENCE = ("validate", "data", "finetune", "register", "deploy", "score", "evaluate", "teardown", "report",
+            "bundle")
+
+
+def sequence(run: Run, *, start: str | None = None, stop: str | None = None, keep_endpoint: bool = False,
+             bundle: bool = True, skip: tuple[str, ...] = ()) -> list[str]:
+    """The stages from `start` to `stop` (both included) that this run takes: `evaluate` only where the
+    backend does not evaluate inside its fine-tune; `teardown` unless the endpoint is kept; `bundle`
+    unless a caller keeps its record elsewhere."""
+    names = list(SEQUENCE[SEQUENCE.index(start) if start else 0:SEQUENCE.index(stop) + 1 if stop else None])
+    dropped = set(skip)
+    if run.backend.evaluates_in_finetune:
+        dropped.add("evaluate")
+    if keep_endpoint:
+        dropped.add("teardown")
+    if not bundle:
+        dropped.add("bundle")
+    return [name for name in names if name not in dropped]
+
+
+def run_stage(run: Run, name: str, *, drop_invalid: bool = False) -> object:
+    steps: dict[str, Callable[[], object]] = {
+        "validate": lambda: stage_validate(run),
+        "data": lambda: stage_data(run, drop_invalid=drop_invalid),
+        "finetune": lambda: stage_finetune(run),
+        "register": lambda: stage_register(run),
+        "deploy": lambda: stage_deploy(run),
+        "score": lambda: stage_score(run),
+        "evaluate": lambda: stage_evaluate(run),
+        "teardown": lambda: stage_teardown(run),
+        "report": lambda: stage_report(run),
+        "bundle": lambda: stage_bundle(run),
+    }
+    return steps[name]()
+
+
 def run_all(run: Run, *, keep_endpoint: bool = False, drop_invalid: bool = False,
             on_stage: Callable[[str], None] | None = None) -> None:
     """Every stage in order; on failure the staging endpoint is torn down unless kept."""
     say = on_stage or (lambda _: None)
-    steps: list[tuple[str, Callable[[], object]]] = [
-        ("validate", lambda: stage_validate(run)),
-        ("data", lambda: stage_data(run, drop_invalid=drop_invalid)),
-        ("finetune", lambda: stage_finetune(run)),
-        ("register", lambda: stage_register(run)),
-        ("deploy", lambda: stage_deploy(run)),
-        ("score", lambda: stage_score(run)),
-    ]
-    if not run.backend.evaluates_in_finetune:
-        steps.append(("evaluate", lambda: stage_evaluate(run)))
     try:
-        for name, step in steps:
+        for name in sequence(run, keep_endpoint=keep_endpoint):
+            if name in ("report", "bundle"):
+                break
             say(name)
-            step()
+            run_stage(run, name, drop_invalid=drop_invalid)
     except (AutomationError, KeyboardInterrupt):
-        if not keep_endpoint and run.record.deploy:
+        if not keep_endpoint and run.record.deploy and not run.record.torn_down:
             stage_teardown(run)
         raise
-    if not keep_endpoint:
-        say("teardown")
-        stage_teardown(run)
     say("report")
-    stage_report(run)
-    stage_bundle(run)
+    run_stage(run, "report")
+    run_stage(run, "bundle")
 
 
 BUNDLE_DIR = "artifact"

@@ -13,7 +13,6 @@ from automation import naming
 from automation.backends.azure.backend import AzureBackend
 from automation.errors import BackendError, ConfigError
 from automation.record import DataPart, FinetunePart
-from automation.stages import teardown
 from tests.fake_azure import (
     FakeMLClient,
     conflict,
@@ -362,7 +361,7 @@ def test_teardown_by_tags_and_missing_is_success(backend, clients):
     found = backend.list_endpoints({"repo": "org/repo", "pr": "7"})
     assert [e.name for e in found] == ["ep-mine"] and found[0].deployments == ["demo"]
     assert found[0].created_at == TAGS["created_at"]
-    assert teardown(backend, {"repo": "org/repo", "pr": "7", "stage": "staging"}) == ["ep-mine"]
+    assert backend.delete_endpoints({"repo": "org/repo", "pr": "7", "stage": "staging"}) == ["ep-mine"]
     assert sorted(workspace.online_endpoints.items) == ["ep-other"]
     assert backend.delete_endpoint("ep-mine") is False
 

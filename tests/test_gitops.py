@@ -379,3 +379,21 @@ def test_cleanup_in_actions_says_when_azure_was_not_looked_at(repo, monkeypatch,
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
     assert main(["cleanup", "--pr", "5"]) == 0
     assert "::notice title=Azure skipped::Azure settings are not configured (AZURE_CLIENT_ID" in capsys.readouterr().out
+
+
+def test_changed_validates_in_the_same_job(repo, tmp_path, monkeypatch, capsys):
+    """`changed --validate`: the plan and every changed file's validation in one job, so the first
+    annotation on the diff needs one runner pickup; an invalid file fails it with exit code 2."""
+    base = commit(repo, "base")
+    (repo / "experiments" / "alpha.yaml").write_text(local_experiment("alpha"))
+    (repo / "experiments" / "golf.yaml").write_text(local_experiment("golf", training={"learning_rate": -1}))
+    head = commit(repo, "head")
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    assert main(["changed", "--base", base, "--head", head, "--validate"]) == 2
+    printed = capsys.readouterr()
+    assert "::error file=experiments/golf.yaml" in printed.out and "learning_rate" in printed.out
+    assert "ok: experiments/alpha.yaml" in printed.out
+    assert outputs(tmp_path)["any"] == "true"  # the matrices are still written
+    (repo / "experiments" / "golf.yaml").write_text(local_experiment("golf"))
+    fixed = commit(repo, "fix")
+    assert main(["changed", "--base", base, "--head", fixed, "--validate"]) == 0

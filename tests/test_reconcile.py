@@ -8,7 +8,7 @@ import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,8 +19,7 @@ from automation import naming
 from automation.backends.azure.backend import AzureBackend
 from automation.backends.base import Progress
 from automation.github import GitHubClient
-from automation.pulls import PullRequests
-from automation.ticks import run_leg, tick
+from automation.loop import PullRequests, run_leg, tick
 from tests.conftest import REPO
 from tests.fake_azure import EXPERIMENT, reference_clients, write_component
 from tests.fake_github import WRITE_TOKEN, FakeGitHub
@@ -172,7 +171,7 @@ def test_finished_job_is_registered_deployed_scored_and_commented_once(world):
     assert "### Evaluation" in body and "replies from the endpoints to 8 held-out prompts" in body
     assert "### Replies to the 8 held-out prompts" in body and "with no baseline" in body
     calls = len(world.workspace.calls)
-    assert world.tick() == [] and len(world.workspace.calls) == calls + 2  # two listings, nothing else
+    assert world.tick() == [] and len(world.workspace.calls) == calls  # settled: the status says so, no Azure call
 
 
 def test_closing_keeps_the_results_and_says_the_endpoint_is_deleted(world):
@@ -348,9 +347,8 @@ def test_promotion_checks_the_policy_on_a_fresh_evaluation_from_the_endpoints(wo
 
     from automation.errors import ConfigError
     from automation.evaluation import PolicyNotMet
-    from automation.reconcile import Reconciler
+    from automation.loop import Reconciler, promote
     from automation.stages import run_dir
-    from automation.ticks import promote
 
     open_pr(world)
     world.workspace.jobs.run_for(world.job_of(SHA1), 600)
@@ -387,3 +385,139 @@ def test_promotion_checks_the_policy_on_a_fresh_evaluation_from_the_endpoints(wo
     world.workspace.online_endpoints.begin_delete(name=staging)
     with pytest.raises(ConfigError, match=f"the staging endpoint {staging} is gone"):
         promote(reconciler, request, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision: errors decide retries, the schedule never starts a head, the preflight gates
+
+
+def test_a_transient_error_is_retried_with_backoff_then_given_up_until_asked_again(world):
+    from tests.fake_azure import unavailable
+
+    open_pr(world)
+    world.workspace.fail("jobs.create_or_update", unavailable(), times=10_000)
+    (outcome,) = world.tick(pr=7)
+    assert outcome.action == "error" and outcome.failed
+    body = world.comment()
+    assert "phase=error" in body and "attempts=1" in body and "(attempt 1 of 5)" in body
+    assert "tries again after 09:10 UTC" in body
+    world.clock.advance(timedelta(minutes=5))
+    assert world.tick() == []  # before retry_at: the tick waits
+    tries = ["error"]
+    while "phase=error" in world.comment():
+        world.clock.advance(TICK)
+        tries += [o.action for o in world.tick()]
+        assert len(tries) < 40
+    assert tries == ["error"] * 4 + ["failed"]  # attempts 1-4 retried after 10, 20, 40, 80 min; the 5th gives up
+    body = world.comment()
+    assert "phase=failed" in body and "gave up after 5 attempts" in body
+    world.clock.advance(timedelta(hours=12))
+    assert world.tick() == []  # settled: no runner spent on it any more
+    world.workspace.faults.clear()
+    (outcome,) = run_leg(world.pulls, world.backend, REPO_NAME, 7, clock=world.clock)  # a person's dispatch
+    assert outcome.action == "submitted" and "phase=running" in world.comment()
+
+
+def test_a_terminal_error_settles_with_its_fix_and_is_not_retried(world):
+    from tests.fake_azure import quota_error
+
+    open_pr(world)
+    world.workspace.fail("jobs.create_or_update", quota_error(), times=1)
+    (outcome,) = world.tick(pr=7)
+    assert outcome.action == "failed"
+    body = world.comment()
+    assert "phase=failed" in body and "lack of quota" in body and "will not go away by retrying" in body
+    assert "attempts=" not in body
+    for _ in range(3):
+        world.clock.advance(TICK)
+        assert world.tick() == []
+    assert world.workspace.calls.count("jobs.create_or_update") == 1
+
+
+def test_the_schedule_never_starts_a_new_heads_job(world):
+    open_pr(world)  # its pull_request event has not run (or was lost)
+    world.clock.advance(TICK)
+    assert world.tick() == []
+    assert world.workspace.calls.count("jobs.create_or_update") == 0 and world.github.issue_comments(REPO_NAME, 7) == []
+
+
+def test_a_failed_preflight_submits_nothing_and_says_so(world):
+    open_pr(world)
+    (outcome,) = run_leg(world.pulls, world.backend, REPO_NAME, 7, clock=world.clock, trigger="event",
+                         gate="failure")
+    assert outcome.action == "failed" and "preflight failure" in outcome.detail
+    body = world.comment()
+    assert "### Preflight failure" in body and "phase=failed" in body and f"job={world.job_of(SHA1)}" in body
+    assert world.workspace.calls.count("jobs.create_or_update") == 0
+    world.clock.advance(TICK)
+    assert world.tick() == []  # settled for this head
+    world.github.push(REPO_NAME, 7, SHA2, {PATH: experiment_text(learning_rate=1e-5)})
+    (outcome,) = run_leg(world.pulls, world.backend, REPO_NAME, 7, clock=world.clock, trigger="event",
+                         gate="success")
+    assert outcome.action == "submitted"
+
+
+def test_the_planner_and_the_leg_read_an_experiment_the_same_way(world, tmp_path):
+    """A `name:` that differs from the file name: invalid for both, reported once, then settled."""
+    from automation.loop import EVENT, SCHEDULE, plan
+
+    text = experiment_text().replace("name: phi3-ultrachat", "name: phi3-renamed")
+    world.github.open_pull(REPO_NAME, 7, head_sha=SHA1, files={PATH: text})
+    first = plan(world.pulls, REPO_NAME, trigger=EVENT, pr=7, azure=True, workdir=tmp_path, clock=world.clock)
+    assert [(leg.backend, leg.decision, leg.preflight) for leg in first.legs] == [("azure", "advance", False)]
+    (outcome,) = world.tick(pr=7)
+    assert outcome.action == "invalid" and "must match the file name" in world.comment()
+    later = plan(world.pulls, REPO_NAME, trigger=SCHEDULE, azure=True, workdir=tmp_path, clock=world.clock)
+    assert later.legs == [] and not later.live
+    assert world.workspace.calls.count("jobs.create_or_update") == 0
+
+
+def test_the_plan_gives_each_job_kind_its_matrix(world, tmp_path):
+    from automation.loop import EVENT, SCHEDULE, plan
+
+    open_pr(world)
+    event = plan(world.pulls, REPO_NAME, trigger=EVENT, pr=7, azure=True, workdir=tmp_path, clock=world.clock)
+    outputs = event.outputs()
+    assert outputs["azure"] == '{"include":[{"pr":7,"experiment":"phi3-ultrachat"}]}'
+    assert outputs["preflight"] == f'{{"include":[{{"pr":7,"experiment":"phi3-ultrachat","file":"{PATH}"}}]}}'
+    assert outputs["any_local"] == "false" and event.live
+    unconfigured = plan(world.pulls, REPO_NAME, trigger=EVENT, pr=7, azure=False, workdir=tmp_path,
+                        clock=world.clock)
+    assert unconfigured.outputs()["any_azure"] == "false" and unconfigured.outputs()["any_preflight"] == "true"
+    assert "Azure ML is not configured" in unconfigured.notices[0]
+    world.github.open_pull(REPO_NAME, 9, head_sha=SHA2, files={PATH: experiment_text()},
+                           head_repo="someone/chat-finetune")
+    fork = plan(world.pulls, REPO_NAME, trigger=EVENT, pr=9, azure=True, workdir=tmp_path, clock=world.clock)
+    assert fork.outputs()["any_azure"] == "false" and fork.outputs()["any_preflight"] == "true"
+    assert "read-only token" in fork.notices[0]
+    idle = plan(world.pulls, REPO_NAME, trigger=SCHEDULE, azure=True, workdir=tmp_path, clock=world.clock)
+    assert idle.legs == [] and not idle.live  # nothing submitted yet: the schedule has nothing to do
+
+
+def test_the_tick_disables_itself_when_idle_and_a_submission_enables_it(world, tmp_path):
+    from automation.github import GitHubClient
+    from automation.loop import DISPATCH, EVENT, SCHEDULE, keep_tick, plan
+    from tests.fake_github import ACTIONS_TOKEN
+
+    world.github.add_workflow(REPO_NAME, ".github/workflows/tick.yml")
+    with GitHubClient(ACTIONS_TOKEN, REPO_NAME, world.github.url) as client:
+        idle = plan(world.pulls, REPO_NAME, trigger=SCHEDULE, azure=True, workdir=tmp_path, clock=world.clock)
+        keep_tick(client, "tick.yml", idle, SCHEDULE)
+        assert client.workflow_state("tick.yml") == "disabled_manually"
+        open_pr(world)
+        (outcome,) = run_leg(world.pulls, world.backend, REPO_NAME, 7, clock=world.clock, trigger=EVENT,
+                             on_submit=lambda: keep_tick(client, "tick.yml", replace(idle, live=True), DISPATCH))
+        assert outcome.action == "submitted" and client.workflow_state("tick.yml") == "active"
+        busy = plan(world.pulls, REPO_NAME, trigger=SCHEDULE, azure=True, workdir=tmp_path, clock=world.clock)
+        assert busy.live and [leg.decision for leg in busy.legs] == ["advance"]
+        keep_tick(client, "tick.yml", busy, SCHEDULE)
+        assert client.workflow_state("tick.yml") == "active"
+
+
+def test_the_status_line_round_trips():
+    from automation.loop import Status
+
+    status = Status("x-1111111-aaaaaaa", "error", 3, datetime(2026, 3, 2, 9, 40, tzinfo=UTC), "azure")
+    assert Status.parse("intro\n" + status.line() + "\nmore") == status
+    assert Status.parse("<!-- automation:status job=x phase=done -->") == Status("x", "done")  # the old form
+    assert Status.parse("no status here") == Status()

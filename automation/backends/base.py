@@ -141,6 +141,10 @@ class Backend(ABC):
                 tags: dict[str, str]) -> PromotePart:
         """Mark the version for production and move the production endpoint to it, blue/green."""
 
+    def delete_endpoints(self, match_tags: dict[str, str]) -> list[str]:
+        """Delete every endpoint whose tags include `match_tags`; the names deleted. Missing is success."""
+        return [e.name for e in self.list_endpoints(match_tags) if self.delete_endpoint(e.name)]
+
     def serving_model(self, endpoint_name: str) -> ServingModel | None:
         """The model the endpoint serves now; None when there is no such endpoint or nothing takes its
         traffic. Used by the endpoint evaluation of a backend that does not evaluate in its fine-tune."""

@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from automation.errors import BackendError
+from automation.errors import BackendError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,19 @@ def is_transient(err: BaseException) -> bool:
     return status in TRANSIENT_STATUS and not retried_by_azure_core(err)
 
 
+def is_weather(err: BaseException) -> bool:
+    """A fault that may be gone later, whoever retried it already (azure-core or `call`): a
+    connection that failed, 408/429/5xx, a plain-text answer from a gateway. The reconcile loop
+    retries a leg that ended on one with backoff; quota, refusals and bad requests settle it."""
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+
+    if is_quota_error(err):
+        return False
+    if isinstance(err, (ServiceRequestError, ServiceResponseError, ConnectionError, TimeoutError)):
+        return True
+    return _status(err) in TRANSIENT_STATUS or is_plain_text_answer(err)
+
+
 def retry_after(err: BaseException) -> float | None:
     """Seconds the service asked us to wait (Retry-After / retry-after-ms), if it said."""
     lowered = _headers(err)
@@ -189,7 +202,7 @@ def finished(poller, what: str, timeout_s: float = LRO_TIMEOUT_S):
     the resource where the operation left it, since every step finds before it creates."""
     poller.wait(timeout_s)
     if not poller.done():
-        raise BackendError(f"{what} still running after {timeout_s / 60:.0f} min (status "
+        raise TransientError(f"{what} still running after {timeout_s / 60:.0f} min (status "
                            f"{poller.status()}); the next run picks it up where it is")
     return poller.result()
 
@@ -230,7 +243,8 @@ def call(what: str, fn: Callable[[], T], *, attempts: int = ATTEMPTS, base_delay
                 suffix = f" after {attempt} attempts" if attempt > 1 else ""
                 if busy:
                     suffix += " (the resource stayed busy with another operation)"
-                raise BackendError(f"{what} failed{suffix}: {one_sentence(err)}") from err
+                error = TransientError if busy or is_weather(err) else BackendError  # the loop retries the first
+                raise error(f"{what} failed{suffix}: {one_sentence(err)}") from err
             delay = retry_after(err)
             first = CONFLICT_DELAY_S if busy else base_delay
             delay = min(delay if delay is not None else first * 2 ** (attempt - 1), MAX_DELAY_S)

@@ -1,0 +1,877 @@
+"""The reconcile loop, in one place (as Flux runs one reconciler per kind): what the pull requests
+want, what exists, the decision for each (pull request, experiment), and the one writer of its
+status.
+
+Desired state: the experiment files a pull request changes, at its head commit, while it is open;
+nothing once it is closed or merged, or for a file it no longer changes. Observed state: the status
+line of the experiment's PR comment (which job it last reported, in which phase, after how many
+attempts), and, inside a leg, the job named there and the endpoints found by their tags. Only this
+module writes the status line, and only from a leg, inside the experiment's concurrency group.
+
+The decision (`decide`) is the same function for the planner and the leg: the planner runs it on the
+status alone (a tick with nothing to do reads GitHub and nothing else, on the core install), the leg
+on the status read again inside its concurrency group, and then observes the backend:
+
+    the head's job, not started     -> data, submit                  (pull_request event or dispatch)
+    queued or running               -> progress in the comment
+    failed or canceled              -> the error in the comment; settled until the head changes
+    completed                       -> register, deploy, score, evaluate, report (stages.SEQUENCE)
+    a transient error               -> retried with exponential backoff, attempts counted
+    a terminal error                -> the error and its fix in the comment; settled
+    closed, merged, file removed    -> cancel the job, delete the staging endpoints
+
+A schedule never starts a new head's job: that starts from the pull request's own event, after its
+preflight (`--gate`), so a broken file never costs a GPU hour. Each step is idempotent
+(deterministic names, find before create), so a leg that dies midway is finished by the next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from automation import github, naming
+from automation.errors import (
+    AuthenticationError,
+    AutomationError,
+    ConfigError,
+    ExperimentInvalid,
+    TransientError,
+)
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+MAX_ATTEMPTS = 5  # transient errors of one job, then the leg gives up and says so
+BACKOFF = timedelta(minutes=10)  # doubled per attempt: 10, 20, 40, 80 min between tries
+BACKOFF_MAX = timedelta(hours=6)
+CLOSED_LOOKBACK = timedelta(days=1)  # a scheduled tick prunes what pull requests closed this recently left
+READ_ONLY_AUTHORS = ("dependabot[bot]",)  # their pull requests get a read-only token and no OIDC
+
+# Triggers, as the loop tells them apart
+EVENT, CLOSED, SCHEDULE, DISPATCH = "event", "closed", "schedule", "dispatch"
+# Decisions
+ADVANCE, PRUNE, SETTLED, WAIT = "advance", "prune", "settled", "wait"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Desired state: the pull requests and the experiment files they change
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    number: int
+    state: str  # "open" or "closed"
+    merged: bool
+    head_sha: str
+    fork: bool
+    author: str = ""
+
+    @property
+    def open(self) -> bool:
+        return self.state == "open"
+
+    @property
+    def read_only(self) -> bool:
+        """A fork's or Dependabot's pull request: a read-only token, no secrets, no OIDC."""
+        return self.fork or self.author in READ_ONLY_AUTHORS
+
+    @classmethod
+    def from_api(cls, body: dict[str, Any], repository: str) -> PullRequest:
+        head = body.get("head") or {}
+        head_repo = (head.get("repo") or {}).get("full_name")
+        return cls(number=int(body["number"]), state=str(body.get("state")),
+                   merged=bool(body.get("merged") or body.get("merged_at")), head_sha=str(head.get("sha") or ""),
+                   fork=head_repo != repository, author=str((body.get("user") or {}).get("login") or ""))
+
+
+@dataclass(frozen=True)
+class Source:
+    """An experiment file a pull request changes: its path and text at the head (None: removed)."""
+
+    name: str
+    path: str
+    text: str | None
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the head wants for one experiment: the job that runs it, or the reason it cannot run."""
+
+    source: Source
+    backend: str  # local, azure or unknown
+    job: str  # the head's job name, or invalid@<sha>
+    experiment: Any = None  # spec.Experiment when valid
+    problem: ExperimentInvalid | None = None
+
+
+def invalid_job(sha: str) -> str:
+    """What the status line names instead of a job when the head's file is invalid."""
+    return f"invalid@{sha}"
+
+
+def load(source: Source, sha: str, workdir: Path):
+    """The head's experiment, loaded as `automation validate` loads it (one loader for the planner
+    and the leg): written under `workdir`, errors pointing at the file in the repository."""
+    from automation.spec import load_experiment
+    from automation.workspace import write_text_atomic
+
+    path = workdir / sha[:12] / source.path
+    write_text_atomic(path, source.text or "")
+    try:
+        return load_experiment(path)
+    except ExperimentInvalid as err:
+        raise ExperimentInvalid([replace(i, file=source.path) for i in err.issues]) from None
+
+
+def desire(source: Source | None, sha: str, workdir: Path) -> Desired | None:
+    if source is None or source.text is None:
+        return None
+    from automation.spec import backend_of
+
+    try:
+        experiment = load(source, sha, workdir)
+    except ExperimentInvalid as err:
+        return Desired(source, backend_of(source.text, source.path), invalid_job(sha), problem=err)
+    return Desired(source, experiment.backend, naming.job_name(experiment.name, sha, naming.config_hash(experiment)),
+                   experiment)
+
+
+# ---------------------------------------------------------------------------------------------
+# Observed state: the status line, written only here
+
+STATUS = re.compile(r"<!-- automation:status (?P<fields>[^<>]*?) -->")
+
+
+@dataclass(frozen=True)
+class Status:
+    """The loop's record of one (PR, experiment), kept in its comment. Phases: running (a job in
+    flight), done (reported), failed (a terminal error: settled for this job), error (a transient
+    error: retried at `retry_at`), pruned (nothing left running)."""
+
+    job: str | None = None
+    phase: str | None = None
+    attempts: int = 0
+    retry_at: datetime | None = None
+    backend: str | None = None  # where the job ran: what a closed pull request's prune leg needs
+
+    def line(self) -> str:
+        fields = [f"job={self.job or ''}", f"phase={self.phase}"]
+        if self.backend:
+            fields.append(f"backend={self.backend}")
+        if self.attempts:
+            fields.append(f"attempts={self.attempts}")
+        if self.retry_at:
+            fields.append(f"retry_at={self.retry_at.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+        return f"<!-- automation:status {' '.join(fields)} -->"
+
+    @classmethod
+    def parse(cls, body: str | None) -> Status:
+        match = STATUS.search(body or "")
+        if not match:
+            return cls()
+        fields = dict(part.split("=", 1) for part in match["fields"].split() if "=" in part)
+        retry_at = None
+        if fields.get("retry_at"):
+            try:
+                retry_at = datetime.fromisoformat(fields["retry_at"].replace("Z", "+00:00"))
+            except ValueError:
+                retry_at = None
+        attempts = fields.get("attempts", "0")
+        return cls(fields.get("job") or None, fields.get("phase") or None,
+                   int(attempts) if attempts.isdigit() else 0, retry_at, fields.get("backend") or None)
+
+    @property
+    def live(self) -> bool:
+        """Something needs a later tick: a job in flight, or a retry to come."""
+        return self.phase == "running" or (self.phase == "error" and self.attempts < MAX_ATTEMPTS)
+
+
+class PullRequests:
+    """What the loop reads from GitHub through the REST client, and the one place it writes."""
+
+    def __init__(self, client: github.GitHubClient):
+        self.client = client
+
+    def get(self, number: int) -> PullRequest:
+        return PullRequest.from_api(self.client.get_pull(number), self.client.repository)
+
+    def open_ones(self) -> list[PullRequest]:
+        return [PullRequest.from_api(p, self.client.repository) for p in self.client.list_pulls("open")]
+
+    def recently_closed(self, since: datetime) -> list[PullRequest]:
+        """Pull requests closed since `since`, newest first, from one page: a close whose event never
+        ran (GitHub runs no pull_request workflow for a conflicted pull request) is found here."""
+        answer = self.client.request("GET", f"/repos/{self.client.repository}/pulls", params={
+            "state": "closed", "sort": "updated", "direction": "desc", "per_page": 30}).json()
+        found = []
+        for body in answer:
+            closed = _time(body.get("closed_at"))
+            if closed is not None and closed >= since:
+                found.append(PullRequest.from_api(body, self.client.repository))
+        return found
+
+    def experiments(self, pr: PullRequest) -> dict[str, Source]:
+        """The experiment files the pull request adds or changes (text at its head) and removes."""
+        found: dict[str, Source] = {}
+        for entry in self.client.list_pull_files(pr.number):
+            path, status = entry["filename"], entry["status"]
+            previous = entry.get("previous_filename")
+            if previous and naming.is_experiment_path(previous) and \
+                    PurePosixPath(previous).stem != PurePosixPath(path).stem:
+                found.setdefault(PurePosixPath(previous).stem, Source(PurePosixPath(previous).stem, previous, None))
+            if not naming.is_experiment_path(path):
+                continue
+            name = PurePosixPath(path).stem
+            text = None if status == "removed" else self.client.file_text(path, pr.head_sha)
+            found[name] = Source(name, path, text)
+        return found
+
+    def body(self, pr: int, experiment: str) -> str | None:
+        """The body of our comment for the experiment, or None when there is none."""
+        from automation.report import MARKER
+
+        ours = github._ours(self.client.list_issue_comments(pr), MARKER.format(name=experiment),
+                            self.client.viewer_login())
+        return (ours[0].get("body") or "") if ours else None
+
+    def status(self, pr: int, experiment: str) -> Status:
+        return Status.parse(self.body(pr, experiment))
+
+    def statuses(self, pr: int) -> dict[str, Status]:
+        """The status of every experiment with a comment of ours on the pull request."""
+        from automation.report import MARKER_PATTERN
+
+        login = self.client.viewer_login()
+        found: dict[str, Status] = {}
+        for comment in self.client.list_issue_comments(pr):
+            body = comment.get("body") or ""
+            match = MARKER_PATTERN.search(body)
+            if match and github._ours([comment], match.group(0), login):
+                found.setdefault(match["name"], Status.parse(body))
+        return found
+
+    def comment(self, pr: int, experiment: str, status: Status, body: str) -> None:
+        """Write the experiment's comment: the marker, the status line, then `body`."""
+        from automation.report import MARKER
+
+        marker = MARKER.format(name=experiment)
+        lines = [line for line in body.splitlines() if line != marker and not STATUS.fullmatch(line.strip())]
+        text = "\n".join([marker, status.line(), *lines])
+        try:
+            github.upsert_comment(self.client, pr, github.fit_comment(text), marker)
+        except github.GitHubPermissionError as err:  # a read-only token: the job summary instead
+            log.warning("could not comment on #%s (%s); the report is in the job summary", pr, err)
+            github.report_to_summary(experiment, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decision, one function for the planner and the leg
+
+
+def decide(pr: PullRequest, desired: Desired | None, status: Status, *, trigger: str, now: datetime) -> str:
+    if not pr.open or desired is None:
+        return PRUNE if status.phase not in (None, "pruned") or trigger == CLOSED else SETTLED
+    if desired.job != status.job:
+        # another commit's job (or none yet): only the pull request's own event, after its preflight,
+        # or a person's dispatch starts the head's job; the schedule never does
+        return WAIT if trigger == SCHEDULE else ADVANCE
+    if status.phase == "running" or status.phase == "pruned":
+        return ADVANCE
+    if status.phase == "error":
+        if trigger == DISPATCH:
+            return ADVANCE
+        if status.attempts >= MAX_ATTEMPTS:
+            return SETTLED
+        return WAIT if status.retry_at and now < status.retry_at else ADVANCE
+    if status.phase == "failed" and trigger == DISPATCH and not desired.job.startswith("invalid@"):
+        return ADVANCE  # a person asks again
+    return SETTLED
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether the same call may succeed later: the service's weather (throttling, 5xx, a busy
+    resource, a login service down), not the experiment, the settings or the quota."""
+    if isinstance(err, ExperimentInvalid | ConfigError):
+        return False
+    return isinstance(err, TransientError | AuthenticationError)
+
+
+def backoff(attempts: int) -> timedelta:
+    return min(BACKOFF * 2 ** max(attempts - 1, 0), BACKOFF_MAX)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: the decision's dry run over every pull request, for the workflow's matrices
+
+
+@dataclass(frozen=True)
+class Leg:
+    pr: int
+    experiment: str
+    backend: str
+    decision: str
+    file: str = ""
+    preflight: bool = False  # an Azure job starts in this leg: the CPU preflight gates it
+
+    def entry(self) -> dict[str, Any]:
+        return {"pr": self.pr, "experiment": self.experiment}
+
+
+@dataclass
+class Plan:
+    legs: list[Leg] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # "#7 x (retry at 10:40 UTC)"
+    notices: list[str] = field(default_factory=list)
+    live: bool = False  # something needs a later scheduled tick
+
+    def outputs(self) -> dict[str, str]:
+        groups = {
+            "local": [leg.entry() for leg in self.legs if leg.backend == "local"],
+            "azure": [leg.entry() for leg in self.legs if leg.backend == "azure"],
+            "preflight": [{**leg.entry(), "file": leg.file} for leg in self.legs if leg.preflight],
+        }
+        outputs = {}
+        for name, entries in groups.items():
+            outputs[name] = json.dumps({"include": entries}, separators=(",", ":"))
+            outputs[f"any_{name}"] = "true" if entries else "false"
+        return outputs
+
+    def runs(self) -> list[Leg]:
+        """The legs that run on a backend (the others only run the preflight)."""
+        return [leg for leg in self.legs if leg.backend in ("local", "azure")]
+
+
+def plan(pulls: PullRequests, repo: str, *, trigger: str, pr: int | None = None, azure: bool,
+         workdir: Path, clock: Clock = utc_now) -> Plan:
+    """The legs a run of the loop starts: the decision of every (PR, experiment), on the status
+    alone. `azure`: whether Azure ML is configured for this repository."""
+    now = clock()
+    result = Plan()
+    requests = [pulls.get(pr)] if pr is not None else pulls.open_ones()
+    if pr is None and trigger == SCHEDULE:  # closes whose event never ran
+        requests += pulls.recently_closed(now - CLOSED_LOOKBACK)
+    for request in requests:
+        sources = pulls.experiments(request) if request.open else {}
+        statuses = pulls.statuses(request.number) if sources or not request.open else {}
+        for name in sorted(set(sources) | set(statuses)):
+            wanted = desire(sources.get(name), request.head_sha, workdir)
+            status = statuses.get(name, Status())
+            decision = decide(request, wanted, status, trigger=trigger, now=now)
+            backend = wanted.backend if wanted else (status.backend or "unknown")
+            result.live |= status.live and decision != PRUNE
+            if decision == WAIT and status.live:
+                result.waiting.append(f"#{request.number} {name}" + (
+                    f" (retry at {status.retry_at:%H:%M} UTC)" if status.retry_at else ""))
+            if decision in (WAIT, SETTLED) or (decision == PRUNE and backend != "azure"):
+                continue  # nothing of a local run outlives its job: nothing to prune
+            if backend == "local" and trigger == SCHEDULE:
+                continue  # a local leg runs its whole flow in its own event's job
+            file = wanted.source.path if wanted else ""
+            preflight = (backend == "azure" and trigger == EVENT and wanted is not None and wanted.problem is None
+                         and wanted.job != status.job)  # a new head's Azure job: the CPU preflight gates it
+            if backend == "azure" and (not azure or request.read_only):
+                why = ("the pull request has a read-only token (a fork or Dependabot): no OIDC, so no Azure"
+                       if request.read_only else "Azure ML is not configured (README, \"Use it in your fork\")")
+                result.notices.append(f"#{request.number} {name}: Azure skipped: {why}")
+                backend = "none"  # the preflight still runs: it needs no cloud
+            elif backend not in ("local", "azure"):
+                backend = "local"  # an unreadable file: reported by a leg that needs no cloud identity
+            if backend == "none" and not preflight:
+                continue
+            result.legs.append(Leg(request.number, name, backend, decision, file, preflight))
+            result.live |= backend == "azure" and decision == ADVANCE
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# A leg: one (PR, experiment) on one backend
+
+
+@dataclass
+class Outcome:
+    pr: int
+    experiment: str
+    action: str  # submitted, running, failed, error, done, settled, waiting, pruned, skipped, invalid
+    detail: str = ""
+    cancelled: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.action in ("failed", "invalid", "error")
+
+    def line(self) -> str:
+        extra = [f"cancelled {', '.join(self.cancelled)}"] if self.cancelled else []
+        extra += [f"deleted {', '.join(self.deleted)}"] if self.deleted else []
+        return (f"#{self.pr} {self.experiment}: {self.action}" + (f" ({self.detail})" if self.detail else "")
+                + (f"; {'; '.join(extra)}" if extra else ""))
+
+
+PASSED_GATES = ("", "success", "skipped")
+
+
+@dataclass
+class Reconciler:
+    backend: Any  # backends.base.Backend
+    pulls: PullRequests
+    repo: str
+    clock: Clock = utc_now
+    workdir: Path | None = None  # where the heads' experiment files are written to be loaded
+    trigger: str = DISPATCH
+    gate: str = ""  # the preflight's result on a pull_request event: success, skipped, failure, cancelled
+    on_submit: Callable[[], None] | None = None  # e.g. enable the scheduled tick
+
+    def heads(self) -> Path:
+        from automation.workspace import home
+
+        return self.workdir or home() / "heads"
+
+    def write(self, pr: int, name: str, status: Status, body: str) -> None:
+        """The one writer of the status: the comment, with where the job runs."""
+        self.pulls.comment(pr, name, replace(status, backend=self.backend.name), body)
+
+    def match(self, pr: int, experiment: str | None = None) -> dict[str, str]:
+        tags = {"repo": self.repo, "pr": str(pr), "managed_by": naming.MANAGED_BY}
+        return {**tags, "experiment": experiment} if experiment else tags
+
+    def reconcile(self, pr: PullRequest, source: Source | None, name: str) -> Outcome:
+        status = self.pulls.status(pr.number, name)  # read again inside the concurrency group
+        wanted = desire(source, pr.head_sha, self.heads())
+        decision = decide(pr, wanted, status, trigger=self.trigger, now=self.clock())
+        if decision == PRUNE:
+            why = "merged" if pr.merged else "closed" if not pr.open else "no longer in the pull request"
+            return self.prune(pr.number, name, status, why)
+        if decision in (SETTLED, WAIT) or wanted is None:
+            return Outcome(pr.number, name, "settled" if decision == SETTLED else "waiting", status.phase or "")
+        if wanted.problem is not None:
+            cancelled = self.cancel_older(status, keep=None)
+            self.write(pr.number, name, Status(wanted.job, "failed"), invalid_body(wanted.problem))
+            return Outcome(pr.number, name, "invalid", str(wanted.problem).splitlines()[0], cancelled)
+        if wanted.backend != self.backend.name:
+            return Outcome(pr.number, name, "skipped", f"runs on {wanted.backend}")
+        cancelled = self.cancel_older(status, keep=wanted.job)
+        if self.gate not in PASSED_GATES and status.job != wanted.job and self.backend.get_job(wanted.job) is None:
+            self.write(pr.number, name, Status(wanted.job, "failed"), gate_body(self.gate))
+            return Outcome(pr.number, name, "failed", f"preflight {self.gate}: nothing submitted", cancelled)
+        return self._step(pr, wanted, status, cancelled)
+
+    # -- cancelling and pruning -------------------------------------------------------------------
+    def cancel_older(self, status: Status, keep: str | None) -> list[str]:
+        """Stop the job the status names when it is not the head's (a newer push stops spending on
+        the old one). Found by name: never by paging the workspace's jobs."""
+        from automation.backends.base import IN_FLIGHT
+
+        if not status.job or status.job == keep or status.job.startswith("invalid@"):
+            return []
+        job = self.backend.get_job(status.job)
+        if job is None or job.state not in IN_FLIGHT:
+            return []
+        return [job.name] if self.backend.cancel_job(job.name) else []
+
+    def prune(self, pr: int, name: str, status: Status, why: str) -> Outcome:
+        cancelled = self.cancel_older(status, keep=None)
+        deleted = self.backend.delete_endpoints({**self.match(pr, name), "stage": "staging"})
+        body = self.pulls.body(pr, name)
+        if cancelled or deleted or (body is not None and status.phase != "pruned"):
+            lines = [f"### Stopped: {why}", ""]
+            lines += [f"- cancelled fine-tune job `{job}`" for job in cancelled]
+            lines += [f"- deleted staging endpoint `{endpoint}`" for endpoint in deleted]
+            kept = _report_after_prune(body, deleted)
+            self.write(pr, name, Status(status.job, "pruned"), "\n".join([*lines, "", *kept]))
+        return Outcome(pr, name, "pruned", why, cancelled, deleted)
+
+    # -- the step -----------------------------------------------------------------------------
+    def _step(self, pr: PullRequest, wanted: Desired, status: Status, cancelled: list[str]) -> Outcome:
+        from automation import stages
+        from automation.record import RunRecord
+
+        experiment, current = wanted.experiment, wanted.job
+        file = self.heads() / pr.head_sha[:12] / wanted.source.path
+        record = RunRecord(experiment=experiment.name, experiment_file=str(file), backend=experiment.backend,
+                           config_hash=naming.config_hash(experiment), sha=pr.head_sha, repo=self.repo, pr=pr.number)
+        run = stages.Run(experiment, file, record, stages.run_dir(experiment.name) / f"record-{pr.number}.json",
+                         self.backend)
+        attempts = status.attempts if status.job == current and status.phase == "error" else 0
+        try:
+            return self._advance(pr, run, current, cancelled)
+        except AutomationError as err:
+            attempts += 1
+            transient = is_transient(err) and self.backend.endpoints_outlive_job
+            if transient and attempts < MAX_ATTEMPTS:
+                retry_at = self.clock() + backoff(attempts)
+                self.write(pr.number, experiment.name, Status(current, "error", attempts, retry_at), error_body(err, attempts=attempts, retry_at=retry_at))
+                log.error("%s: attempt %d failed (%s); retried at %s", experiment.name, attempts, err,
+                          retry_at.strftime("%H:%M UTC"))
+                return Outcome(pr.number, experiment.name, "error", _one_line(err), cancelled)
+            given_up = attempts if transient else 0
+            self.write(pr.number, experiment.name, Status(current, "failed", given_up), error_body(err, attempts=given_up))
+            raise
+
+    def _advance(self, pr: PullRequest, run, current: str, cancelled: list[str]) -> Outcome:
+        from automation import stages
+        from automation.backends.base import IN_FLIGHT, JOB_CANCELING, JOB_COMPLETED
+
+        name, experiment = run.experiment.name, run.experiment
+        job = self.backend.get_job(current)
+        action = "running"
+        if job is None:
+            for stage in stages.sequence(run, stop="data"):  # validate, data
+                stages.run_stage(run, stage)
+            tags = naming.resource_tags(repo=self.repo, pr=pr.number, experiment=name, sha=pr.head_sha,
+                                        stage="finetune", ttl_hours=experiment.deployment.ttl_hours,
+                                        created_at=self.clock())
+            self.backend.submit_finetune(experiment, run.record.data, job_name=current, tags=tags)
+            job = self.backend.get_job(current)
+            action = "submitted"
+            if job is None:
+                raise TransientError(f"job {current} was submitted but cannot be found")
+            if self.on_submit and job.state in IN_FLIGHT:
+                self.on_submit()
+        if job.state in IN_FLIGHT or job.state == JOB_CANCELING:
+            self.write(pr.number, name, Status(current, "running"), self.progress_body(run, job))
+            return Outcome(pr.number, name, action, f"{job.name} {job.backend_status}", cancelled)
+        if job.state != JOB_COMPLETED:
+            self.write(pr.number, name, Status(current, "failed"), failed_body(run, job))
+            return Outcome(pr.number, name, "failed", f"{job.name} {job.backend_status}", cancelled)
+        return self._finish(pr, run, current, cancelled)
+
+    def _finish(self, pr: PullRequest, run, current: str, cancelled: list[str]) -> Outcome:
+        from automation import stages
+
+        name = run.experiment.name
+        stages.run_stage(run, "data")  # reused when present; the sample split is what gets scored
+        run.record.finetune = self.backend.wait_finetune(run.experiment, current, stream=False)  # ended: no wait
+
+        def still_open() -> Outcome | None:  # the PR may have closed while the job ran or while we registered
+            still = self.pulls.get(pr.number)
+            if not still.open:
+                outcome = self.prune(pr.number, name, Status(current, "done"), "closed before deploying")
+                outcome.cancelled = cancelled + outcome.cancelled
+                return outcome
+            if still.head_sha != pr.head_sha:
+                return Outcome(pr.number, name, "skipped", "a newer commit arrived before deploying", cancelled)
+            return None
+
+        keep = self.backend.endpoints_outlive_job  # a local endpoint lives only as long as this process
+        for stage in stages.sequence(run, start="register", keep_endpoint=keep, bundle=not keep):
+            if stage == "deploy" and (stopped := still_open()) is not None:
+                return stopped
+            stages.run_stage(run, stage)
+        body = Path(run.record.report_file).read_text(encoding="utf-8")
+        self.write(pr.number, name, Status(current, "done"), body)
+        return Outcome(pr.number, name, "done", run.record.deploy.endpoint_name if run.record.deploy else "",
+                       cancelled)
+
+    # -- bodies -------------------------------------------------------------------------------
+    def progress_body(self, run, job) -> str:
+        from automation.report import render
+
+        progress = self.backend.job_progress(job.name)
+        elapsed = _elapsed(job.created_at, self.clock())
+        lines = [f"### Fine-tune {job.backend_status.lower()}", "",
+                 f"Job `{job.name}` is **{job.backend_status}**" + (f" for {elapsed}" if elapsed else "")
+                 + (f" · step {progress.step}" if progress.step is not None else "")
+                 + (f" · training loss {progress.loss:.4f}" if progress.loss is not None else "")
+                 + (f" · [Azure ML studio]({job.url})" if job.url else ""),
+                 "", f"_Updated {self.clock().strftime('%Y-%m-%d %H:%M UTC')}; the next tick registers, deploys "
+                 "and scores once the job has completed._", ""]
+        report = render(run.record, run.experiment)
+        first, _, rest = report.partition("\n")
+        return "\n".join([first, *lines, rest])
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def _report_after_prune(body: str | None, deleted: list[str]) -> list[str]:
+    """The results a reviewer already had, kept under the "Stopped" note with their final facts: the
+    staging endpoints just deleted say so. Hidden lines (marker, status) and an earlier note go."""
+    if not body or "### " not in body:
+        return []
+    lines = [line for line in body.splitlines() if not (line.startswith("<!-- automation:") and line.endswith("-->"))]
+    if lines and lines[0].startswith("### Stopped:"):
+        return []  # pruned before: the results were kept then (or there were none)
+    text = "\n".join(lines).strip()
+    for name in deleted:
+        text = text.replace(f"**Endpoint** `{name}` (staging, live)", f"**Endpoint** `{name}` (staging, deleted)")
+    return ["---", "", text, ""]
+
+
+def _time(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None
+
+
+def _elapsed(created_at: str | None, now: datetime) -> str:
+    start = _time(created_at)
+    if start is None:
+        return ""
+    minutes = max(int((now - start).total_seconds() // 60), 0)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def failed_body(run, job) -> str:
+    from automation.report import render
+
+    lines = [f"### Fine-tune {job.backend_status.lower()}", "",
+             f"Job `{job.name}` ended **{job.backend_status}**"
+             + (f": {job.error}" if job.error else "") + (f" · [Azure ML studio]({job.url})" if job.url else ""),
+             "", "Push a fix to run it again, or run the loop's workflow by hand (workflow_dispatch) to retry it.", ""]
+    return "\n".join(lines) + "\n" + render(run.record, run.experiment).partition("\n")[2]
+
+
+def invalid_body(err: ExperimentInvalid) -> str:
+    issues = "\n".join(f"- `{i}`" for i in err.issues)
+    return f"### Invalid experiment\n\nNothing was submitted:\n\n{issues}\n\nPush a fix to run it.\n"
+
+
+def gate_body(result: str) -> str:
+    return (f"### Preflight {result}\n\nThe CPU preflight of this commit did not pass ({result}), so nothing was "
+            "submitted to Azure ML. Its log and annotations are in the `preflight` job of this workflow run; "
+            "push a fix to run it again.\n")
+
+
+def error_body(err: AutomationError, *, attempts: int = 0, retry_at: datetime | None = None) -> str:
+    kind = type(err).__name__
+    if retry_at is not None:
+        head = (f"### {kind} (attempt {attempts} of {MAX_ATTEMPTS})\n\nA transient error: the loop tries again "
+                f"after {retry_at.strftime('%H:%M UTC')}.")
+    elif attempts:
+        head = (f"### {kind}: gave up after {attempts} attempts\n\nThe error persisted. Run the loop's workflow "
+                "by hand (workflow_dispatch with this pull request) to try again, or push a change.")
+    else:
+        head = (f"### {kind}\n\nThis error will not go away by retrying: fix what it names and push, or run the "
+                "loop's workflow by hand once the cause is fixed elsewhere (quota, access, settings).")
+    return f"{head}\n\n```text\n{err}\n```\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running legs and ticks (the workflow runs each leg as its own job)
+
+
+def run_leg(pulls: PullRequests, backend, repo: str, pr: int, experiment: str | None = None, *,
+            clock: Clock = utc_now, trigger: str = DISPATCH, gate: str = "",
+            on_submit: Callable[[], None] | None = None, workdir: Path | None = None) -> list[Outcome]:
+    """One pull request (one experiment, or each it changes or has a comment for) on one backend.
+    An error in one experiment is its outcome, not the others'."""
+    request = pulls.get(pr)
+    sources = pulls.experiments(request) if request.open else {}
+    names = [experiment] if experiment else sorted(set(sources) | set(pulls.statuses(pr)))
+    reconciler = Reconciler(backend, pulls, repo, clock, workdir, trigger=trigger, gate=gate, on_submit=on_submit)
+    outcomes = []
+    for name in names:
+        try:
+            outcomes.append(reconciler.reconcile(request, sources.get(name), name))
+        except AutomationError as err:
+            log.error("%s: %s", name, err)
+            outcomes.append(Outcome(pr, name, "failed", _one_line(err)))
+    return outcomes
+
+
+def tick(pulls: PullRequests, backends: dict, repo: str, *, pr: int | None = None, clock: Clock = utc_now,
+         trigger: str | None = None, workdir: Path | None = None) -> list[Outcome]:
+    """A whole run of the loop on one machine: plan, then run each leg (a workflow runs them as jobs).
+    `trigger` defaults to the pull request's event when `pr` is given, else the schedule."""
+    trigger = trigger or (EVENT if pr is not None else SCHEDULE)
+    heads = workdir or _default_heads()
+    outcomes = []
+    the_plan = plan(pulls, repo, trigger=trigger, pr=pr, azure="azure" in backends, workdir=heads, clock=clock)
+    for leg in the_plan.legs:
+        if leg.backend in backends:
+            outcomes += run_leg(pulls, backends[leg.backend], repo, leg.pr, leg.experiment, clock=clock,
+                                trigger=trigger, workdir=heads)
+    return outcomes
+
+
+def _default_heads() -> Path:
+    from automation.workspace import home
+
+    return home() / "heads"
+
+
+def trigger_of(event_name: str | None, event: dict[str, Any]) -> str:
+    """The loop's trigger from GITHUB_EVENT_NAME and the payload (a reusable workflow sees its caller's)."""
+    if event_name == "pull_request":
+        return CLOSED if event.get("action") == "closed" else EVENT
+    if event_name == "schedule":
+        return SCHEDULE
+    return DISPATCH  # workflow_dispatch, or a person at a desk
+
+
+# ---------------------------------------------------------------------------------------------
+# Promotion (the production environment)
+
+
+def promote(reconciler: Reconciler, pr: PullRequest, source: Source) -> str:
+    """Promote the model the head commit's job produced, found by its tags: nothing is trusted
+    from an artifact. Runs in the production environment, with the production identity."""
+    from automation import stages
+    from automation.backends.base import JOB_COMPLETED
+    from automation.record import RunRecord
+
+    experiment = load(source, pr.head_sha, reconciler.heads())
+    cfg = naming.config_hash(experiment)
+    current = naming.job_name(experiment.name, pr.head_sha, cfg)
+    job = reconciler.backend.get_job(current)
+    if job is None or job.state != JOB_COMPLETED:
+        raise ConfigError(f"{experiment.name}: the job of the head commit ({current}) has not completed "
+                          f"({job.backend_status if job else 'not submitted'}); nothing to promote yet")
+    record = RunRecord(experiment=experiment.name, experiment_file=source.path, backend=experiment.backend,
+                       config_hash=cfg, sha=pr.head_sha, repo=reconciler.repo, pr=pr.number)
+    run = stages.Run(experiment, Path(source.path), record, stages.run_dir(experiment.name) / "record-promote.json",
+                     reconciler.backend)
+    run.record.finetune = reconciler.backend.wait_finetune(experiment, current, stream=False)
+    # The policy needs the held-out evaluation, measured again here rather than read from the
+    # comment: the candidate on the PR's staging endpoint, the production model on its own.
+    for stage in stages.sequence(run, start="data", stop="evaluate", skip=("finetune", "deploy", "score")):
+        if stage == "evaluate":
+            stages.find_staging(run)
+        stages.run_stage(run, stage)
+    stages.stage_promote(run)
+    p = run.record.promote
+    return f"#{pr.number} {experiment.name}: version {p.model_version} serves {p.endpoint_name} ({p.deployment_name})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The verb
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def require_pr(value: Any) -> int:
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        return int(value)
+    raise ConfigError(f"not a pull request number: {value!r}")
+
+
+def azure_configured() -> bool:
+    from automation.gitops import azure_settings_missing
+
+    return not azure_settings_missing()
+
+
+def _set_tick(client: github.GitHubClient, workflow: str | None, enabled: bool) -> None:
+    """Enable or disable the scheduled tick's workflow; a failure is a warning (the next event's
+    plan enables it again when something is live)."""
+    if not workflow:
+        return
+    try:
+        state = client.workflow_state(workflow)
+        if enabled and state != "active":
+            client.enable_workflow(workflow)
+            _out(f"enabled the scheduled tick ({workflow}): something is in flight")
+        elif not enabled and state == "active":
+            client.disable_workflow(workflow)
+            _out(f"disabled the scheduled tick ({workflow}): nothing is in flight; a submission enables it again")
+    except github.GitHubError as err:
+        log.warning("could not %s %s: %s", "enable" if enabled else "disable", workflow, err)
+
+
+def keep_tick(client: github.GitHubClient, workflow: str | None, the_plan: Plan, trigger: str) -> None:
+    """Idle costs nothing: a scheduled tick that finds nothing in flight disables its own workflow;
+    a plan of any other trigger that finds something in flight enables it (the safety net for a
+    submission whose enable failed)."""
+    if trigger == SCHEDULE and not the_plan.live:
+        _set_tick(client, workflow, False)
+    elif trigger != SCHEDULE and the_plan.live:
+        _set_tick(client, workflow, True)
+
+
+def cmd_reconcile(args) -> int:
+    from automation.backends import get_backend
+    from automation.gitops import current_repo
+
+    event = github.read_event(args.event)
+    trigger = trigger_of(os.environ.get("GITHUB_EVENT_NAME"), event)
+    number = args.pr if args.pr is not None else github.pull_request_number(event)
+    dispatched = str((event.get("inputs") or {}).get("pr") or "").strip()  # workflow_dispatch's input
+    if number is None and dispatched:
+        number = require_pr(dispatched)
+    repo = current_repo()
+    with github.GitHubClient.from_env() as client:
+        pulls = PullRequests(client)
+        if args.plan:
+            azure = azure_configured() and (not args.backend or "azure" in args.backend)
+            the_plan = plan(pulls, repo, trigger=trigger, pr=number, azure=azure, workdir=_default_heads())
+            if args.backend:
+                the_plan.legs = [leg for leg in the_plan.legs if leg.backend in args.backend or
+                                 (leg.preflight and "azure" in args.backend)]
+            for name, value in the_plan.outputs().items():
+                if not github.set_output(name, value):
+                    _out(f"{name}={value}")
+            legs = [leg for leg in the_plan.legs if leg.backend]
+            _out(f"{len(legs)} leg(s): " + (", ".join(f"#{leg.pr} {leg.experiment} ({leg.backend}, {leg.decision})"
+                                                      for leg in legs) or "nothing to do"))
+            for notice in the_plan.notices:
+                _out(github.annotation("notice", notice, title="Azure skipped"))
+            for waiting in the_plan.waiting:
+                _out(f"waiting: {waiting}")
+            keep_tick(client, args.tick_workflow, the_plan, trigger)
+            github.append_step_summary("### Reconcile plan\n\n" + ("\n".join(
+                f"- #{leg.pr} `{leg.experiment}` on {leg.backend}: {leg.decision}" for leg in legs)
+                or "Nothing to do.") + "".join(f"\n- {n}" for n in the_plan.notices))
+            return 0
+        if number is None:
+            raise ConfigError("no pull request: pass --pr N (or --plan to list what a run of the loop would do)")
+        names = args.backend or (["local"] + (["azure"] if azure_configured() else []))
+        backends = {name: get_backend(name) for name in dict.fromkeys(names)}
+        if args.promote:
+            request = pulls.get(number)
+            sources = pulls.experiments(request) if request.open else {}
+            if len(backends) != 1 or len(args.experiment) != 1 or args.experiment[0] not in sources:
+                raise ConfigError("--promote needs one --backend and one --experiment that the open pull request "
+                                  "changes")
+            reconciler = Reconciler(next(iter(backends.values())), pulls, repo)
+            _out(promote(reconciler, request, sources[args.experiment[0]]))
+            return 0
+        outcomes = []
+        for backend in backends.values():
+            for experiment in args.experiment or [None]:
+                for outcome in run_leg(pulls, backend, repo, number, experiment, trigger=trigger, gate=args.gate,
+                                       on_submit=lambda: _set_tick(client, args.tick_workflow, True)):
+                    if outcome.action != "skipped" or len(backends) == 1:
+                        outcomes.append(outcome)
+                        _out(outcome.line())
+                    if outcome.failed:
+                        level = "warning" if outcome.action == "error" else "error"
+                        _out(github.annotation(level, outcome.line(), title=f"reconcile {outcome.experiment}"))
+        github.append_step_summary("### Reconcile\n\n" + "\n".join(f"- {o.line()}" for o in outcomes))
+        return 1 if any(o.action in ("failed", "invalid") for o in outcomes) else 0
+
+
+def add_command(commands) -> None:
+    p = commands.add_parser("reconcile", help="bring each experiment of a pull request one step closer to its "
+                                              "desired state (submit, report progress, deploy, cancel, delete)")
+    p.add_argument("--pr", type=int, help="pull request number (default: from the event payload)")
+    p.add_argument("--experiment", action="append", default=[], help="only this experiment (repeatable)")
+    p.add_argument("--backend", action="append", default=[], choices=["local", "azure"],
+                   help="backend to reconcile on (repeatable; default local, plus azure when configured)")
+    p.add_argument("--plan", action="store_true",
+                   help="list the (PR, experiment) legs this run starts, as job matrices on $GITHUB_OUTPUT "
+                        "(local, azure, preflight)")
+    p.add_argument("--gate", default="", choices=["", "success", "skipped", "failure", "cancelled"],
+                   help="the CPU preflight's result for this push: failure or cancelled submits nothing")
+    p.add_argument("--tick-workflow", metavar="FILE",
+                   help="the scheduled tick's workflow file: the plan disables it when nothing is in flight, "
+                        "a submission enables it")
+    p.add_argument("--promote", action="store_true",
+                   help="promote the head commit's fine-tuned model to production (blue/green)")
+    p.add_argument("--event", help="event payload file (default: $GITHUB_EVENT_PATH)")
+    p.set_defaults(handler=cmd_reconcile)
