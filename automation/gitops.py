@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -385,8 +386,10 @@ def expiry(tags: dict[str, str]) -> datetime | None:
         return None
 
 
-def sweep(backend, now: datetime | None = None, *, dry_run: bool = False) -> tuple[list[str], list[str]]:
-    """Delete this product's staging endpoints past their time to live; (expired, left untouched).
+def sweep(backend, now: datetime | None = None, *, dry_run: bool = False,
+          closed: Callable[[int], bool] | None = None) -> tuple[list[str], list[str]]:
+    """Delete this product's staging endpoints past their time to live, and (given `closed`) those of
+    pull requests that are closed: the safety net under the loop's prune. (expired, left untouched).
 
     Only endpoints tagged managed_by, stage=staging, created_at and ttl_hours are candidates:
     anything untagged is somebody else's and is left alone."""
@@ -396,6 +399,9 @@ def sweep(backend, now: datetime | None = None, *, dry_run: bool = False) -> tup
     expired, untouched = [], []
     for endpoint in backend.list_endpoints({"managed_by": MANAGED_BY, "stage": "staging"}):
         until = expiry(endpoint.tags)
+        pr = endpoint.tags.get("pr", "")
+        if closed is not None and until is not None and pr.isdigit() and closed(int(pr)):
+            until = now  # its pull request is closed: nothing wants it any more
         if until is None:
             log.warning("endpoint %s has no valid created_at/ttl_hours tags; left alone", endpoint.name)
             untouched.append(endpoint.name)
@@ -408,16 +414,38 @@ def sweep(backend, now: datetime | None = None, *, dry_run: bool = False) -> tup
     return expired, untouched
 
 
+def _closed_pulls() -> tuple[Callable[[int], bool] | None, github.GitHubClient | None]:
+    """`closed(pr)` through the GitHub API when a token is there (each pull request read once)."""
+    if not (os.environ.get("GITHUB_TOKEN") and os.environ.get("GITHUB_REPOSITORY")):
+        return None, None
+    client = github.GitHubClient.from_env()
+    seen: dict[int, bool] = {}
+
+    def closed(pr: int) -> bool:
+        if pr not in seen:
+            try:
+                seen[pr] = client.get_pull(pr).get("state") == "closed"
+            except github.GitHubError as err:
+                log.warning("cannot read pull request #%s (%s); its endpoints keep their ttl", pr, err)
+                seen[pr] = False
+        return seen[pr]
+
+    return closed, client
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from automation.backends import get_backend
 
     backends = args.backend or ["local"]
     resolved = [(name, get_backend(name)) for name in backends]
+    closed, client = _closed_pulls()
     failed = 0
     rows = []
+    left = 0
     for name, backend in resolved:
         try:
-            expired, kept = sweep(backend, dry_run=args.dry_run)
+            expired, kept = sweep(backend, dry_run=args.dry_run, closed=closed)
+            left += len(kept)
         except AutomationError as err:
             failed += 1
             _out(github.annotation("error", f"sweep on {name} failed: {err}"))
@@ -429,6 +457,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     github.append_step_summary("### Endpoint sweep\n\n" + ("| backend | endpoint | |\n|---|---|---|\n" + "\n".join(rows)
                                                           if rows else "No staging endpoint is past its ttl_hours."))
     _notice_without_azure(backends)
+    if client is not None:
+        if args.self_workflow and not failed and not left and not args.dry_run:
+            # idle costs nothing: no staging endpoint left to watch; the loop's next submission enables it again
+            from automation.loop import set_workflow
+
+            set_workflow(client, args.self_workflow, enabled=False)
+        client.close()
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -467,5 +502,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("sweep", help="delete staging endpoints past their ttl_hours (tagged ones only)")
     p.add_argument("--backend", action="append", default=[], help="backend to sweep (repeatable; default local)")
     p.add_argument("--dry-run", action="store_true", help="list what is expired; delete nothing")
+    p.add_argument("--self-workflow", metavar="FILE",
+                   help="the sweeper's own workflow file: disabled when no staging endpoint is left (the "
+                        "loop's next submission enables it again)")
     p.set_defaults(handler=cmd_sweep)
 

@@ -767,19 +767,19 @@ def azure_configured() -> bool:
     return not azure_settings_missing()
 
 
-def _set_tick(client: github.GitHubClient, workflow: str | None, enabled: bool) -> None:
-    """Enable or disable the scheduled tick's workflow; a failure is a warning (the next event's
-    plan enables it again when something is live)."""
+def set_workflow(client: github.GitHubClient, workflow: str | None, *, enabled: bool) -> None:
+    """Enable or disable a scheduled workflow (the tick, the sweeper); a failure is a warning: the
+    next event's plan enables it again when something is live, and an idle run disables it again."""
     if not workflow:
         return
     try:
         state = client.workflow_state(workflow)
         if enabled and state != "active":
             client.enable_workflow(workflow)
-            _out(f"enabled the scheduled tick ({workflow}): something is in flight")
+            _out(f"enabled {workflow}: something is in flight")
         elif not enabled and state == "active":
             client.disable_workflow(workflow)
-            _out(f"disabled the scheduled tick ({workflow}): nothing is in flight; a submission enables it again")
+            _out(f"disabled {workflow}: nothing is in flight; the next submission enables it again")
     except github.GitHubError as err:
         log.warning("could not %s %s: %s", "enable" if enabled else "disable", workflow, err)
 
@@ -789,9 +789,9 @@ def keep_tick(client: github.GitHubClient, workflow: str | None, the_plan: Plan,
     a plan of any other trigger that finds something in flight enables it (the safety net for a
     submission whose enable failed)."""
     if trigger == SCHEDULE and not the_plan.live:
-        _set_tick(client, workflow, False)
+        set_workflow(client, workflow, enabled=False)
     elif trigger != SCHEDULE and the_plan.live:
-        _set_tick(client, workflow, True)
+        set_workflow(client, workflow, enabled=True)
 
 
 def cmd_reconcile(args) -> int:
@@ -845,7 +845,8 @@ def cmd_reconcile(args) -> int:
         for backend in backends.values():
             for experiment in args.experiment or [None]:
                 for outcome in run_leg(pulls, backend, repo, number, experiment, trigger=trigger, gate=args.gate,
-                                       on_submit=lambda: _set_tick(client, args.tick_workflow, True)):
+                                       on_submit=lambda: [set_workflow(client, w, enabled=True)
+                                                          for w in (args.tick_workflow, args.sweeper_workflow)]):
                     if outcome.action != "skipped" or len(backends) == 1:
                         outcomes.append(outcome)
                         _out(outcome.line())
@@ -871,6 +872,9 @@ def add_command(commands) -> None:
     p.add_argument("--tick-workflow", metavar="FILE",
                    help="the scheduled tick's workflow file: the plan disables it when nothing is in flight, "
                         "a submission enables it")
+    p.add_argument("--sweeper-workflow", metavar="FILE",
+                   help="the endpoint sweeper's workflow file: a submission enables it (it disables itself "
+                        "when no staging endpoint is left)")
     p.add_argument("--promote", action="store_true",
                    help="promote the head commit's fine-tuned model to production (blue/green)")
     p.add_argument("--event", help="event payload file (default: $GITHUB_EVENT_PATH)")

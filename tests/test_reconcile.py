@@ -521,3 +521,21 @@ def test_the_status_line_round_trips():
     assert Status.parse("intro\n" + status.line() + "\nmore") == status
     assert Status.parse("<!-- automation:status job=x phase=done -->") == Status("x", "done")  # the old form
     assert Status.parse("no status here") == Status()
+
+
+def test_the_sweeper_deletes_what_a_closed_pull_request_left(world):
+    """The safety net under the loop's prune: a closed pull request's staging endpoint goes at the
+    next sweep, its ttl_hours notwithstanding; an open one's stays."""
+    from automation.gitops import sweep
+
+    open_pr(world)
+    world.workspace.jobs.run_for(world.job_of(SHA1), 600)
+    world.tick(pr=7)
+    world.clock.advance(timedelta(minutes=15))
+    world.tick()
+    (endpoint,) = world.endpoints()
+    closed = {7: False}
+    assert sweep(world.backend, closed=lambda pr: closed[pr]) == ([], [endpoint])
+    closed[7] = True
+    assert sweep(world.backend, closed=lambda pr: closed[pr]) == ([endpoint], [])
+    assert world.endpoints() == []
