@@ -240,7 +240,7 @@ class ArmService:
         state = self.job_states.get(name, "NotStarted")
         if state in TERMINAL_JOB_STATES:
             return arm_error(400, "UserError", f"Cannot cancel job {name} in state {state}.")
-        self.job_states[name] = "CancelRequested"
+        self.set_job_state(name, "CancelRequested")
         return self._start(lambda: None, location_only=True)
 
     # models -----------------------------------------------------------------------------------

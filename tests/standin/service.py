@@ -41,6 +41,7 @@ from tests.standin.names import (
     STAGING_CLIENT,
     SUBSCRIPTION,
     WORKSPACE,
+    now_iso,
     production_may,
     staging_may,
 )
@@ -149,7 +150,11 @@ class StandIn(ArmService, DataPlane):
         self.fail(method, pattern, DROP, times)
 
     def set_job_state(self, name: str, state: str) -> None:
+        """The job moves to `state` now (the stand-in's clock): its systemData.lastModifiedAt moves
+        with it, as the service stamps a job's status change."""
         with self._lock:
+            if self.job_states.get(name) != state and name in self.jobs:
+                self.jobs[name]["systemData"]["lastModifiedAt"] = now_iso(self.now)
             self.job_states[name] = state
 
     def count(self, host: str | None = None) -> int:
@@ -166,18 +171,29 @@ class StandIn(ArmService, DataPlane):
             return reply
 
     def _check_spec(self, req: Request, reply: Reply) -> None:
-        from tests.standin import spec
+        """Every answer of the Azure ML resource provider (ARM, and the registry's data plane that
+        mirrors its routes) and every PUT body the SDK sends, held to azure-rest-api-specs'
+        definitions (schemas.py); what breaks them lands in `spec_problems`."""
+        from tests.standin import schemas
 
-        if req.host != ARM_HOST or not isinstance(reply.body, dict) or reply.status >= 300:
+        registry = req.path.startswith("/mferp/managementfrontend/")
+        if req.host != ARM_HOST and not registry:
             return
-        rest = req.path[len(self._ws_prefix()):]
-        kinds = ((r"/onlineEndpoints/[^/]+", "online_endpoint_get.json"),
-                 (r"/onlineEndpoints/[^/]+/deployments/[^/]+", "online_deployment_create.json"),
-                 (r"/jobs/[^/]+", "pipeline_job_get.json"), (r"/models/[^/]+/versions/[^/]+", "model_version_get.json"))
-        for pattern, name in kinds:
-            if re.fullmatch(pattern, rest) and (name != "pipeline_job_get.json"
-                                                or reply.body.get("properties", {}).get("jobType") == "Pipeline"):
-                self.spec_problems += spec.problems(name, reply.body)
+        where = f"{req.method} {req.path.split('/providers/', 1)[-1]}"
+        if req.method == "PUT" and (wanted := schemas.request_schema(req.method, req.path)):
+            try:
+                sent = req.json()
+            except ValueError:
+                sent = None
+            if isinstance(sent, dict):
+                self.spec_problems += [f"request {where}: {p}" for p in schemas.problems(wanted, sent)]
+        schema = schemas.route(req.method, req.path, reply.status)
+        if schema is None or not isinstance(reply.body, dict):
+            return
+        body = reply.body
+        if registry:
+            body = schemas.without_registry_extensions(body)
+        self.spec_problems += [f"answer {reply.status} {where}: {p}" for p in schemas.problems(schema, body)]
 
     def _route(self, req: Request) -> Reply:
         target = f"{req.host}{req.path}"

@@ -20,6 +20,7 @@ from typing import Any
 from automation.backends.azure import compute, endpoints, jobs, pipeline, retry
 from automation.backends.base import (
     IN_FLIGHT,
+    JOB_FAILED,
     Backend,
     EndpointInfo,
     JobInfo,
@@ -36,7 +37,7 @@ from automation.record import (
     RegisterPart,
 )
 from automation.serving.contract import score_request
-from automation.spec import Experiment, apply_model_specific_defaults, run_display_name
+from automation.spec import Experiment, run_display_name
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class AzureBackend(Backend):
         self._today = today
         self._registry = registry_client
         self._registries: dict[str, Any] = dict(registry_clients or {})
+        self._stuck: dict[str, JobInfo] = {}
+        self._validations: dict[str, tuple[compute.ComputeCheck, Any, list[str], Experiment]] = {}
         self._metrics_reader = metrics_reader or self._workspace_metrics
         self._sleep = sleep
         self._poll_s = poll_s
@@ -177,10 +180,17 @@ class AzureBackend(Backend):
         return retry.call(what, fn, sleep=self._sleep, **options)
 
     # -- validate ---------------------------------------------------------------------------
+    def _validated(self, experiment: Experiment) -> tuple[compute.ComputeCheck, Any, list[str], Experiment]:
+        """compute.validate once per experiment and process: `validate` and the submit that follows it
+        in one run share its reads (model, lifecycle metadata, cluster, VM sizes) and its warnings."""
+        key = experiment.model_dump_json()
+        if key not in self._validations:
+            self._validations[key] = compute.validate(self.workspace, self.registry(experiment.model.registry),
+                                                      experiment, self._call, today=self._today())
+        return self._validations[key]
+
     def validate_compute(self, experiment: Experiment) -> list[str]:
-        _, _, warnings = compute.validate(self.workspace, self.registry(experiment.model.registry), experiment,
-                                          self._call, today=self._today())
-        return warnings
+        return self._validated(experiment)[2]
 
     # -- fine-tune --------------------------------------------------------------------------
     def _existing_job(self, job_name: str):
@@ -215,11 +225,7 @@ class AzureBackend(Backend):
 
     def build_job(self, experiment: Experiment, data: DataPart, *, job_name: str, tags: dict[str, str]):
         """The pipeline job this experiment submits (after the workspace checks)."""
-        check, model, _ = compute.validate(self.workspace, self.registry(experiment.model.registry), experiment,
-                                           self._call, today=self._today())
-        tags_of_model = dict(getattr(model, "tags", None) or {})
-        merged, _ = apply_model_specific_defaults(
-            experiment, tags_of_model.get("model_specific_defaults") or experiment.model.model_specific_defaults)
+        check, model, _, merged = self._validated(experiment)
         for path in pipeline.data_files(merged, data.out_dir).values():
             if not path.is_file():
                 raise ConfigError(f"data file {path} is missing; run `automation data` first")
@@ -311,8 +317,10 @@ class AzureBackend(Backend):
             if status.lower() != status_key:
                 status_key, since = status.lower(), now
             deadline = jobs.stall_deadline_s(status)
-            if deadline is not None and now - since >= deadline:
-                raise BackendError(jobs.stuck_message(job_name, status, now - since, job.studio_url))
+            stuck = jobs.stuck_for(job)  # across ticks: from the job's own last-modified time
+            if deadline is not None and (now - since >= deadline or stuck is not None):
+                raise BackendError(jobs.stuck_message(job_name, status, max(now - since, stuck or 0),
+                                                      job.studio_url))
             if now - started >= self._max_wait_s:
                 raise BackendError(f"fine-tune job {job_name} is still {status} after waiting "
                                    f"{self._max_wait_s / 3600:g} h; it goes on in Azure ML: let the reconcile "
@@ -326,7 +334,24 @@ class AzureBackend(Backend):
         from automation.backends.azure.jobs import job_info
 
         job = self._existing_job(job_name)
-        return None if job is None else job_info(job)
+        if job is None:
+            return None
+        info = job_info(job)
+        if info.state == JOB_FAILED and jobs.stall_deadline_s(info.backend_status) is not None:
+            self._cancel_stuck(info)
+        return self._stuck.get(job_name, info)
+
+    def _cancel_stuck(self, info: JobInfo) -> None:
+        """A job found stuck past its state's deadline (jobs.stuck_for: measured from the job's own
+        systemData.lastModifiedAt, so any tick sees it) is cancelled, and reported failed for the rest
+        of this process (its status now reads CancelRequested)."""
+        log.warning("%s", info.error)
+        self._stuck[info.name] = info
+        try:
+            self._call(f"cancelling stuck job {info.name}", lambda: self.workspace.jobs.begin_cancel(info.name),
+                       begin=True, wait=False, passthrough=retry.is_not_found)
+        except Exception as err:  # the report of the failure matters more than the cancel
+            log.warning("could not cancel stuck job %s: %s", info.name, retry.one_sentence(err))
 
     def list_jobs(self, match_tags: dict[str, str] | None = None) -> list[JobInfo]:
         from automation.backends.azure.jobs import job_info
@@ -335,7 +360,9 @@ class AzureBackend(Backend):
         # as for endpoints, since the service filters only on one tag at a time.
         found = self._call("listing jobs", lambda: [j for j in self.workspace.jobs.list() if j is not None])
         wanted = match_tags or {}
-        return [job_info(j) for j in found if all((j.tags or {}).get(k) == v for k, v in wanted.items())]
+        # a job stuck past its deadline reads failed here (job_info); get_job is what cancels it
+        return [self._stuck.get(j.name, job_info(j)) for j in found
+                if all((j.tags or {}).get(k) == v for k, v in wanted.items())]
 
     def cancel_job(self, job_name: str) -> bool:
         from azure.core.exceptions import ResourceNotFoundError

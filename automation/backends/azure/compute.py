@@ -131,8 +131,10 @@ def ensure_cluster(client, experiment: Experiment, call: Callable = retry.call):
 
 
 def validate(workspace_client, registry_client, experiment: Experiment,
-             call: Callable = retry.call, today: date | None = None) -> tuple[ComputeCheck, Any, list[str]]:
-    """Every workspace check of `validate`; returns the compute, the model and the warnings."""
+             call: Callable = retry.call, today: date | None = None,
+             ) -> tuple[ComputeCheck, Any, list[str], Experiment]:
+    """Every workspace check of `validate`; returns the compute, the model, the warnings and the
+    experiment with the model's `model_specific_defaults` merged (each override warned once, here)."""
     from automation.spec import apply_model_specific_defaults
 
     model = lookup_model(registry_client, experiment, call)
@@ -158,9 +160,9 @@ def validate(workspace_client, registry_client, experiment: Experiment,
     if wanted != "auto" and wanted != gpus:
         raise ConfigError(f"compute.gpus_per_node is {wanted}, but {size} has {gpus} GPU(s) per node")
     check_inference_size(experiment.deployment.instance_type, model)
-    _, merged = apply_model_specific_defaults(
+    merged_experiment, merged = apply_model_specific_defaults(
         experiment, tags.get("model_specific_defaults") or experiment.model.model_specific_defaults)
     for warning in warnings:
         log.warning(warning)
     cluster_name = "serverless" if experiment.compute.serverless else str(experiment.compute.cluster)
-    return ComputeCheck(cluster_name, size, gpus, created), model, warnings + merged
+    return ComputeCheck(cluster_name, size, gpus, created), model, warnings + merged, merged_experiment

@@ -74,12 +74,29 @@ def _from_config(path: Path) -> WorkspaceSettings:
     return WorkspaceSettings(data["subscription_id"], data["resource_group"], data["workspace_name"], str(path))
 
 
+# One credential per process and identity: the workspace, each registry's and the MLflow clients share
+# it, and with it azure-identity's token cache (one Entra request per scope, not one per client).
+_CREDENTIALS: dict[tuple[str, ...], Any] = {}
+_IDENTITY_VARIABLES = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "ACTIONS_ID_TOKEN_REQUEST_URL",
+                       "ACTIONS_ID_TOKEN_REQUEST_TOKEN")
+
+
 def credential():
     """A GitHub OIDC client assertion that refreshes itself in Actions; DefaultAzureCredential
-    (the Azure CLI login, environment, managed identity) at a desk. See credentials.py."""
+    (the Azure CLI login, environment, managed identity) at a desk. See credentials.py.
+
+    The same object for every client of this process while the identity variables stay the same."""
     from automation.backends.azure.credentials import credential as make
 
-    return make()
+    key = tuple(os.environ.get(name, "") for name in _IDENTITY_VARIABLES)
+    if key not in _CREDENTIALS:
+        _CREDENTIALS[key] = make()
+    return _CREDENTIALS[key]
+
+
+def forget_credentials() -> None:
+    """Drop the process's credentials (tests that change identity)."""
+    _CREDENTIALS.clear()
 
 
 def client_options(**extra: Any) -> dict[str, Any]:

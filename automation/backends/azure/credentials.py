@@ -29,6 +29,24 @@ REQUEST_URL, REQUEST_TOKEN = "ACTIONS_ID_TOKEN_REQUEST_URL", "ACTIONS_ID_TOKEN_R
 # actions/toolkit's getIDToken (packages/core/src/oidc-utils.ts) makes up to 10 attempts; so do we,
 # backing off 1, 2, 4, 8, then 10 s between them: at most 10 x OIDC_TIMEOUT_S + 65 s for one token.
 OIDC_ATTEMPTS, OIDC_TIMEOUT_S, OIDC_MAX_DELAY_S = 10, 10.0, 10.0
+# A GitHub ID token is valid for minutes (its `exp`); one is reused as the client assertion of every
+# Entra request this process makes while more than this much of its life is left (Entra takes the
+# same assertion more than once: azure-identity's WorkloadIdentityCredential sends the same
+# projected token for as long as Kubernetes keeps it), so a job asks GitHub once, not once per scope.
+OIDC_REUSE_MARGIN_S = 120.0
+
+
+def _expires_at(token: str) -> float | None:
+    """The `exp` claim of a JWT, unverified (Entra verifies it); None when it cannot be read."""
+    import base64
+    import json
+
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return None
 
 
 def github_oidc_available(env: Mapping[str, str] | None = None) -> bool:
@@ -52,9 +70,11 @@ def _transient(status: int) -> bool:
 
 def github_oidc_token_provider(env: Mapping[str, str] | None = None, *, timeout_s: float = OIDC_TIMEOUT_S,
                                audience: str = AUDIENCE, attempts: int = OIDC_ATTEMPTS,
-                               sleep: Callable[[float], None] = time.sleep) -> Callable[[], str]:
-    """A function returning a fresh GitHub OIDC token for `audience` on every call (each token
-    is valid for minutes; the request token behind it lasts as long as the job).
+                               sleep: Callable[[float], None] = time.sleep,
+                               now: Callable[[], float] = time.time) -> Callable[[], str]:
+    """A function returning a GitHub OIDC token for `audience`: the last one while more than
+    OIDC_REUSE_MARGIN_S of its life is left, else a fresh one (each token is valid for minutes; the
+    request token behind it lasts as long as the job).
 
     5xx, 429 and connection errors are retried with backoff (at most `attempts` tries); what still
     fails raises AuthenticationError, naming the last answer."""
@@ -65,7 +85,17 @@ def github_oidc_token_provider(env: Mapping[str, str] | None = None, *, timeout_
     token_url = oidc_token_url(url, audience)
     headers = {"Authorization": f"bearer {token}", "Accept": "application/json"}
 
+    held: dict[str, Any] = {}
+
     def fetch() -> str:
+        expires = held.get("expires")
+        if expires is not None and expires - now() > OIDC_REUSE_MARGIN_S:
+            return held["value"]
+        value = fetch_fresh()
+        held.update(value=value, expires=_expires_at(value))
+        return value
+
+    def fetch_fresh() -> str:
         import httpx
 
         last = "no attempt made"

@@ -6,11 +6,19 @@ cancelled with `jobs.begin_cancel` (Running -> CancelRequested -> Canceled).
 them are not an end although the SDK's own `jobs.stream` stops on them (RunHistoryConstants
 .TERMINAL_STATUSES): NotResponding (the job stopped reporting; it may recover) and Paused. A job that
 stays in one of them past its deadline (`STALL_DEADLINES_S`) is treated as failed: stuck.
+
+A tick is a fresh process, so the time a job has been in that state is read from the job itself:
+its `systemData.lastModifiedAt` (common-types v3 `systemData`, "the timestamp of resource last
+modification (UTC)"; azure-ai-ml's `creation_context.last_modified_at`), which the service moves
+when the job's status changes. A job whose answer carries no such time gets no deadline across
+ticks (a single wait still bounds it: AzureBackend._poll_until_done).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from automation.backends.base import (
@@ -87,6 +95,31 @@ def stuck_message(job_name: str, status: str, seconds: float, url: str | None = 
             f"cancel it or resubmit; see {url or 'the Azure ML studio'}")
 
 
+def last_modified_s(job: Any) -> float | None:
+    """The job's systemData.lastModifiedAt as seconds since the epoch; None when it has none."""
+    stamp = getattr(getattr(job, "creation_context", None), "last_modified_at", None)
+    if isinstance(stamp, str):
+        try:
+            stamp = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if not isinstance(stamp, datetime):
+        return None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
+def stuck_for(job: Any, now: float | None = None) -> float | None:
+    """How long the job has been NotResponding or Paused, when that is at least the state's deadline;
+    None otherwise (another state, still within it, or a job that carries no time)."""
+    status = state_text(getattr(job, "status", None))
+    deadline = stall_deadline_s(status)
+    since = last_modified_s(job) if deadline is not None else None
+    if since is None:
+        return None
+    held = (time.time() if now is None else now) - since
+    return held if held >= deadline else None
+
+
 def _created_at(job: Any) -> str | None:
     context = getattr(job, "creation_context", None)
     created = getattr(context, "created_at", None)
@@ -95,9 +128,15 @@ def _created_at(job: Any) -> str | None:
     return created.strftime("%Y-%m-%dT%H:%M:%SZ") if hasattr(created, "strftime") else str(created)
 
 
-def job_info(job: Any) -> JobInfo:
+def job_info(job: Any, now: float | None = None) -> JobInfo:
+    """The reconcile loop's view of a job; one stuck past its state's deadline (`stuck_for`) is
+    failed, its error saying so."""
     status = state_text(getattr(job, "status", None), "Unknown")
     error = getattr(job, "error", None)
-    return JobInfo(name=job.name, state=job_state(status).state, backend_status=status,
+    state = job_state(status).state
+    stuck = stuck_for(job, now)
+    if stuck is not None:
+        state, error = JOB_FAILED, stuck_message(job.name, status, stuck, getattr(job, "studio_url", None))
+    return JobInfo(name=job.name, state=state, backend_status=status,
                    tags=dict(getattr(job, "tags", None) or {}), url=getattr(job, "studio_url", None),
                    created_at=_created_at(job), error=str(error) if error else None)
