@@ -244,22 +244,70 @@ def test_a_gateway_plain_text_answer_reads_alike(sides):
     assert fake == wire
 
 
-def test_the_stand_in_is_held_to_the_spec_examples():
-    """tests/standin/spec.py finds a key the spec lacks and an enum value it does not know, and the
-    stand-in's own endpoint answer (as seeded) has neither."""
-    from tests.standin import spec
+def test_the_spec_extracts_name_their_source_and_accept_the_specs_own_examples():
+    """tests/fixtures/arm/spec/ holds definitions of azure-rest-api-specs at a named commit; the
+    x-ms-examples of the same folder (tests/fixtures/arm/*.json) pass the checker unchanged."""
+    import re
 
-    good = json.loads(json.dumps(spec.example("online_endpoint_get.json")))
-    good["properties"]["authMode"] = "Key"
-    good["tags"] = {"pr": "7"}
-    assert spec.problems("online_endpoint_get.json", good) == []
-    bad = json.loads(json.dumps(good))
+    from tests.standin import schemas, spec
+
+    for name in schemas.FILES:
+        source = schemas.source(name)
+        assert source["repo"] == "Azure/azure-rest-api-specs" and re.fullmatch(r"[0-9a-f]{40}", source["commit"])
+        assert source["path"].endswith("/" + name)
+    assert "/stable/2025-12-01/" in schemas.source("mfe.json")["path"]  # azure-ai-ml 1.35's arm_ml_service
+    for example, schema in (("online_endpoint_get.json", "OnlineEndpointTrackedResource"),
+                            ("online_deployment_create.json", "OnlineDeploymentTrackedResource"),
+                            ("pipeline_job_get.json", "JobBaseResource"),
+                            ("model_version_get.json", "ModelVersionResource")):
+        assert schemas.problems(schema, spec.example(example)) == [], example
+
+
+def test_the_schema_checker_refuses_what_the_spec_does_not_allow(tmp_path):
+    """Each kind of drift a stand-in could make: a key no definition declares (through allOf), an
+    enum value, a missing required key, null where the spec has no x-nullable, a discriminator no
+    definition derives, a wrong type, a bad date-time; and the stand-in flags its own drifting answer."""
+    from tests.standin import schemas, spec
+    from tests.standin.proxy import Request
+
+    endpoint = json.loads(json.dumps(spec.example("online_endpoint_get.json")))
+    endpoint["properties"]["authMode"] = "Key"
+    assert schemas.problems("OnlineEndpointTrackedResource", endpoint) == []
+    bad = json.loads(json.dumps(endpoint))
     bad["properties"]["provisioningState"] = "Provisioned"
     bad["properties"]["scoringUrl"] = "https://x/score"
-    assert sorted(spec.problems("online_endpoint_get.json", bad)) == [
-        "online_endpoint_get.json: key properties.scoringUrl is not in the spec",
-        "online_endpoint_get.json: properties.provisioningState='Provisioned' is not one of "
-        "['Canceled', 'Creating', 'Deleting', 'Failed', 'Succeeded', 'Updating']"]
+    bad["properties"]["traffic"] = {"blue": "100"}
+    bad["kind"] = None
+    bad["systemData"]["createdAt"] = "yesterday"
+    del bad["location"]
+    found = schemas.problems("OnlineEndpointTrackedResource", bad)
+    assert sorted(found) == sorted([
+        "$: OnlineEndpointTrackedResource requires location",
+        "$.kind: null where the spec allows none",
+        "$.systemData.createdAt: 'yesterday' is not a date-time",
+        "$.properties.provisioningState: 'Provisioned' is not one of "
+        "['Creating', 'Deleting', 'Succeeded', 'Failed', 'Updating', 'Canceled'] (EndpointProvisioningState)",
+        "$.properties: key 'scoringUrl' is not in the spec (OnlineEndpoint)",
+        "$.properties.traffic.blue: '100' is not an integer"]), found
+    job = json.loads(json.dumps(spec.example("pipeline_job_get.json")))
+    job["properties"]["jobType"] = "Notebook"
+    assert schemas.problems("JobBaseResource", job) == [
+        "$.properties.jobType: 'Notebook' names no definition deriving from JobBase"]
+    job["properties"]["jobType"] = "Pipeline"
+    job["properties"]["inputs"] = {"lr": {"jobInputType": "literal"}, "data": {"jobInputType": "uri_folder",
+                                                                             "uri": "azureml://x", "path": "x"}}
+    assert sorted(schemas.problems("JobBaseResource", job)) == [
+        "$.properties.inputs.data: key 'path' is not in the spec (UriFolderJobInput)",
+        "$.properties.inputs.lr: LiteralJobInput requires value"]
+    with StandIn(tmp_path / "standin") as azure:
+        azure.add_endpoint("drifting", state="Provisioned")
+        path = f"{azure._ws_prefix()}/onlineEndpoints/drifting"
+        request = Request("GET", "management.azure.com", path, {"api-version": ["2025-12-01"]}, {}, b"")
+        azure._check_spec(request, Reply(200, azure.endpoints["drifting"]))
+        assert azure.spec_problems == [
+            "answer 200 GET Microsoft.MachineLearningServices/workspaces/ws-staging/onlineEndpoints/drifting: "
+            "$.properties.provisioningState: 'Provisioned' is not one of ['Creating', 'Deleting', 'Succeeded', "
+            "'Failed', 'Updating', 'Canceled'] (EndpointProvisioningState)"]
 
 
 def test_the_stand_in_answers_every_contract_case_within_the_spec(sides):

@@ -154,6 +154,33 @@ def test_a_job_stuck_past_its_deadline_is_failed_and_cancelled_by_any_tick(wire,
     assert azure.spec_problems == []
 
 
+def test_every_body_of_a_lifecycle_is_held_to_the_spec(wire):
+    """Submitted (on a dispatch), running, completed -> registered, deployed, scored; promoted;
+    closed -> pruned: every ARM answer (jobs, models, endpoints, deployments, keys, computes,
+    errors) and the registry's model and component answers, and every body the SDK PUTs, checked
+    against azure-rest-api-specs' definitions (tests/standin/schemas.py), with nothing off-spec."""
+    azure = wire.azure
+    ok(wire.reconcile(GITHUB_EVENT_NAME="workflow_dispatch"))
+    job = job_name(wire)
+    azure.set_job_state(job, "Running")
+    azure.throttle("GET", rf"/jobs/{job}$")  # an error body too
+    ok(wire.reconcile())
+    azure.set_job_state(job, "Completed")
+    ok(wire.reconcile())
+    ok(wire.promote())
+    wire.github.close_pull(REPO_NAME, 7)
+    ok(wire.reconcile(GITHUB_EVENT_NAME="pull_request"))
+    checked = set(azure.spec_checked)
+    for schema in ("JobBaseResource", "ModelVersionResource", "OnlineEndpointTrackedResource",
+                   "OnlineDeploymentTrackedResource"):
+        assert f"request {schema}" in checked and f"answer {schema}" in checked, (schema, sorted(checked))
+    for schema in ("EndpointAuthKeys", "machineLearningServices.json#ComputeResource", "types.json#ErrorResponse",
+                   "ComponentVersionResourceArmPaginatedResult",
+                   "OnlineEndpointTrackedResourceArmPaginatedResult"):
+        assert f"answer {schema}" in checked, (schema, sorted(checked))
+    assert azure.spec_problems == []
+
+
 def test_whole_pull_request_lifecycle(wire):
     """Opened -> submitted -> running -> completed -> registered, deployed, scored, evaluated,
     commented -> settled -> promoted -> closed -> pruned, one scheduled tick at a time, each job on a

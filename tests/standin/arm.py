@@ -374,7 +374,7 @@ class ArmService:
             scoring = f"https://{name}.{REGION}.inference.ml.azure.com/score"
             stored = {"id": self._arm_id(f"/onlineEndpoints/{name}"), "name": name,
                       "type": f"{PROVIDER}/workspaces/onlineEndpoints", "location": body["location"],
-                      "kind": body.get("kind"), "tags": body.get("tags") or {},
+                      "kind": body.get("kind") or "Managed", "tags": body.get("tags") or {},
                       "identity": body.get("identity") or {"type": "SystemAssigned",
                                                            "principalId": str(uuid.uuid4()),
                                                            "tenantId": identity.TENANT},
@@ -441,7 +441,7 @@ class ArmService:
             self.deployments[key] = {"id": self._arm_id(f"/onlineEndpoints/{endpoint}/deployments/{name}"),
                                      "name": name, "type": f"{PROVIDER}/workspaces/onlineEndpoints/deployments",
                                      "location": body.get("location"), "tags": body.get("tags") or {},
-                                     "kind": body.get("kind"), "sku": body["sku"], "systemData": self._system_data(),
+                                     "kind": body.get("kind") or "Managed", "sku": body["sku"], "systemData": self._system_data(),
                                      "properties": {"scaleSettings": {"scaleType": "Default"},  # the service's defaults
                                                     "appInsightsEnabled": False, "egressPublicNetworkAccess": "Enabled",
                                                     **props,

@@ -91,7 +91,8 @@ class StandIn(ArmService, DataPlane):
     scored: list[dict] = field(default_factory=list)
     reply_text: str = "Hello from the stand-in."
     slow_s: float = 0.0  # every answer waits this long (the worst-case tick figure)
-    spec_problems: list[str] = field(default_factory=list)  # answers off azure-rest-api-specs (spec.py)
+    spec_problems: list[str] = field(default_factory=list)  # bodies off azure-rest-api-specs (schemas.py)
+    spec_checked: list[str] = field(default_factory=list)  # "request|answer <schema>" of each body checked
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _mlflow_server: Any = None  # (store, Flask test client), made on first use
 
@@ -186,6 +187,7 @@ class StandIn(ArmService, DataPlane):
             except ValueError:
                 sent = None
             if isinstance(sent, dict):
+                self.spec_checked.append(f"request {wanted}")
                 self.spec_problems += [f"request {where}: {p}" for p in schemas.problems(wanted, sent)]
         schema = schemas.route(req.method, req.path, reply.status)
         if schema is None or not isinstance(reply.body, dict):
@@ -193,6 +195,7 @@ class StandIn(ArmService, DataPlane):
         body = reply.body
         if registry:
             body = schemas.without_registry_extensions(body)
+        self.spec_checked.append(f"answer {schema}")
         self.spec_problems += [f"answer {reply.status} {where}: {p}" for p in schemas.problems(schema, body)]
 
     def _route(self, req: Request) -> Reply:

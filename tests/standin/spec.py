@@ -1,5 +1,6 @@
-"""The stand-in's answers held to azure-rest-api-specs (tests/fixtures/arm/): no key the spec's
-example (or the listed definition) lacks, and enum values the spec knows."""
+"""The x-ms-examples of azure-rest-api-specs kept in tests/fixtures/arm/, and a key-set comparison
+with them. The stand-in is held to the spec's schemas by schemas.py; this stays for the examples
+themselves (the contract test passes them through schemas.py as a check of the extract)."""
 
 from __future__ import annotations
 
