@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote, unquote
 
 from automation import github, naming
 from automation.errors import (
@@ -45,6 +46,7 @@ from automation.errors import (
     ExperimentInvalid,
     TransientError,
 )
+from automation.spec import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ Clock = Callable[[], datetime]
 MAX_ATTEMPTS = 5  # transient errors of one job, then the leg gives up and says so
 BACKOFF = timedelta(minutes=10)  # doubled per attempt: 10, 20, 40, 80 min between tries
 BACKOFF_MAX = timedelta(hours=6)
+PROGRESS_EVERY = timedelta(minutes=30)  # a tick rewrites a running job's comment when its state moves, or this often
 CLOSED_LOOKBACK = timedelta(days=1)  # a scheduled tick prunes what pull requests closed this recently left
 READ_ONLY_AUTHORS = ("dependabot[bot]",)  # their pull requests get a read-only token and no OIDC
 
@@ -165,11 +168,20 @@ class Status:
     attempts: int = 0
     retry_at: datetime | None = None
     backend: str | None = None  # where the job ran: what a closed pull request's prune leg needs
+    sha: str | None = None  # the head commit the job is for: a tick needs no file read while it holds
+    file: str | None = None  # the experiment file, read at `sha` by a tick's leg
+    state: str | None = None  # the job's state as last written (Queued, Running, ...)
+    written: datetime | None = None  # when, on the loop's clock
 
     def line(self) -> str:
         fields = [f"job={self.job or ''}", f"phase={self.phase}"]
-        if self.backend:
-            fields.append(f"backend={self.backend}")
+        for key in ("backend", "sha", "state"):
+            if getattr(self, key):
+                fields.append(f"{key}={getattr(self, key)}")
+        if self.file:
+            fields.append(f"file={quote(self.file, safe='/')}")
+        if self.written:
+            fields.append(f"written={self.written.strftime('%Y-%m-%dT%H:%M:%SZ')}")
         if self.attempts:
             fields.append(f"attempts={self.attempts}")
         if self.retry_at:
@@ -182,15 +194,12 @@ class Status:
         if not match:
             return cls()
         fields = dict(part.split("=", 1) for part in match["fields"].split() if "=" in part)
-        retry_at = None
-        if fields.get("retry_at"):
-            try:
-                retry_at = datetime.fromisoformat(fields["retry_at"].replace("Z", "+00:00"))
-            except ValueError:
-                retry_at = None
         attempts = fields.get("attempts", "0")
         return cls(fields.get("job") or None, fields.get("phase") or None,
-                   int(attempts) if attempts.isdigit() else 0, retry_at, fields.get("backend") or None)
+                   int(attempts) if attempts.isdigit() else 0, _time(fields.get("retry_at")),
+                   fields.get("backend") or None, fields.get("sha") or None,
+                   unquote(fields["file"]) if fields.get("file") else None, fields.get("state") or None,
+                   _time(fields.get("written")))
 
     @property
     def live(self) -> bool:
@@ -204,11 +213,16 @@ class PullRequests:
     def __init__(self, client: github.GitHubClient):
         self.client = client
 
-    def get(self, number: int) -> PullRequest:
-        return PullRequest.from_api(self.client.get_pull(number), self.client.repository)
+    def get(self, number: int, *, fresh: bool = True) -> PullRequest:
+        """The pull request; with `fresh=False`, as this process's listing of the open ones saw it."""
+        return PullRequest.from_api(self.client.get_pull(number, fresh=fresh), self.client.repository)
 
     def open_ones(self) -> list[PullRequest]:
-        return [PullRequest.from_api(p, self.client.repository) for p in self.client.list_pulls("open")]
+        """The open pull requests; their comments listed in one repository-wide read where cheaper."""
+        listed = self.client.list_pulls("open")
+        if len(listed) > 1:
+            self.client.prime_issue_comments(listed)
+        return [PullRequest.from_api(p, self.client.repository) for p in listed]
 
     def recently_closed(self, since: datetime) -> list[PullRequest]:
         """Pull requests closed since `since`, newest first, from one page: a close whose event never
@@ -225,7 +239,7 @@ class PullRequests:
     def experiments(self, pr: PullRequest) -> dict[str, Source]:
         """The experiment files the pull request adds or changes (text at its head) and removes."""
         found: dict[str, Source] = {}
-        for entry in self.client.list_pull_files(pr.number):
+        for entry in self.client.list_pull_files(pr.number, head_sha=pr.head_sha):
             path, status = entry["filename"], entry["status"]
             previous = entry.get("previous_filename")
             if previous and naming.is_experiment_path(previous) and \
@@ -246,8 +260,17 @@ class PullRequests:
                             self.client.viewer_login())
         return (ours[0].get("body") or "") if ours else None
 
-    def status(self, pr: int, experiment: str) -> Status:
+    def status(self, pr: int, experiment: str, *, fresh: bool = False) -> Status:
+        if fresh:  # what another job may have written since this process listed the comments
+            self.client.list_issue_comments(pr, fresh=True)
         return Status.parse(self.body(pr, experiment))
+
+    def remembered(self, pr: PullRequest, name: str, status: Status) -> Source | None:
+        """The experiment's file at the head, by the path the status keeps (no listing of the PR's
+        files): what a scheduled tick's leg loads. None when the status does not say."""
+        if not status.file or status.sha != pr.head_sha:
+            return None
+        return Source(name, status.file, self.client.file_text(status.file, pr.head_sha))
 
     def statuses(self, pr: int) -> dict[str, Status]:
         """The status of every experiment with a comment of ours on the pull request."""
@@ -336,10 +359,20 @@ class Plan:
     notices: list[str] = field(default_factory=list)
     live: bool = False  # something needs a later scheduled tick
 
+    batch: bool = False  # a tick: every azure leg in one job (one install, one comment listing)
+
     def outputs(self) -> dict[str, str]:
+        def legs(entries: list[dict[str, Any]]) -> str:
+            return json.dumps([[e["pr"], e["experiment"]] for e in entries], separators=(",", ":"))
+
+        azure = [leg.entry() for leg in self.legs if leg.backend == "azure"]
+        if self.batch and len(azure) > 1:  # a tick: one job, one install, one listing for all
+            azure = [{"pr": "tick", "experiment": "all", "legs": legs(azure)}]
+        else:
+            azure = [{**e, "legs": legs([e])} for e in azure]
         groups = {
             "local": [leg.entry() for leg in self.legs if leg.backend == "local"],
-            "azure": [leg.entry() for leg in self.legs if leg.backend == "azure"],
+            "azure": azure,
             "preflight": [{**leg.entry(), "file": leg.file} for leg in self.legs if leg.preflight],
         }
         outputs = {}
@@ -353,21 +386,37 @@ class Plan:
         return [leg for leg in self.legs if leg.backend in ("local", "azure")]
 
 
+def _as_remembered(name: str, status: Status, head: str) -> Desired | None:
+    """What the head wants, as its status remembers it: the same job while the head is the one the
+    status was written for; another (unknown) job once the head moved; nothing once pruned (a
+    reopened pull request's event reads the files again)."""
+    if status.phase == "pruned":
+        return None
+    job = status.job if status.sha == head else f"unknown@{head}"
+    return Desired(Source(name, status.file or "", ""), status.backend or "unknown", job)
+
+
 def plan(pulls: PullRequests, repo: str, *, trigger: str, pr: int | None = None, azure: bool,
          workdir: Path, clock: Clock = utc_now) -> Plan:
     """The legs a run of the loop starts: the decision of every (PR, experiment), on the status
     alone. `azure`: whether Azure ML is configured for this repository."""
     now = clock()
-    result = Plan()
+    result = Plan(batch=trigger == SCHEDULE)
     requests = [pulls.get(pr)] if pr is not None else pulls.open_ones()
     if pr is None and trigger == SCHEDULE:  # closes whose event never ran
         requests += pulls.recently_closed(now - CLOSED_LOOKBACK)
     for request in requests:
-        sources = pulls.experiments(request) if request.open else {}
-        statuses = pulls.statuses(request.number) if sources or not request.open else {}
+        statuses = pulls.statuses(request.number)
+        # A tick starts no new head (decide), so it needs the files only where a status predates
+        # the sha field; everywhere else the status says which job the head wants.
+        schedule_only = trigger == SCHEDULE and all(s.sha for s in statuses.values())
+        sources = pulls.experiments(request) if request.open and not schedule_only else {}
         for name in sorted(set(sources) | set(statuses)):
-            wanted = desire(sources.get(name), request.head_sha, workdir)
             status = statuses.get(name, Status())
+            if schedule_only and request.open:
+                wanted = _as_remembered(name, status, request.head_sha)
+            else:
+                wanted = desire(sources.get(name), request.head_sha, workdir)
             decision = decide(request, wanted, status, trigger=trigger, now=now)
             backend = wanted.backend if wanted else (status.backend or "unknown")
             result.live |= status.live and decision != PRUNE
@@ -422,6 +471,10 @@ class Outcome:
 PASSED_GATES = ("", "success", "skipped")
 
 
+class Superseded(AutomationError):
+    """Another run wrote this leg's status after this one read it: this one's view is stale."""
+
+
 @dataclass
 class Reconciler:
     backend: Any  # backends.base.Backend
@@ -438,16 +491,40 @@ class Reconciler:
 
         return self.workdir or home() / "heads"
 
+    seen: dict[tuple[int, str], Status] = field(default_factory=dict)  # what this run read, per leg
+    head: dict[int, str] = field(default_factory=dict)
+    files: dict[tuple[int, str], str] = field(default_factory=dict)
+
     def write(self, pr: int, name: str, status: Status, body: str) -> None:
-        """The one writer of the status: the comment, with where the job runs."""
-        self.pulls.comment(pr, name, replace(status, backend=self.backend.name), body)
+        """The one writer of the status: the comment, with where the job runs, for which head, from
+        which file. Compare and swap: when another run changed the status since this one read it
+        (a tick's batch beside a push's leg), this run's view is stale and it writes nothing."""
+        seen = self.seen.get((pr, name))
+        if seen is not None and self.trigger == SCHEDULE:  # a tick's batch runs beside the PR's own legs
+            now = self.pulls.status(pr, name, fresh=True)
+            if (now.job, now.phase, now.attempts) != (seen.job, seen.phase, seen.attempts):
+                raise Superseded(f"#{pr} {name}: another run moved it to {now.job} {now.phase} meanwhile")
+        written = replace(status, backend=self.backend.name, sha=status.sha or self.head.get(pr),
+                          file=status.file or self.files.get((pr, name)), written=self.clock())
+        self.pulls.comment(pr, name, written, body)
+        self.seen[(pr, name)] = written
 
     def match(self, pr: int, experiment: str | None = None) -> dict[str, str]:
         tags = {"repo": self.repo, "pr": str(pr), "managed_by": naming.MANAGED_BY}
         return {**tags, "experiment": experiment} if experiment else tags
 
-    def reconcile(self, pr: PullRequest, source: Source | None, name: str) -> Outcome:
-        status = self.pulls.status(pr.number, name)  # read again inside the concurrency group
+    def reconcile(self, pr: PullRequest, source: Source | None, name: str, status: Status | None = None) -> Outcome:
+        status = status or self.pulls.status(pr.number, name)  # read inside the concurrency group
+        self.seen[(pr.number, name)], self.head[pr.number] = status, pr.head_sha
+        if source is not None:
+            self.files[(pr.number, name)] = source.path
+        try:
+            return self._reconcile(pr, source, name, status)
+        except Superseded as err:
+            log.warning("%s", err)
+            return Outcome(pr.number, name, "skipped", str(err))
+
+    def _reconcile(self, pr: PullRequest, source: Source | None, name: str, status: Status) -> Outcome:
         wanted = desire(source, pr.head_sha, self.heads())
         decision = decide(pr, wanted, status, trigger=self.trigger, now=self.clock())
         if decision == PRUNE:
@@ -466,6 +543,20 @@ class Reconciler:
             self.write(pr.number, name, Status(wanted.job, "failed"), gate_body(self.gate))
             return Outcome(pr.number, name, "failed", f"preflight {self.gate}: nothing submitted", cancelled)
         return self._step(pr, wanted, status, cancelled)
+
+    def unchanged(self, pr: PullRequest, name: str, status: Status | None) -> Outcome | None:
+        """A tick's cheap look at a job in flight: one read of the job by name and no GitHub request,
+        while its state is the one the comment shows and the comment is younger than PROGRESS_EVERY.
+        None when the leg has more to do (the state moved, the comment is due, or anything else)."""
+        from automation.backends.base import IN_FLIGHT
+
+        if status is None or status.phase != "running" or not status.job or status.sha != pr.head_sha \
+                or not pr.open or status.written is None or self.clock() - status.written >= PROGRESS_EVERY:
+            return None
+        job = self.backend.get_job(status.job)
+        if job is None or job.state not in IN_FLIGHT or job.backend_status != status.state:
+            return None
+        return Outcome(pr.number, name, "running", f"{job.name} {job.backend_status} (comment unchanged)")
 
     # -- cancelling and pruning -------------------------------------------------------------------
     def cancel_older(self, status: Status, keep: str | None) -> list[str]:
@@ -540,7 +631,8 @@ class Reconciler:
             if self.on_submit and job.state in IN_FLIGHT:
                 self.on_submit()
         if job.state in IN_FLIGHT or job.state == JOB_CANCELING:
-            self.write(pr.number, name, Status(current, "running"), self.progress_body(run, job))
+            self.write(pr.number, name, Status(current, "running", state=job.backend_status),
+                       self.progress_body(run, job))
             return Outcome(pr.number, name, action, f"{job.name} {job.backend_status}", cancelled)
         if job.state != JOB_COMPLETED:
             self.write(pr.number, name, Status(current, "failed"), failed_body(run, job))
@@ -667,19 +759,41 @@ def error_body(err: AutomationError, *, attempts: int = 0, retry_at: datetime | 
 def run_leg(pulls: PullRequests, backend, repo: str, pr: int, experiment: str | None = None, *,
             clock: Clock = utc_now, trigger: str = DISPATCH, gate: str = "",
             on_submit: Callable[[], None] | None = None, workdir: Path | None = None) -> list[Outcome]:
-    """One pull request (one experiment, or each it changes or has a comment for) on one backend.
-    An error in one experiment is its outcome, not the others'."""
-    request = pulls.get(pr)
-    sources = pulls.experiments(request) if request.open else {}
-    names = [experiment] if experiment else sorted(set(sources) | set(pulls.statuses(pr)))
+    """One pull request (one experiment, or each it changes or has a comment for) on one backend."""
+    return run_legs(pulls, backend, repo, [(pr, experiment)], clock=clock, trigger=trigger, gate=gate,
+                    on_submit=on_submit, workdir=workdir)
+
+
+def run_legs(pulls: PullRequests, backend, repo: str, legs: list[tuple[int, str | None]], *,
+             clock: Clock = utc_now, trigger: str = DISPATCH, gate: str = "",
+             on_submit: Callable[[], None] | None = None, workdir: Path | None = None) -> list[Outcome]:
+    """Legs on one backend, in one process: a pull request's event runs one, a tick all its azure
+    legs (one install, the open pull requests and their comments listed once). A tick's leg reads
+    the experiment file where its status says, at the head it was written for. An error in one
+    experiment is its outcome, not the others'."""
     reconciler = Reconciler(backend, pulls, repo, clock, workdir, trigger=trigger, gate=gate, on_submit=on_submit)
+    if len({pr for pr, _ in legs}) > 1:
+        pulls.open_ones()  # one listing of the pull requests and their comments for the batch
     outcomes = []
-    for name in names:
-        try:
-            outcomes.append(reconciler.reconcile(request, sources.get(name), name))
-        except AutomationError as err:
-            log.error("%s: %s", name, err)
-            outcomes.append(Outcome(pr, name, "failed", _one_line(err)))
+    for pr, experiment in legs:
+        request = pulls.get(pr, fresh=len(legs) == 1)
+        statuses = pulls.statuses(pr)
+        names = [experiment] if experiment else None
+        if trigger == SCHEDULE and names and (quiet := reconciler.unchanged(request, names[0], statuses.get(names[0]))):
+            outcomes.append(quiet)
+            continue
+        sources: dict[str, Source] | None = None
+        if trigger == SCHEDULE and names and (src := pulls.remembered(request, names[0], statuses.get(names[0],
+                                                                                                     Status()))):
+            sources = {names[0]: src}
+        if sources is None:
+            sources = pulls.experiments(request) if request.open else {}
+        for name in names or sorted(set(sources) | set(statuses)):
+            try:
+                outcomes.append(reconciler.reconcile(request, sources.get(name), name, statuses.get(name)))
+            except AutomationError as err:
+                log.error("%s: %s", name, err)
+                outcomes.append(Outcome(pr, name, "failed", _one_line(err)))
     return outcomes
 
 
@@ -755,6 +869,19 @@ def _out(text: str = "") -> None:
     print(text, flush=True)
 
 
+def parse_legs(text: str) -> list[tuple[int, str]]:
+    """`--legs '[[7,"x"],[8,"y"]]'`, as the plan writes it into the azure matrix."""
+    try:
+        legs = json.loads(text)
+        parsed = [(require_pr(pr), str(name)) for pr, name in legs]
+    except (ValueError, TypeError, ConfigError) as err:
+        raise ConfigError(f"--legs wants a JSON list of [pr, experiment] pairs, got {text[:80]!r}") from err
+    bad = [name for _, name in parsed if not re.fullmatch(NAME_PATTERN, name)]
+    if bad:
+        raise ConfigError(f"--legs: not an experiment name: {bad[0][:60]!r}")
+    return parsed
+
+
 def require_pr(value: Any) -> int:
     if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
         return int(value)
@@ -762,7 +889,7 @@ def require_pr(value: Any) -> int:
 
 
 def azure_configured() -> bool:
-    from automation.gitops import azure_settings_missing
+    from automation.backends.azure import azure_settings_missing
 
     return not azure_settings_missing()
 
@@ -796,7 +923,6 @@ def keep_tick(client: github.GitHubClient, workflow: str | None, the_plan: Plan,
 
 def cmd_reconcile(args) -> int:
     from automation.backends import get_backend
-    from automation.gitops import current_repo
 
     event = github.read_event(args.event)
     trigger = trigger_of(os.environ.get("GITHUB_EVENT_NAME"), event)
@@ -804,7 +930,7 @@ def cmd_reconcile(args) -> int:
     dispatched = str((event.get("inputs") or {}).get("pr") or "").strip()  # workflow_dispatch's input
     if number is None and dispatched:
         number = require_pr(dispatched)
-    repo = current_repo()
+    repo = naming.current_repo()
     with github.GitHubClient.from_env() as client:
         pulls = PullRequests(client)
         if args.plan:
@@ -828,7 +954,7 @@ def cmd_reconcile(args) -> int:
                 f"- #{leg.pr} `{leg.experiment}` on {leg.backend}: {leg.decision}" for leg in legs)
                 or "Nothing to do.") + "".join(f"\n- {n}" for n in the_plan.notices))
             return 0
-        if number is None:
+        if number is None and not args.legs:
             raise ConfigError("no pull request: pass --pr N (or --plan to list what a run of the loop would do)")
         names = args.backend or (["local"] + (["azure"] if azure_configured() else []))
         backends = {name: get_backend(name) for name in dict.fromkeys(names)}
@@ -842,17 +968,17 @@ def cmd_reconcile(args) -> int:
             _out(promote(reconciler, request, sources[args.experiment[0]]))
             return 0
         outcomes = []
+        legs = parse_legs(args.legs) if args.legs else [(number, e) for e in args.experiment or [None]]
         for backend in backends.values():
-            for experiment in args.experiment or [None]:
-                for outcome in run_leg(pulls, backend, repo, number, experiment, trigger=trigger, gate=args.gate,
-                                       on_submit=lambda: [set_workflow(client, w, enabled=True)
-                                                          for w in (args.tick_workflow, args.sweeper_workflow)]):
-                    if outcome.action != "skipped" or len(backends) == 1:
-                        outcomes.append(outcome)
-                        _out(outcome.line())
-                    if outcome.failed:
-                        level = "warning" if outcome.action == "error" else "error"
-                        _out(github.annotation(level, outcome.line(), title=f"reconcile {outcome.experiment}"))
+            for outcome in run_legs(pulls, backend, repo, legs, trigger=trigger, gate=args.gate,
+                                    on_submit=lambda: [set_workflow(client, w, enabled=True)
+                                                       for w in (args.tick_workflow, args.sweeper_workflow)]):
+                if outcome.action != "skipped" or len(backends) == 1:
+                    outcomes.append(outcome)
+                    _out(outcome.line())
+                if outcome.failed:
+                    level = "warning" if outcome.action == "error" else "error"
+                    _out(github.annotation(level, outcome.line(), title=f"reconcile {outcome.experiment}"))
         github.append_step_summary("### Reconcile\n\n" + "\n".join(f"- {o.line()}" for o in outcomes))
         return 1 if any(o.action in ("failed", "invalid") for o in outcomes) else 0
 
@@ -862,6 +988,8 @@ def add_command(commands) -> None:
                                               "desired state (submit, report progress, deploy, cancel, delete)")
     p.add_argument("--pr", type=int, help="pull request number (default: from the event payload)")
     p.add_argument("--experiment", action="append", default=[], help="only this experiment (repeatable)")
+    p.add_argument("--legs", help="the (PR, experiment) legs to run, as the plan's azure matrix gives them: a JSON "
+                                  "list of [pr, experiment] pairs (a tick runs all its azure legs in one job)")
     p.add_argument("--backend", action="append", default=[], choices=["local", "azure"],
                    help="backend to reconcile on (repeatable; default local, plus azure when configured)")
     p.add_argument("--plan", action="store_true",

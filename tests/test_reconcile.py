@@ -5,6 +5,7 @@ Azure ML's states (NotStarted, Queued, Running, Completed; CancelRequested, Canc
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,13 +140,19 @@ def test_opened_submits_one_job_and_ticks_show_progress_without_a_second(world):
     assert submitted.tags["pr"] == "7" and submitted.tags["sha"] == SHA1 and submitted.tags["repo"] == REPO_NAME
     assert "is **NotStarted**" in world.comment() and "phase=running" in world.comment()
 
-    for minutes in (10, 20, 30):
+    # The comment moves when the job's state does (NotStarted -> Running at 10 min), then every
+    # 30 minutes (PROGRESS_EVERY); the ticks between cost one read of the job and no GitHub request.
+    for minutes, shown in ((10, 10), (20, 10), (30, 10), (40, 40)):
         world.clock.advance(TICK)
+        requests = len(world.github.requests)
         (outcome,) = world.tick()
         assert outcome.action == "running"
         body = world.comment()
-        assert "is **Running**" in body and f"for {minutes} min" in body
+        assert "is **Running**" in body and f"for {shown} min" in body, minutes
         assert "training loss" in body and "step " in body and f"https://ml.azure.com/runs/{job}" in body
+        if shown != minutes:
+            assert "comment unchanged" in outcome.detail
+            assert not [c for c in world.github.requests[requests:] if c.method != "GET"]
     assert world.workspace.calls.count("jobs.create_or_update") == 1
     assert world.endpoints() == [] and world.sleeps == []  # nothing waited
 
@@ -233,10 +240,10 @@ def test_closed_between_completion_and_deploy_creates_no_endpoint(world):
     world.clock.advance(timedelta(minutes=15))
     original = world.pulls.get
 
-    def closes_after_registering(number):  # GitHub's answer changes between two reads of the tick
+    def closes_after_registering(number, **kwargs):  # GitHub's answer changes between two reads of the tick
         if "models.create_or_update" in world.workspace.calls:
             world.github.close_pull(REPO_NAME, 7)
-        return original(number)
+        return original(number, **kwargs)
 
     world.pulls.get = closes_after_registering
     (outcome,) = world.tick()
@@ -478,7 +485,7 @@ def test_the_plan_gives_each_job_kind_its_matrix(world, tmp_path):
     open_pr(world)
     event = plan(world.pulls, REPO_NAME, trigger=EVENT, pr=7, azure=True, workdir=tmp_path, clock=world.clock)
     outputs = event.outputs()
-    assert outputs["azure"] == '{"include":[{"pr":7,"experiment":"phi3-ultrachat"}]}'
+    assert outputs["azure"] == '{"include":[{"pr":7,"experiment":"phi3-ultrachat","legs":"[[7,\\"phi3-ultrachat\\"]]"}]}'
     assert outputs["preflight"] == f'{{"include":[{{"pr":7,"experiment":"phi3-ultrachat","file":"{PATH}"}}]}}'
     assert outputs["any_local"] == "false" and event.live
     unconfigured = plan(world.pulls, REPO_NAME, trigger=EVENT, pr=7, azure=False, workdir=tmp_path,
@@ -539,3 +546,43 @@ def test_the_sweeper_deletes_what_a_closed_pull_request_left(world):
     closed[7] = True
     assert sweep(world.backend, closed=lambda pr: closed[pr]) == ([endpoint], [])
     assert world.endpoints() == []
+
+
+def test_a_tick_costs_github_requests_per_tick_not_per_file(world, tmp_path, monkeypatch):
+    """The request budget of a scheduled tick with three experiments training in three pull
+    requests: the plan job reads no file, the azure legs run in one job, and a leg whose job's
+    state did not move writes nothing until its comment is PROGRESS_EVERY old. Each job is a new
+    client (a new GITHUB_TOKEN per job in Actions: no ETag carries over)."""
+    from automation.github import GitHubClient
+    from automation.loop import SCHEDULE, parse_legs, plan, run_legs
+
+    monkeypatch.setenv("AUTOMATION_BOT_LOGIN", "github-actions[bot]")  # as in Actions: no GET /user
+    for number in (7, 8, 9):
+        sha = str(number) * 40
+        world.github.open_pull(REPO_NAME, number, head_sha=sha, files={PATH: experiment_text()})
+        world.workspace.jobs.run_for(world.job_of(sha), 10 * 3600)
+        (outcome,) = world.tick(pr=number)
+        assert outcome.action == "submitted"
+
+    def job_run(trigger_minutes: int):
+        world.clock.advance(timedelta(minutes=trigger_minutes))
+        start = len(world.github.requests)
+        with GitHubClient(WRITE_TOKEN, REPO_NAME, world.github.url) as client:
+            the_plan = plan(PullRequests(client), REPO_NAME, trigger=SCHEDULE, azure=True, workdir=tmp_path,
+                            clock=world.clock)
+        planned = world.github.requests[start:]
+        (entry,) = json.loads(the_plan.outputs()["azure"])["include"]
+        with GitHubClient(WRITE_TOKEN, REPO_NAME, world.github.url) as client:
+            outcomes = run_legs(PullRequests(client), world.backend, REPO_NAME, parse_legs(entry["legs"]),
+                                trigger=SCHEDULE, clock=world.clock)
+        legs = world.github.requests[start + len(planned):]
+        return planned, legs, outcomes
+
+    planned, legs, outcomes = job_run(10)  # NotStarted -> Running: every comment moves
+    assert not [c for c in planned if "/files" in c.path or "/contents/" in c.path], [c.path for c in planned]
+    assert sum(c.billed for c in planned) <= 3  # open pulls, their comments at once, recent closes
+    assert [o.action for o in outcomes] == ["running"] * 3
+    assert sum(c.billed for c in legs) <= 2 + 3 * 3, [(c.method, c.path) for c in legs if c.billed]
+    planned, legs, outcomes = job_run(10)  # nothing moved: no leg touches GitHub
+    assert all("comment unchanged" in o.detail for o in outcomes)
+    assert sum(c.billed for c in legs) <= 2, [(c.method, c.path) for c in legs if c.billed]
