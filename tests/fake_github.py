@@ -46,6 +46,13 @@ BOT = {"login": "github-actions[bot]", "id": 41898282, "node_id": "MDM6Qm90NDE4O
        "type": "Bot", "site_admin": False}
 OCTOCAT = {"login": "octocat", "id": 583231, "node_id": "MDQ6VXNlcjU4MzIzMQ==", "type": "User", "site_admin": False}
 LIMIT = 65_536
+# A reviewer team as the environments API lists it (the example of GitHub's REST description).
+TEAM = {"id": 1, "node_id": "MDQ6VGVhbTE=", "url": "https://api.github.com/teams/1",
+        "html_url": "https://github.com/orgs/github/teams/justice-league", "name": "Justice League",
+        "slug": "justice-league", "description": "A great team.", "privacy": "closed",
+        "notification_setting": "notifications_enabled", "permission": "admin",
+        "members_url": "https://api.github.com/teams/1/members{/member}",
+        "repositories_url": "https://api.github.com/teams/1/repos", "parent": None}
 
 
 @dataclass
@@ -115,6 +122,14 @@ class FakeGitHub:
     oidc_requests: list[str] = field(default_factory=list)  # audiences asked for at /_oidc/token
     workflows: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # (repo, id) -> workflow
     used: dict[str, int] = field(default_factory=dict)  # token -> billed requests this hour
+    # The setup `automation doctor` and the production gate read (tests/test_environments.py):
+    repos: dict[str, dict[str, Any]] = field(default_factory=dict)  # repo -> GET /repos/{owner}/{repo} overrides
+    orgs: dict[str, dict[str, Any]] = field(default_factory=dict)  # login -> GET /orgs/{org} (plan shown to people)
+    environments: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # "_policies", "_variables"
+    protections: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (repo, branch) -> protection
+    oidc_sub: dict[str, dict[str, Any]] = field(default_factory=dict)  # repo -> customization/sub answer
+    codeowners_errors: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)  # None: no file
+    repo_variables: dict[str, dict[str, str]] = field(default_factory=dict)  # repo -> Actions variables
     _next_id: int = 1_900_000_000
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -195,6 +210,16 @@ class FakeGitHub:
                 "html_url": f"https://github.com/{full_name}", "fork": full_name.split("/")[0] != "acme-ml",
                 "url": f"{self.url}/repos/{full_name}", "default_branch": "main"}
 
+    def repository(self, full_name: str) -> dict[str, Any]:
+        """GET /repos/{owner}/{repo}: `_repo` with the visibility and owner `set_repository` gave."""
+        extra = self.repos.get(full_name, {})
+        body = self._repo(full_name)
+        body["owner"] = {**body["owner"], "id": extra.get("_owner_id", 9_919),
+                         "type": extra.get("_owner_type", "Organization")}
+        body.update(private=extra.get("private", False), visibility=extra.get("visibility", "public"),
+                    has_issues=True, archived=False, disabled=False)
+        return body
+
     def calls(self, method: str | None = None) -> list[Call]:
         return [c for c in self.requests if method is None or c.method == method]
 
@@ -227,6 +252,85 @@ class FakeGitHub:
             if r == repo and (workflow_id == str(wid) or workflow_id == workflow["path"].rsplit("/", 1)[-1]):
                 return workflow
         return None
+
+    # -- environments, protection, OIDC, CODEOWNERS (the setup the doctor reads) -------------------
+    def set_repository(self, repo: str, *, private: bool = False, visibility: str | None = None,
+                       owner_type: str = "Organization", owner_id: int = 9_919, plan: str | None = None) -> None:
+        """How GET /repos/{owner}/{repo} describes `repo`; `plan`: what GET /orgs/{org} shows a person."""
+        with self._lock:
+            self.repos[repo] = {"private": private, "visibility": visibility or ("private" if private else "public"),
+                                "_owner_type": owner_type, "_owner_id": owner_id}
+            owner = repo.split("/")[0]
+            self.orgs[owner] = {"plan": plan}
+
+    def add_environment(self, repo: str, name: str, *, reviewers: list[dict[str, Any]] | None = None,
+                        prevent_self_review: bool = False, can_admins_bypass: bool | None = True,
+                        branch_policy: str | list[str] | list[tuple[str, str]] | None = None, wait_timer: int = 0,
+                        variables: dict[str, str] | None = None) -> dict[str, Any]:
+        """An environment as GitHub keeps it. `reviewers`: TEAM/person dicts as `reviewer` (see TEAM);
+        `branch_policy`: None (no restriction), "protected" (protected branches only), or the names
+        (or (name, type) pairs) of the custom policies; `can_admins_bypass` None: left out of answers."""
+        with self._lock:
+            eid = 161_088_068 + len(self.environments)
+            now = _now()
+            rules: list[dict[str, Any]] = []
+            rule_id = 3_736 + 10 * len(self.environments)
+            if wait_timer:
+                rules.append({"id": rule_id, "node_id": f"GA_kwDO{rule_id:x}", "type": "wait_timer",
+                              "wait_timer": wait_timer})
+            if reviewers:
+                rules.append({"id": rule_id + 1, "node_id": f"GA_kwDO{rule_id + 1:x}",
+                              "prevent_self_review": prevent_self_review, "type": "required_reviewers",
+                              "reviewers": [{"type": "Team" if "slug" in r else "User", "reviewer": r}
+                                            for r in reviewers]})
+            policy: dict[str, bool] | None = None
+            policies: list[dict[str, Any]] = []
+            if branch_policy == "protected":
+                policy = {"protected_branches": True, "custom_branch_policies": False}
+            elif branch_policy is not None:
+                policy = {"protected_branches": False, "custom_branch_policies": True}
+                for i, item in enumerate(branch_policy):
+                    pname, ptype = (item, "branch") if isinstance(item, str) else item
+                    pid = 361_471 + i
+                    policies.append({"id": pid, "node_id": f"MDE2OkdhdGVCcmFuY2hQb2xpY3k{pid}", "name": pname,
+                                     "type": ptype})
+            if policy is not None:
+                rules.append({"id": rule_id + 2, "node_id": f"GA_kwDO{rule_id + 2:x}", "type": "branch_policy"})
+            environment = {
+                "id": eid, "node_id": f"EN_kwDO{eid:x}", "name": name,
+                "url": f"{self.url}/repos/{repo}/environments/{name}",
+                "html_url": f"https://github.com/{repo}/deployments/activity_log?environments_filter={name}",
+                "created_at": now, "updated_at": now, "can_admins_bypass": can_admins_bypass,
+                "protection_rules": rules, "deployment_branch_policy": policy,
+                "_policies": policies, "_variables": dict(variables or {}),
+            }
+            if can_admins_bypass is None:
+                del environment["can_admins_bypass"]
+            self.environments[(repo, name)] = environment
+            return environment
+
+    def protect_branch(self, repo: str, branch: str, *, approvals: int = 1, enforce_admins: bool = True,
+                       code_owners: bool = True) -> dict[str, Any]:
+        """Classic branch protection on `branch`, as GET .../branches/{branch}/protection answers it."""
+        base = f"{self.url}/repos/{repo}/branches/{branch}/protection"
+        protection = {
+            "url": base,
+            "required_status_checks": None,
+            "enforce_admins": {"url": f"{base}/enforce_admins", "enabled": enforce_admins},
+            "required_linear_history": {"enabled": False}, "allow_force_pushes": {"enabled": False},
+            "allow_deletions": {"enabled": False}, "block_creations": {"enabled": False},
+            "required_conversation_resolution": {"enabled": False}, "lock_branch": {"enabled": False},
+            "allow_fork_syncing": {"enabled": False},
+            "required_signatures": {"url": f"{base}/required_signatures", "enabled": False},
+        }
+        if approvals:
+            protection["required_pull_request_reviews"] = {
+                "url": f"{base}/required_pull_request_reviews", "dismiss_stale_reviews": True,
+                "require_code_owner_reviews": code_owners, "required_approving_review_count": approvals,
+                "require_last_push_approval": True}
+        with self._lock:
+            self.protections[(repo, branch)] = protection
+        return protection
 
     # -- state ----------------------------------------------------------------------------------
     def _create(self, repo: str, number: int, body: str, user: dict[str, Any]) -> dict[str, Any]:
@@ -511,7 +615,108 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._error(404, "Not Found")
             return
+        if self._setup(method, path, query, me):
+            return
         self._error(404, "Not Found")
+
+    def _setup(self, method: str, path: str, query: dict[str, list[str]], me: Identity) -> bool:
+        """The reads of a repository's setup (all GET, real shapes and statuses): the repository,
+        an organization's plan, environments with their branch policies and variables, branch
+        protection, the OIDC subject template, CODEOWNERS errors, Actions variables. Whether the
+        path was one of them."""
+        github = self.github
+        repo_path = r"/repos/([\w.-]+/[\w.-]+)"
+        routes = [
+            (repo_path, "metadata"),
+            (r"/orgs/([\w.-]+)", "metadata"),
+            (repo_path + r"/environments", "actions"),
+            (repo_path + r"/environments/([^/]+)", "actions"),
+            (repo_path + r"/environments/([^/]+)/deployment-branch-policies", "actions"),
+            (repo_path + r"/environments/([^/]+)/variables", "environments"),
+            (repo_path + r"/branches/([^/]+)/protection", "administration"),
+            (repo_path + r"/actions/oidc/customization/sub", "actions"),
+            (repo_path + r"/codeowners/errors", "contents"),
+            (repo_path + r"/actions/variables", "actions_variables"),
+        ]
+        found = next(((i, scope, m) for i, (pattern, scope) in enumerate(routes)
+                      if (m := re.fullmatch(pattern, path))), None)
+        if found is None:
+            return False
+        index, scope, match = found
+        if method != "GET":
+            self._error(404, "Not Found")
+            return True
+        if scope != "metadata" and not me.may(scope, "read"):
+            self._error(403, "Resource not accessible by integration")
+            return True
+        from urllib.parse import unquote
+
+        groups = [unquote(g) for g in match.groups()]
+        if index == 0:
+            self._send(200, github.repository(groups[0]))
+        elif index == 1:
+            org = github.orgs.get(groups[0])
+            if org is None:
+                self._error(404, "Not Found")
+            else:
+                body = {"login": groups[0], "id": 9_919, "node_id": "MDEyOk9yZ2FuaXphdGlvbjk5MTk=",
+                        "url": f"{github.url}/orgs/{groups[0]}", "type": "Organization"}
+                if not me.installation and org.get("plan"):  # the plan: owners only, never an installation
+                    body["plan"] = {"name": org["plan"], "space": 976562499, "private_repos": 999999,
+                                    "filled_seats": 4, "seats": 5}
+                self._send(200, body)
+        elif index == 2:
+            found = [_public(e) for (r, _), e in sorted(github.environments.items()) if r == groups[0]]
+            self._send(200, {"total_count": len(found), "environments": found})
+        else:
+            self._setup_item(index, groups, query)
+        return True
+
+    def _setup_item(self, index: int, groups: list[str], query: dict[str, list[str]]) -> None:
+        github = self.github
+        repo = groups[0]
+        if index in (3, 4, 5):
+            environment = github.environments.get((repo, groups[1]))
+            if environment is None:
+                self._error(404, "Not Found")
+            elif index == 3:
+                self._send(200, _public(environment))
+            elif index == 4:
+                per_page = min(int(query.get("per_page", ["30"])[0]), 100)
+                page = int(query.get("page", ["1"])[0])
+                items = environment["_policies"]
+                self._send(200, {"total_count": len(items),
+                                 "branch_policies": items[(page - 1) * per_page: page * per_page]})
+            else:
+                per_page = min(int(query.get("per_page", ["10"])[0]), 30)  # GitHub: at most 30 a page
+                page = int(query.get("page", ["1"])[0])
+                now = environment["created_at"]
+                items = [{"name": k, "value": v, "created_at": now, "updated_at": now}
+                         for k, v in sorted(environment["_variables"].items())]
+                self._send(200, {"total_count": len(items), "variables": items[(page - 1) * per_page: page * per_page]})
+        elif index == 6:
+            protection = github.protections.get((repo, groups[1]))
+            if protection is None:
+                self._send(404, {"message": "Branch not protected",
+                                 "documentation_url": "https://docs.github.com/rest/branches/branch-protection"
+                                                      "#get-branch-protection", "status": "404"})
+            else:
+                self._send(200, protection)
+        elif index == 7:
+            # A repository that never set a template answers {"use_default": true}; since GitHub's
+            # immutable subjects, also `use_immutable_subject` and `sub_claim_prefix`.
+            self._send(200, github.oidc_sub.get(repo, {"use_default": True}))
+        elif index == 8:
+            errors = github.codeowners_errors.get(repo, [])
+            if errors is None:
+                self._error(404, "Not Found")
+            else:
+                self._send(200, {"errors": errors})
+        else:
+            now = _now()
+            items = [{"name": k, "value": v, "created_at": now, "updated_at": now}
+                     for k, v in sorted(github.repo_variables.get(repo, {}).items())]
+            self._send(200, {"total_count": len(items), "variables": items})
 
     def _workflows(self, method: str, repo: str, workflow_id: str | None, verb: str | None,
                    query: dict[str, list[str]], me: Identity) -> None:
