@@ -142,6 +142,8 @@ class AzureBackend(Backend):
         self._registry = registry_client
         self._registries: dict[str, Any] = dict(registry_clients or {})
         self._stuck: dict[str, JobInfo] = {}
+        self._ended: dict[str, Any] = {}  # jobs read in a terminal state
+        self._tracking_uri: str | None = None
         self._validations: dict[str, tuple[compute.ComputeCheck, Any, list[str], Experiment]] = {}
         self._metrics_reader = metrics_reader or self._workspace_metrics
         self._sleep = sleep
@@ -196,10 +198,15 @@ class AzureBackend(Backend):
     def _existing_job(self, job_name: str):
         from azure.core.exceptions import ResourceNotFoundError
 
+        if job_name in self._ended:  # an ended job never changes: one read per process
+            return self._ended[job_name]
         try:
-            return self._call(f"reading job {job_name}", lambda: self.workspace.jobs.get(job_name))
+            job = self._call(f"reading job {job_name}", lambda: self.workspace.jobs.get(job_name))
         except ResourceNotFoundError:  # jobs.get: "Raised if no job with the given name can be found"
             return None
+        if jobs.is_terminal(getattr(job, "status", None)):
+            self._ended[job_name] = job
+        return job
 
     def component_version_for(self, experiment: Experiment) -> str | None:
         """The experiment's pin (training.component_version), else $AZURE_ML_COMPONENT_VERSION, else latest."""
@@ -392,9 +399,12 @@ class AzureBackend(Backend):
         return Progress(loss=found.get("loss", found.get("train_loss")))
 
     def tracking_uri(self) -> str:
-        ws = self.workspace
-        info = self._call("reading the workspace", lambda: ws.workspaces.get(ws.workspace_name))
-        return info.mlflow_tracking_uri
+        """The workspace's MLflow tracking URI, read once per process (it never changes)."""
+        if self._tracking_uri is None:
+            ws = self.workspace
+            info = self._call("reading the workspace", lambda: ws.workspaces.get(ws.workspace_name))
+            self._tracking_uri = info.mlflow_tracking_uri
+        return self._tracking_uri
 
     def metrics(self, finetune: FinetunePart) -> dict[str, Any]:
         return dict(self._metrics_reader(self.tracking_uri(), finetune.job_name))
