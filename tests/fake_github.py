@@ -703,9 +703,10 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, protection)
         elif index == 7:
-            # A repository that never set a template answers {"use_default": true}; since GitHub's
-            # immutable subjects, also `use_immutable_subject` and `sub_claim_prefix`.
-            self._send(200, github.oidc_sub.get(repo, {"use_default": True}))
+            # A repository that never set a template: the default, and (since GitHub's immutable
+            # subjects) `use_immutable_subject` and `sub_claim_prefix`; this one is an older, classic one.
+            self._send(200, github.oidc_sub.get(repo, {"use_default": True, "use_immutable_subject": False,
+                                                       "sub_claim_prefix": f"repo:{repo}"}))
         elif index == 8:
             errors = github.codeowners_errors.get(repo, [])
             if errors is None:
