@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     loop.add_command(commands)
+    from automation import doctor  # doctor: the fork's setup checked, read-only, each fix printed
+
+    doctor.add_command(commands)
     return parser
 
 
