@@ -293,3 +293,28 @@ def test_the_repository_s_own_codeowners_is_complete_but_for_its_placeholders():
     text = (Path(__file__).parents[1] / "CODEOWNERS").read_text(encoding="utf-8")
     problems = doctor.codeowners_problems(text)
     assert [p for p, _ in problems] == [problems[0][0]] and "placeholder owners" in problems[0][0]
+
+
+def test_a_private_repository_on_team_gates_with_branch_protection(fork):
+    fork.github.set_repository(REPO, private=True, plan="team")
+    production_gate(fork.github, reviewers=None)
+    findings = run(fork)
+    assert any(f.area == "production" and "Administration" not in f.what and f.status == doctor.FAIL
+               and "not protected" in f.what for f in findings)
+    fork.github.protect_branch(REPO, "main")
+    findings = run(fork)
+    assert not failures(findings), shown(findings)
+    assert any(f.area == "production" and f.status == doctor.WARN and "GitHub Free, Pro and Team" in f.what
+               for f in findings)
+    assert any(f.area == "production" and f.status == doctor.OK and "branch protection" in f.what for f in findings)
+
+
+def test_an_identity_graph_does_not_know(fork):
+    """Not an app registration (a managed identity's credentials are in ARM, not Graph), or a wrong
+    client id: the credentials are skipped with both az commands, and with no service principal
+    there is nothing to hold roles."""
+    fork.azure.apps.pop(PRODUCTION_CLIENT)  # Graph answers 404 Request_ResourceNotFound
+    findings = run(fork)
+    skipped = [f for f in findings if f.area == "credentials" and f.status == doctor.SKIP]
+    assert skipped and "az identity federated-credential list" in skipped[0].fix
+    assert any(f.area == "roles" and "no service principal" in f.what for f in failures(findings))
