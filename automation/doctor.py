@@ -226,13 +226,14 @@ class Doctor:
                                 "run in it)", FAIL, f"gh api -X PUT repos/{repo}/environments/staging")
             return
         rules = [r.get("type") for r in staging.get("protection_rules") or [] if isinstance(r, dict)]
+        reset = (f"gh api -X PUT repos/{repo}/environments/staging --input - <<'EOF'\n"
+                 '{"wait_timer": 0, "reviewers": null, "deployment_branch_policy": null}\nEOF')
         if "required_reviewers" in rules:
             self.add("staging", "`staging` has required reviewers: every tick of the loop would wait for a person",
-                     FAIL, f"gh api -X PUT repos/{repo}/environments/staging -F deployment_branch_policy=null")
+                     FAIL, reset)
         elif staging.get("deployment_branch_policy"):
             self.add("staging", "`staging` restricts deployment branches: the loop's jobs run for pull requests "
-                                "(refs/pull/N/merge) and would be refused", FAIL,
-                     f"gh api -X PUT repos/{repo}/environments/staging -F deployment_branch_policy=null")
+                                "(refs/pull/N/merge) and would be refused", FAIL, reset)
         else:
             self.add("staging", "`staging` exists, admits the pull requests' jobs, no reviewers", OK)
 
@@ -556,7 +557,7 @@ def codeowners_problems(text: str, path: str = "CODEOWNERS") -> list[tuple[str, 
     last matching line wins, so it must come first), and a line for each of PLATFORM_PATHS."""
     rules = []
     for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.split("#", 1)[0].strip() if not line.lstrip().startswith("\\#") else line.strip()
+        stripped = re.sub(r"(?<!\\)#.*", "", line).strip()  # a comment, unless escaped (`\#file`)
         if stripped:
             pattern, *owners = stripped.split()
             rules.append((number, pattern, owners))

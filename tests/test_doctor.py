@@ -163,7 +163,7 @@ def _no_codeowners(fork):
     (lambda f: f.github.environments.pop((REPO, "staging")), "staging", "does not exist",
      f"gh api -X PUT repos/{REPO}/environments/staging"),
     (lambda f: f.github.add_environment(REPO, "staging", branch_policy=["main"], variables=STAGING_VARIABLES),
-     "staging", "restricts deployment branches", "-F deployment_branch_policy=null"),
+     "staging", "restricts deployment branches", '"reviewers": null, "deployment_branch_policy": null'),
     (lambda f: f.github.environments[(REPO, "production")]["_variables"].pop("AZURE_ML_REGISTRY"), "variables",
      "lacks the variable AZURE_ML_REGISTRY", f"gh variable set AZURE_ML_REGISTRY --env production --repo {REPO}"),
     (_staging_client_for_production, "variables", "share one identity",
