@@ -141,7 +141,11 @@ def _unowned_lock(fork):
 
 
 def _codeowners_errors(fork):
+    # The first: the example of GitHub's REST description (components/schemas/codeowners-errors).
     fork.github.codeowners_errors[REPO] = [{
+        "line": 7, "column": 3, "kind": "Invalid owner", "source": "* user",
+        "suggestion": "The pattern `/` will never match anything, did you mean `*` instead?",
+        "message": "Invalid owner on line 7:\n\n  * user\n    ^", "path": ".github/CODEOWNERS"}, {
         "line": 2, "column": 15, "kind": "Unknown owner", "source": "/experiments/ @acme-ml/ml-reviewers",
         "suggestion": "make sure @acme-ml/ml-reviewers exists and has write access to the repository",
         "message": "Unknown owner on line 2: make sure @acme-ml/ml-reviewers exists and has write access to the "
@@ -188,6 +192,7 @@ def _no_codeowners(fork):
     (_no_catch_all, "codeowners", "no catch-all owner", "sed -i '1i * @YOUR-ORG/mlops-platform' CODEOWNERS"),
     (_unowned_lock, "codeowners", "does not name an owner for uv.lock", "echo '/uv.lock @YOUR-ORG/mlops-platform'"),
     (_codeowners_errors, "codeowners", "CODEOWNERS:2: Unknown owner", "make sure @acme-ml/ml-reviewers exists"),
+    (_codeowners_errors, "codeowners", ".github/CODEOWNERS:7: Invalid owner: * user", "did you mean `*` instead?"),
     (_no_codeowners, "codeowners", "no CODEOWNERS file", "CODEOWNERS"),
 ])
 def test_each_missing_piece_fails_and_prints_its_fix(fork, breaks, area, said, fix):
