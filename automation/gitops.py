@@ -23,16 +23,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from automation import github
+from automation.backends.azure import AZURE_SETTINGS, azure_settings_missing  # noqa: F401 (re-exported)
 from automation.errors import AutomationError, ConfigError, ExperimentInvalid
-from automation.naming import SUFFIXES, is_experiment_path
+from automation.naming import SUFFIXES, current_repo, is_experiment_path
 from automation.spec import backend_of
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 # Repository variables the Azure jobs need (OIDC: an app registration's ids, no secret).
-AZURE_SETTINGS = ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP",
-                  "AZURE_ML_WORKSPACE")
 ZERO_SHA = "0" * 40
 
 
@@ -49,16 +48,6 @@ def _shown(text: str) -> str:
 def _cell(text: str) -> str:
     """A file name inside a markdown table cell of the job summary."""
     return "`" + _shown(text).replace("`", "'").replace("|", "\\|") + "`"
-
-
-def current_repo() -> str:
-    """The repo tag of resources: what open_run stamps on them."""
-    return os.environ.get("GITHUB_REPOSITORY") or "local"
-
-
-def azure_settings_missing(env: dict[str, str] | None = None) -> list[str]:
-    env = os.environ if env is None else env
-    return [name for name in AZURE_SETTINGS if not env.get(name)]
 
 
 # ---------------------------------------------------------------------------------------------

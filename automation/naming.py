@@ -26,6 +26,13 @@ EXPERIMENTS_DIR = "experiments"
 SUFFIXES = (".yaml", ".yml")
 
 
+def current_repo() -> str:
+    """The repo tag of resources: GITHUB_REPOSITORY, or "local" at a desk."""
+    import os
+
+    return os.environ.get("GITHUB_REPOSITORY") or "local"
+
+
 def is_experiment_path(path: str) -> bool:
     """A file under experiments/ (any depth) with a YAML suffix: one experiment."""
     from pathlib import PurePosixPath
