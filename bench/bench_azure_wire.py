@@ -118,25 +118,32 @@ def throttled_call(folder: Path, retry_after: float) -> dict:
             "computed_s": retries * retry_after, "retry_total": AZURE_CORE_RETRY["retry_total"]}
 
 
-def slow_tick(folder: Path, delay: float) -> dict:
-    """A Running-state tick (plan + leg) with every answer of every service `delay` seconds late."""
+def one_tick(folder: Path, final: str, delay: float) -> tuple[float, int, str]:
+    """The leg of the tick that finds the job `final` (Running: the progress comment; Completed:
+    register, deploy, score, evaluate), every answer of every service `delay` seconds late."""
     with world(folder) as w:
         w.azure._mlflow_app()
         w.github.open_pull(REPO_NAME, 7, head_sha="1" * 40, files={PATH: experiment_text()})
         w.reconcile(GITHUB_EVENT_NAME="workflow_dispatch")
         job = next(iter(w.azure.jobs))
-        w.azure.set_job_state(job, "Running")
         w.azure.log_loss(job, [(10, 2.0)])
-        start = len(w.azure.calls)
-        fast = w.reconcile()
-        fast_calls = len(w.azure.calls) - start
+        w.azure.set_job_state(job, final)
         w.azure.slow_s = delay
         start = len(w.azure.calls)
-        slow = w.reconcile()
-        slow_calls = len(w.azure.calls) - start
-    return {"delay_s": delay, "requests": slow_calls, "fast_s": round(fast.seconds, 2),
-            "slow_s": round(slow.seconds, 2), "fast_requests": fast_calls,
-            "added_per_request_s": round((slow.seconds - fast.seconds) / max(slow_calls, 1), 3)}
+        leg = w.reconcile()
+        return leg.seconds, len(w.azure.calls) - start, leg.stdout.strip()[-80:]
+
+
+def slow_tick(folder: Path, delay: float) -> dict:
+    """Each tick kind answered at once and answered `delay` s late per request, in fresh worlds."""
+    out = {"delay_s": delay}
+    for final in ("Running", "Completed"):
+        fast_s, fast_n, _ = one_tick(folder / f"{final}-fast", final, 0.0)
+        slow_s, slow_n, said = one_tick(folder / f"{final}-slow", final, delay)
+        out[final] = {"requests": slow_n, "fast_s": round(fast_s, 2), "slow_s": round(slow_s, 2),
+                      "fast_requests": fast_n, "added_per_request_s": round((slow_s - fast_s) / max(slow_n, 1), 3),
+                      "outcome": said}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
