@@ -197,6 +197,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
         p = run.record.promote
         _out(f"promoted: version {p.model_version} serves {p.endpoint_name} at {p.url}"
              + ("" if p.policy_passed else f" (promotion policy overridden: {p.policy_override})"))
+    elif verb == "rollback":
+        stages.stage_rollback(run)
+        p = run.record.promote
+        _out(f"rolled back: {p.endpoint_name} serves {p.deployment_name} (version {p.model_version}) again; "
+             f"{p.previous_deployment} is kept, without traffic")
     elif verb == "bundle":
         folder = stages.stage_bundle(run, Path(args.out) if args.out else None, with_weights=args.with_weights)
         _out(f"record for upload: {folder}")
@@ -367,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override-policy", metavar="REASON",
                    help="promote although the experiment's promotion policy is not met; the reason is kept as the "
                         "promotion_override tag")
+    stage("rollback", "move production's traffic back to the deployment the last promotion kept")
     p = stage("bundle", "one folder with the run's record, report, request and MLflow store, to upload as an artifact")
     p.add_argument("--out", help="folder to write (default: the workspace's runs/<experiment>/artifact)")
     p.add_argument("--with-weights", action="store_true", help="include the model weights (large)")
@@ -408,11 +414,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     loop.add_command(commands)
+    loop.add_release_command(commands)
     from automation import doctor  # doctor: the fork's setup checked, read-only, each fix printed
 
     doctor.add_command(commands)
     return parser
 
+
+
+def export_workflow_variables(env=None) -> list[str]:
+    """A workflow passes its configuration variables as one JSON object, `AUTOMATION_VARS: ${{
+    toJSON(vars) }}` (the repository's, overridden by the job's environment's): the AZURE_* ones become
+    environment variables here, unless already set. Returns the names exported."""
+    import os
+
+    env = os.environ if env is None else env
+    text = env.get("AUTOMATION_VARS", "").strip()
+    if not text:
+        return []
+    try:
+        values = json.loads(text)
+    except ValueError:
+        raise ConfigError("AUTOMATION_VARS is not JSON: pass `${{ toJSON(vars) }}`") from None
+    exported = []
+    for name, value in (values.items() if isinstance(values, dict) else []):
+        if isinstance(name, str) and name.startswith("AZURE_") and isinstance(value, str) and not env.get(name):
+            env[name] = value
+            exported.append(name)
+    return exported
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging(args.verbose)  # labelled lines; the libraries' progress bars and chatter off unless -v
     try:
+        export_workflow_variables()
         return args.handler(args)
     except ExperimentInvalid as err:
         for issue in err.issues:

@@ -131,6 +131,7 @@ class PromotePart(_Part):
     previous_deployment: str | None = None
     policy_passed: bool | None = None
     policy_override: str | None = None  # the reason given for promoting against the policy
+    evaluation: EvaluationPart | None = None  # in place: the candidate beside the live deployment
 
 
 class RunRecord(_Part):

@@ -247,15 +247,37 @@ NO_PRODUCTION_LOSS = ("eval loss: the fine-tuned model's is its job's; an endpoi
 def stage_evaluate(run: Run) -> EvaluationPart | None:
     """The held-out evaluation from the deployed endpoints, where the fine-tune does not run it
     (Azure): the candidate on its staging deployment and, when the production endpoint serves a
-    model, that model, each answering the same `evaluation.prompts` conversations (the seeded choice
-    of the local backend) one greedy request at a time. The candidate's eval loss is its job's.
-    On a backend that evaluates in its fine-tune (local) this finds that evaluation and does nothing."""
-    from automation.evaluation import endpoint_replies, held_out_prompts, model_eval
-
+    model the run may read, that model, each answering the same `evaluation.prompts` conversations
+    (the seeded choice of the local backend) one greedy request at a time. The candidate's eval loss
+    is its job's. On a backend that evaluates in its fine-tune (local) this finds that evaluation
+    and does nothing."""
     finetune = _require(run, "finetune", "finetune")
     if run.backend.evaluates_in_finetune:
         return finetune.evaluation
     deploy = _require(run, "deploy", "deploy")
+    production_endpoint = naming.production_endpoint_name(run.record.repo, run.experiment.name)
+    try:
+        production = run.backend.serving_model(production_endpoint)
+    except BackendError as err:  # production is another trust zone: the PR identity may not read it
+        log.info("production endpoint not readable from here (%s)", err)
+        production = None
+    with timed(run, "evaluate"):
+        part = evaluate_endpoints(run, deploy.endpoint_name, deploy.deployment_name, production,
+                                  production_endpoint=production_endpoint)
+        finetune.evaluation = part
+        text = json.dumps(part.model_dump(mode="json"), indent=1, ensure_ascii=False)
+        write_text_atomic(run.evaluation_file, text + "\n")
+    return part
+
+
+def evaluate_endpoints(run: Run, endpoint: str, deployment: str, production, *,
+                       production_endpoint: str) -> EvaluationPart:
+    """The candidate's replies from `endpoint`/`deployment` and, with `production` (a ServingModel),
+    the live model's to the same held-out prompts: for the staging evaluation, and for the one in
+    place at promotion (both deployments on the production endpoint)."""
+    from automation.evaluation import endpoint_replies, held_out_prompts, model_eval
+
+    finetune = _require(run, "finetune", "finetune")
     model = _require(run, "registration", "register")
     data = _require(run, "data", "data")
     spec, d = run.experiment.evaluation, run.experiment.data
@@ -267,30 +289,24 @@ def stage_evaluate(run: Run) -> EvaluationPart | None:
                                 prompts, max_new_tokens=spec.max_new_tokens, label=f"{label} ({endpoint}/{deployment})",
                                 kept=kept, key=f"{endpoint}/{deployment}/{uri}/{spec.max_new_tokens}")
 
-    with timed(run, "evaluate"):
-        started = time.monotonic()
-        part = EvaluationPart(test_split=d.test_split, prompt_split=d.sample_split, max_new_tokens=spec.max_new_tokens,
-                              prompts=prompts, source="endpoints", notes=[BASE_NOT_DEPLOYED])
-        log.info("evaluation: %d held-out prompts of %s on %s", len(prompts), d.sample_split, deploy.endpoint_name)
-        replies = ask(deploy.endpoint_name, deploy.deployment_name, "fine-tuned model", model.model_uri)
-        part.models["candidate"] = model_eval(model.model_uri, prompts, replies, finetune.eval_loss)
-        production_endpoint = naming.production_endpoint_name(run.record.repo, run.experiment.name)
-        production = run.backend.serving_model(production_endpoint)
-        if production is None:
-            part.notes.append(f"production: no model serves `{production_endpoint}` yet, so there is no baseline "
-                              "to compare with; the policy's candidate-only limits still apply")
-        else:
-            log.info("evaluation: production %s:%s on %s", production.model_name, production.version,
-                     production_endpoint)
-            replies = ask(production.endpoint_name, production.deployment_name, "production model",
-                          production.model_uri)
-            part.models["production"] = model_eval(production.model_uri, prompts, replies, None)
-            part.production_version = production.version
-            part.notes.append(NO_PRODUCTION_LOSS)
-        part.seconds = round(time.monotonic() - started, 2)
-        finetune.evaluation = part
-        text = json.dumps(part.model_dump(mode="json"), indent=1, ensure_ascii=False)
-        write_text_atomic(run.evaluation_file, text + "\n")
+    started = time.monotonic()
+    part = EvaluationPart(test_split=d.test_split, prompt_split=d.sample_split, max_new_tokens=spec.max_new_tokens,
+                          prompts=prompts, source="endpoints", notes=[BASE_NOT_DEPLOYED])
+    log.info("evaluation: %d held-out prompts of %s on %s/%s", len(prompts), d.sample_split, endpoint, deployment)
+    replies = ask(endpoint, deployment, "fine-tuned model", model.model_uri)
+    part.models["candidate"] = model_eval(model.model_uri, prompts, replies, finetune.eval_loss)
+    if production is None:
+        part.notes.append(f"production: no model serves `{production_endpoint}` that this run may read, so there "
+                          "is no baseline here; the comparison with production happens in place at promotion, "
+                          "and the policy's candidate-only limits apply now")
+    else:
+        log.info("evaluation: production %s:%s on %s/%s", production.model_name, production.version,
+                 production.endpoint_name, production.deployment_name)
+        replies = ask(production.endpoint_name, production.deployment_name, "production model", production.model_uri)
+        part.models["production"] = model_eval(production.model_uri, prompts, replies, None)
+        part.production_version = production.version
+        part.notes.append(NO_PRODUCTION_LOSS)
+    part.seconds = round(time.monotonic() - started, 2)
     return part
 
 
@@ -322,28 +338,76 @@ def stage_teardown(run: Run) -> list[str]:
 
 
 def stage_promote(run: Run, *, override: str | None = None) -> None:
-    """Promote when the experiment's promotion policy passes against the baseline; otherwise fail
-    with the numbers, unless `override` gives a reason (kept as the `promotion_override` tag)."""
+    """Promote in place: the registered version deployed on the production endpoint beside the live
+    deployment at 0 % traffic, smoke-scored, asked the held-out prompts beside the live model, and
+    given the traffic only when the experiment's promotion policy passes against it (or `override`
+    gives a reason, kept as the `promotion_override` tag). A failure leaves production's traffic
+    where it was and removes the candidate; the previous deployment is kept for `automation rollback`."""
     from automation.evaluation import PolicyNotMet, check_policy
 
     model = _require(run, "registration", "register")
+    _require(run, "data", "data")
     name = naming.production_endpoint_name(run.record.repo, run.experiment.name)
     finetune = run.record.finetune
-    policy = check_policy(finetune.evaluation if finetune else None, run.experiment.promotion, finetune)
     if override is not None and not override.strip():
         raise ConfigError("--override-policy needs a reason, e.g. --override-policy 'loss rose on a new test split'")
-    if not policy.passed and override is None:
-        raise PolicyNotMet(policy)
     tags = run.tags("production")
-    tags["promotion_policy"] = "passed" if policy.passed else "overridden"
-    if not policy.passed:
-        tags["promotion_override"] = override.strip()[:250]
-        log.warning("promotion policy not met, promoting on override (%s): %s", override.strip(),
-                    "; ".join(c.describe() for c in policy.failures()))
     with timed(run, "promote"):
-        run.record.promote = run.backend.promote(run.experiment, model, endpoint_name=name, tags=tags)
+        candidate = run.backend.stage_candidate(run.experiment, model, endpoint_name=name, tags=tags)
+        try:
+            in_place = evaluate_endpoints(run, candidate.endpoint_name, candidate.deployment_name, candidate.live,
+                                          production_endpoint=name)
+            part = merged_evaluation(finetune.evaluation if finetune else None, in_place)
+            policy = check_policy(part, run.experiment.promotion, finetune)
+            if not policy.passed and override is None:
+                raise PolicyNotMet(policy)
+        except BaseException:
+            run.backend.remove_candidate(candidate)
+            raise
+        tags["promotion_policy"] = "passed" if policy.passed else "overridden"
+        if not policy.passed:
+            tags["promotion_override"] = override.strip()[:250]
+            log.warning("promotion policy not met, promoting on override (%s): %s", override.strip(),
+                        "; ".join(c.describe() for c in policy.failures()))
+        run.record.promote = run.backend.shift_traffic(run.experiment, candidate, model, tags=tags)
         run.record.promote.policy_passed = policy.passed
         run.record.promote.policy_override = None if policy.passed else override.strip()
+        run.record.promote.evaluation = part
+
+
+def merged_evaluation(pr_time: EvaluationPart | None, in_place: EvaluationPart) -> EvaluationPart:
+    """What the policy is checked on at promotion: the pull request's evaluation (its base model, the
+    candidate's eval loss per conversation) with the replies measured in place: the candidate's on
+    its production deployment and the live model's beside it (or no production, on a new endpoint)."""
+    part = (pr_time or in_place).model_copy(deep=True)
+    candidate = in_place.models["candidate"]
+    before = part.models.get("candidate")
+    if before is not None and pr_time is not None:
+        candidate = candidate.model_copy(update={"eval_loss": before.eval_loss, "perplexity": before.perplexity,
+                                                 "eval_loss_each": before.eval_loss_each})
+    part.models["candidate"] = candidate
+    live = in_place.models.get("production")
+    if live is None:
+        part.models.pop("production", None)
+        part.production_version = None
+    else:
+        earlier = part.models.get("production")
+        if earlier is not None and part.production_version == in_place.production_version:
+            live = live.model_copy(update={"eval_loss": earlier.eval_loss, "perplexity": earlier.perplexity,
+                                           "eval_loss_each": earlier.eval_loss_each})
+        part.models["production"] = live
+        part.production_version = in_place.production_version
+    part.notes = [n for n in part.notes if not n.startswith("production: no model serves")]
+    part.notes.append("evaluated in place at promotion: the candidate beside the live deployment on the production "
+                      "endpoint, before any traffic moved")
+    return part
+
+
+def stage_rollback(run: Run) -> None:
+    """All of production's traffic back to the deployment the last promotion kept."""
+    name = naming.production_endpoint_name(run.record.repo, run.experiment.name)
+    with timed(run, "rollback"):
+        run.record.promote = run.backend.rollback(name)
 
 
 # The stage sequence, declared once. `run` runs it whole; the loop runs it split at the fine-tune

@@ -196,12 +196,15 @@ class FakeGitHub:
             pr["_files"].update(files)
             self.trees[(repo, head_sha)] = {p: t for p, t in pr["_files"].items() if t is not None}
 
-    def close_pull(self, repo: str, number: int, *, merged: bool = False) -> None:
+    def close_pull(self, repo: str, number: int, *, merged: bool = False, merge_commit: str | None = None) -> None:
+        """Close the pull request; `merged`: its merge made `merge_commit` on the base branch (a
+        squash commit of its own by default), which GET /commits/{sha}/pulls then finds."""
         with self._lock:
             pr = self.pulls[(repo, number)]
             now = _now()
+            sha = (merge_commit or f"{number:x}".rjust(8, "0") + "c" * 32) if merged else None
             pr.update(state="closed", closed_at=now, updated_at=now, merged=merged, mergeable=None,
-                      merged_at=now if merged else None, merge_commit_sha="c" * 40 if merged else None)
+                      merged_at=now if merged else None, merge_commit_sha=sha)
 
     def _repo(self, full_name: str) -> dict[str, Any]:
         owner, name = full_name.split("/")
@@ -523,6 +526,19 @@ class _Handler(BaseHTTPRequestHandler):
             found = [pr for (repo, _), pr in sorted(github.pulls.items(), key=lambda kv: -kv[0][1])
                      if repo == match.group(1) and state in ("all", pr["state"])]
             self._page(found, query, f"{github.url}/repos/{match.group(1)}/pulls", {"state": state},
+                       lambda pr: {k: v for k, v in _public(pr).items()
+                                   if k not in ("merged", "mergeable", "mergeable_state")})
+            return
+        if match := re.fullmatch(r"/repos/([\w.-]+/[\w.-]+)/commits/([0-9a-f]{7,40})/pulls", path):
+            # "List pull requests associated with a commit": merged ones whose merge made it, open ones
+            # whose head it is (GitHub's answer, in the pull list's shape)
+            if method != "GET":
+                self._error(404, "Not Found")
+                return
+            sha = match.group(2)
+            found = [pr for (repo, _), pr in sorted(github.pulls.items())
+                     if repo == match.group(1) and sha in (pr.get("merge_commit_sha"), pr["head"]["sha"])]
+            self._page(found, query, f"{github.url}{path}", {},
                        lambda pr: {k: v for k, v in _public(pr).items()
                                    if k not in ("merged", "mergeable", "mergeable_state")})
             return

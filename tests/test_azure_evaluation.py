@@ -102,7 +102,7 @@ def test_no_production_endpoint_candidate_alone_with_no_baseline(backend, client
             "Evidence: nothing the policy limits was measured.") in text
     assert "No baseline to compare with" in text and "replies from the endpoints" in text
     assert "base model: not evaluated on Azure" in text
-    assert f"no model serves `{naming.production_endpoint_name(REPO_NAME, NAME)}` yet" in text
+    assert f"no model serves `{naming.production_endpoint_name(REPO_NAME, NAME)}` that this run may read" in text
     assert "| | fine-tuned | change |" in text  # one column: no base model, no production
 
 
@@ -116,6 +116,7 @@ def test_production_endpoint_with_another_version_is_the_baseline(backend, clien
     assert run.record.registration.version != old_version
     ws.online_endpoints.invocations.clear()
     ws.online_endpoints.respond = answering({"demo": reference_of, f"v{old_version}": lambda q: "I do not know."})
+    (run.dir / "evaluation" / "replies.json").unlink()  # the in-place evaluation of v1 kept its replies
     part = stage_evaluate(run)
 
     assert set(part.models) == {"candidate", "production"} and part.production_version == old_version
@@ -140,14 +141,20 @@ def test_production_endpoint_with_another_version_is_the_baseline(backend, clien
     assert "max_eval_loss_increase` is not checked against it" in text
 
     # The same prompts, the candidate now worse than production: the policy says so and promote refuses.
-    ws.online_endpoints.respond = answering({"demo": lambda q: "", f"v{old_version}": reference_of})
+    # At promotion the candidate is deployed beside production and asked there, in place.
+    new = f"v{run.record.registration.version}"
+    ws.online_endpoints.respond = answering({"demo": lambda q: "", new: lambda q: "", f"v{old_version}": reference_of})
     (run.dir / "evaluation" / "replies.json").unlink()  # forget the kept replies: new answers
     part = stage_evaluate(run)
     assert part.models["candidate"].empty_rate == 1.0
+    ws.online_endpoints.invocations.clear()
     with pytest.raises(PolicyNotMet, match="not met against the production:\n  ROUGE-L change vs production: -1"):
         stage_promote(run)
+    asked = {(e, d) for e, d, _ in ws.online_endpoints.invocations}
+    assert asked == {(production, new)}, "in place: the candidate on the production endpoint (v1's replies kept)"
     assert "❌ not met** against the production" in render(run.record, run.experiment)
     assert ws.online_endpoints.items[production].traffic == {f"v{old_version}": 100}  # nothing moved
+    assert ws.online_deployments.of(production) == [f"v{old_version}"]  # the candidate removed
 
 
 def test_a_failing_prompt_is_named_and_the_replies_so_far_are_kept(backend, clients, workspace, tmp_path):

@@ -378,10 +378,29 @@ def test_promote_blue_green(backend, clients):
     second = backend.promote(experiment(), _registered(backend, "1732500000"), endpoint_name="prod-phi3",
                              tags=prod_tags)
     assert (second.deployment_name, second.previous_deployment) == ("v1732500000", "v1732400000")
-    assert workspace.online_deployments.of("prod-phi3") == ["v1732500000"]
-    assert workspace.online_endpoints.items["prod-phi3"].traffic == {"v1732500000": 100}
+    # the previous deployment is kept, without traffic, until the next promotion: one step back
+    assert workspace.online_deployments.of("prod-phi3") == ["v1732400000", "v1732500000"]
+    assert workspace.online_endpoints.items["prod-phi3"].traffic == {"v1732500000": 100, "v1732400000": 0}
     smoke = [inv for inv in workspace.online_endpoints.invocations if inv[1] == "v1732500000"]
     assert len(smoke) == 1  # scored before traffic moved
+    back = backend.rollback("prod-phi3")
+    assert (back.deployment_name, back.model_version, back.previous_deployment) == \
+        ("v1732400000", "1732400000", "v1732500000")
+    assert workspace.online_endpoints.items["prod-phi3"].traffic == {"v1732400000": 100, "v1732500000": 0}
+    assert backend.serving_model("prod-phi3").version == "1732400000"
+    backend.rollback("prod-phi3")  # and forth again
+    third = backend.promote(experiment(), _registered(backend, "1732600000"), endpoint_name="prod-phi3",
+                            tags=prod_tags)
+    assert third.previous_deployment == "v1732500000"
+    assert workspace.online_deployments.of("prod-phi3") == ["v1732500000", "v1732600000"]  # the oldest goes
+
+
+def test_rollback_without_a_kept_deployment_says_so(backend):
+    backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)
+    with pytest.raises(ConfigError, match="no previous deployment is kept"):
+        backend.rollback("prod-phi3")
+    with pytest.raises(ConfigError, match="nothing to roll back"):
+        backend.rollback("prod-none")
 
 
 def test_failed_smoke_score_keeps_the_old_deployment(backend, clients):
@@ -429,14 +448,18 @@ def test_promote_shared_in_between_is_success(clients):
     assert part.deployment_name == "v1732400000" and "phi3-uc" in production.models.versions
 
 
-def test_promote_smoke_tests_before_sharing(clients):
+def test_production_deploys_from_the_registry_and_a_failed_smoke_test_changes_nothing(clients):
     workspace, _ = clients
     backend, production = _with_production_registry(clients)
-    workspace.online_endpoints.replies["v1732400000"] = json.dumps({"error": "model failed to load"})
+    backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)
+    deployed = workspace.online_deployments.items[("prod-phi3", "v1732400000")]
+    assert str(deployed.model).startswith("azureml://registries/prod-registry/models/phi3-uc/versions/")
+    workspace.online_endpoints.replies["v1732500000"] = json.dumps({"error": "model failed to load"})
     with pytest.raises(BackendError, match="smoke score"):
-        backend.promote(experiment(), _registered(backend), endpoint_name="prod-phi3", tags=TAGS)
-    assert "models.share" not in workspace.calls and not production.models.versions
-    assert workspace.online_deployments.of("prod-phi3") == []
+        backend.promote(experiment(), _registered(backend, "1732500000"), endpoint_name="prod-phi3", tags=TAGS)
+    assert workspace.online_deployments.of("prod-phi3") == ["v1732400000"]  # the candidate removed
+    assert workspace.online_endpoints.items["prod-phi3"].traffic == {"v1732400000": 100}
+    assert backend._production_model_id(_registered(backend)).startswith("azureml://registries/prod-registry/")
 
 
 def test_transient_plain_text_scoring_failures_are_retried(backend, clients):

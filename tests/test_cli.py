@@ -185,3 +185,20 @@ def test_the_azure_sdks_request_logs_stay_out_of_the_job_log():
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+def test_a_workflows_variables_arrive_as_one_json_object():
+    """`AUTOMATION_VARS: ${{ toJSON(vars) }}`: the AZURE_* ones are exported, what is set wins, bad
+    JSON is a clear error."""
+    import pytest
+
+    from automation.cli import export_workflow_variables
+    from automation.errors import ConfigError
+
+    env = {"AUTOMATION_VARS": '{"AZURE_ML_WORKSPACE": "ws-prod", "AZURE_CLIENT_ID": "x", "OTHER": "y"}',
+           "AZURE_CLIENT_ID": "set-by-the-step"}
+    assert export_workflow_variables(env) == ["AZURE_ML_WORKSPACE"]
+    assert env["AZURE_ML_WORKSPACE"] == "ws-prod" and env["AZURE_CLIENT_ID"] == "set-by-the-step" and "OTHER" not in env
+    assert export_workflow_variables({}) == []
+    with pytest.raises(ConfigError, match="not JSON"):
+        export_workflow_variables({"AUTOMATION_VARS": "{oops"})

@@ -237,7 +237,7 @@ def setup_target(job: dict) -> str | None:
 NEEDS = {"validate": "core", "changed": "core", "comment": "core", "report": "core",
          "run": "local", "preflight": "local", "finetune": "azure", "register": "azure", "deploy": "azure",
          "score": "azure", "promote": "azure", "cleanup": "azure", "sweep": "azure",
-         "reconcile": "--backend"}  # reconcile needs what its --backend needs (local or azure)
+         "reconcile": "--backend", "release": "--backend"}  # reconcile needs what its --backend needs (local or azure)
 
 
 def step_kinds(step: dict) -> set[str]:
@@ -247,7 +247,8 @@ def step_kinds(step: dict) -> set[str]:
         # the plan is the decision's dry run: a tick with nothing to do runs on the core install
         if "--plan" in words:
             return {"core"}
-        backend = words[words.index("--backend") + 1] if "--backend" in words else "local+azure"
+        default = "azure" if words[1] == "release" else "local+azure"
+        backend = words[words.index("--backend") + 1] if "--backend" in words else default
         return set(backend.split("+"))
     return {need}
 

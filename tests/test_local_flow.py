@@ -128,14 +128,24 @@ def test_promote_blue_green(workspace, tiny_experiment, capsys):
     assert main(["promote", str(tiny_experiment), "--set", "training.learning_rate=0.02"]) == 0
     second = RunRecord.load(workspace / "runs" / "tiny-local" / "record.json").promote
     assert second.model_version == "2" and second.previous_deployment == "v1"
+    # evaluated in place: v2 beside v1 on the production endpoint, before the traffic moved
+    assert second.evaluation.production_version == "1" and len(second.evaluation.models["production"].replies) == 3
+    assert any("evaluated in place" in note for note in second.evaluation.notes)
     live = process.list_endpoints({"production_endpoint": first.endpoint_name})
-    assert [e.name for e in live] == [f"{first.endpoint_name}-v2"]
+    assert [e.name for e in live] == [f"{first.endpoint_name}-v1", f"{first.endpoint_name}-v2"]  # v1 kept
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     alias = client.get_model_version_by_alias("tiny-ultrachat-sample", "production")
     assert str(alias.version) == "2" and alias.tags["promotion_policy"] == "passed"
+    # one step back: v1 takes the traffic again and the alias follows
+    assert main(["rollback", str(tiny_experiment), "--set", "training.learning_rate=0.02"]) == 0
+    assert "serves v1 (version 1) again" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias("tiny-ultrachat-sample", "production").version) == "1"
+    from automation.backends.local.backend import LocalBackend
+
+    assert LocalBackend().serving_model(first.endpoint_name).version == "1"
     first_version = client.get_model_version("tiny-ultrachat-sample", "1")
     assert first_version.tags["promotion_policy"] == "overridden"
     assert first_version.tags["promotion_override"] == "first model of this experiment"

@@ -347,51 +347,84 @@ def test_local_jobs_are_found_by_tags_in_mlflow(workspace):
     assert backend.cancel_job("tiny-1111111-aaaaaaa") is False  # it runs only inside its own process
 
 
-def test_promotion_checks_the_policy_on_a_fresh_evaluation_from_the_endpoints(world):
-    """The promote job trusts no artifact: on Azure it asks the staging and production endpoints the
-    held-out prompts again, and refuses when the candidate falls short of production."""
-    import json
-
-    from automation.errors import ConfigError
-    from automation.evaluation import PolicyNotMet
-    from automation.loop import Reconciler, promote
-    from automation.stages import run_dir
-
-    open_pr(world)
-    world.workspace.jobs.run_for(world.job_of(SHA1), 600)
+def finish_staging(world, sha: str = SHA1) -> None:
+    world.workspace.jobs.run_for(world.job_of(sha), 600)
     world.tick(pr=7)
     while "phase=done" not in world.comment():
         world.clock.advance(TICK)
         world.tick()
-    reconciler = Reconciler(world.backend, world.pulls, REPO_NAME, world.clock)
-    request = world.pulls.get(7)
-    source = world.pulls.experiments(request)["phi3-ultrachat"]
-    staging = naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")
+
+
+def test_a_merge_promotes_the_reported_commit_once_evaluated_in_place(world):
+    """Merging is the decision: the push of the merge commit promotes the job the comment reported,
+    from the version it registered, evaluated beside the live deployment on the production endpoint;
+    the staging endpoint is not needed (the close deletes it); running it again changes nothing."""
+    from automation.loop import promote_merged
+
+    open_pr(world)
+    finish_staging(world)
+    body = world.comment()
+    assert "verdict=passed" in body and "### On merge" in body and "Merging promotes **" in body
+    world.github.close_pull(REPO_NAME, 7, merged=True)
+    (pruned,) = world.tick(pr=7)  # the closed event: the staging endpoint goes
+    assert pruned.action == "pruned" and world.endpoints() == []
+    assert "verdict=passed" in world.comment()  # the prune keeps what the status knew
+    merge = world.github.pulls[(REPO_NAME, 7)]["merge_commit_sha"]
+    world.workspace.online_endpoints.invocations.clear()
+    (outcome,) = promote_merged(world.pulls, world.backend, REPO_NAME, merge, clock=world.clock)
+    assert outcome.action == "promoted" and "kept for a rollback" in outcome.detail
     production = naming.production_endpoint_name(REPO_NAME, "phi3-ultrachat")
-    invocations = world.workspace.online_endpoints.invocations
-    invocations.clear()
-    kept = run_dir("phi3-ultrachat") / "evaluation" / "replies.json"
-    kept.unlink()  # the promote job runs on a fresh runner: nothing kept from the tick's evaluation
-
-    assert "serves " + production in promote(reconciler, request, source)  # no production yet: no baseline
-    assert [(e, d) for e, d, _ in invocations][:8] == [(staging, "demo")] * 8
     (serving,) = world.workspace.online_endpoints.items[production].traffic
+    asked = {(e, d) for e, d, _ in world.workspace.online_endpoints.invocations}
+    assert asked == {(production, serving)}  # the smoke test and the held-out prompts, in place
+    creates = world.workspace.calls.count("online_deployments.begin_create_or_update")
+    (again,) = promote_merged(world.pulls, world.backend, REPO_NAME, merge, clock=world.clock)
+    assert again.action == "promoted"
+    assert world.workspace.calls.count("online_deployments.begin_create_or_update") == creates  # once
 
-    def respond(endpoint, deployment, body):  # the candidate now answers nothing; production echoes
-        question = body["input_data"]["input_string"][0][-1]["content"]
-        return json.dumps({"output": "" if deployment == "demo" else f"{question} the and of to a in is it"})
 
-    world.workspace.online_endpoints.respond = respond
-    kept.unlink()
-    invocations.clear()
-    with pytest.raises(PolicyNotMet, match="not met against the production:\n  ROUGE-L change vs production: -0"):
-        promote(reconciler, request, source)
-    assert sorted({(e, d) for e, d, _ in invocations}) == [(production, serving), (staging, "demo")]
-    assert world.workspace.online_endpoints.items[production].traffic == {serving: 100}
+def test_a_merge_of_a_head_without_staging_results_promotes_nothing(world):
+    from automation.loop import promote_merged
 
-    world.workspace.online_endpoints.begin_delete(name=staging)
-    with pytest.raises(ConfigError, match=f"the staging endpoint {staging} is gone"):
-        promote(reconciler, request, source)
+    open_pr(world)
+    finish_staging(world)
+    world.github.push(REPO_NAME, 7, SHA2, {PATH: experiment_text(learning_rate=1e-5)})
+    world.tick(pr=7)  # the new head's job starts; it has not completed when the pull request merges
+    world.github.close_pull(REPO_NAME, 7, merged=True)
+    merge = world.github.pulls[(REPO_NAME, 7)]["merge_commit_sha"]
+    (outcome,) = promote_merged(world.pulls, world.backend, REPO_NAME, merge, clock=world.clock)
+    assert outcome.action == "skipped" and "never completed" in outcome.detail
+    production = naming.production_endpoint_name(REPO_NAME, "phi3-ultrachat")
+    assert production not in world.workspace.online_endpoints.items
+
+
+def test_closing_without_merging_never_promotes_and_a_dispatch_needs_the_reported_commit(world):
+    from automation.errors import ConfigError
+    from automation.loop import promote_dispatched, promote_merged
+
+    open_pr(world)
+    finish_staging(world)
+    world.github.close_pull(REPO_NAME, 7)  # closed, not merged: no merge commit exists
+    assert [o.action for o in promote_merged(world.pulls, world.backend, REPO_NAME, SHA1)] == ["skipped"]
+    with pytest.raises(ConfigError, match="is not merged"):
+        promote_dispatched(world.pulls, world.backend, REPO_NAME, 7, "phi3-ultrachat", SHA1)
+    world.github.pulls[(REPO_NAME, 7)].update(merged=True, merged_at="2026-03-02T10:00:00Z")
+    with pytest.raises(ConfigError, match="not the one its comment reported"):
+        promote_dispatched(world.pulls, world.backend, REPO_NAME, 7, "phi3-ultrachat", SHA2)
+    outcome = promote_dispatched(world.pulls, world.backend, REPO_NAME, 7, "phi3-ultrachat", SHA1,
+                                 clock=world.clock)
+    assert outcome.action == "promoted"
+
+
+def test_production_runs_only_from_the_default_branch(world):
+    from automation.errors import ConfigError
+    from automation.loop import require_default_branch
+
+    client = world.pulls.client
+    assert require_default_branch(client, "refs/heads/main") == "main"
+    for ref in ("refs/heads/feature-7", "refs/pull/7/merge", None):
+        with pytest.raises(ConfigError, match="only from the default branch"):
+            require_default_branch(client, ref)
 
 
 # ---------------------------------------------------------------------------------------------

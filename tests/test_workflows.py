@@ -160,8 +160,10 @@ KIND = {"changed": "core", "preflight": "local", "sweep": "azure"}
 
 def kind_of(command: str) -> str:
     words = command.split()
-    if words[1] == "reconcile":
-        return "core" if "--plan" in words else words[words.index("--backend") + 1]
+    if words[1] in ("reconcile", "release"):  # a plan reads GitHub only; release defaults to azure
+        if "--plan" in words:
+            return "core"
+        return words[words.index("--backend") + 1] if "--backend" in words else "azure"
     return KIND[words[1]]
 
 
@@ -193,7 +195,9 @@ def test_the_triggers():
     assert set(tick) == {"schedule", "workflow_dispatch"}
     (call,) = jobs_of("tick.yml").values()
     assert call["uses"] == "$/.github/workflows/loop.yml"
-    assert set(triggers(load(BY_NAME["promote.yml"]))) == {"workflow_dispatch"}
+    promote = triggers(load(BY_NAME["promote.yml"]))
+    assert promote["push"] == {"branches": ["main"]}  # a merge; the code checks the repository's default branch
+    assert set(promote["workflow_dispatch"]["inputs"]) == {"experiment", "pr", "commit", "override", "rollback"}
     assert set(triggers(load(BY_NAME["endpoint-sweeper.yml"]))) == {"schedule", "workflow_dispatch"}
     assert "make test" in BY_NAME["ci.yml"].read_text()
 
@@ -272,13 +276,15 @@ def test_untrusted_event_fields_only_in_env(path):
 
 
 def uses_azure(job: dict) -> bool:
-    """Azure is reached with the job's OIDC token: a verb on the azure backend (or Azure/login)."""
-    return any("--backend azure" in c for c in commands(job)) or bool(steps_using(job, "azure/login"))
+    """Azure is reached with the job's OIDC token: a verb on the azure backend, the production job's
+    release (or Azure/login)."""
+    return any("--backend azure" in c or (c.split()[1:2] == ["release"] and "--plan" not in c)
+               for c in commands(job)) or bool(steps_using(job, "azure/login"))
 
 
 def comments(job: dict) -> bool:
-    """A reconcile leg writes the experiment's PR comment (not --plan or --promote)."""
-    return any(c.split()[1:2] == ["reconcile"] and "--plan" not in c and "--promote" not in c
+    """A reconcile leg writes the experiment's PR comment; release its promotion comment."""
+    return any(c.split()[1:2] in (["reconcile"], ["release"]) and "--plan" not in c
                for c in commands(job) if c.startswith(".venv/bin/automation "))
 
 
@@ -290,9 +296,11 @@ def test_each_job_gets_the_least_it_needs():
         assert writes <= {"id-token", "pull-requests", "actions"}, where
         assert ("id-token" in writes) == uses_azure(job), f"{where}: id-token: write exactly where Azure is used"
         assert ("pull-requests" in writes) == comments(job), f"{where}: pull-requests: write exactly where it comments"
-        assert ("pull-requests" in perms) == ("reconcile" in verbs(job)), f"{where}: reconcile reads the PRs"
-        # tick.yml is enabled or disabled through the Actions API
-        assert ("actions" in writes) == any("--tick-workflow tick.yml" in c for c in commands(job)), where
+        reads_prs = {"reconcile", "release"} & set(verbs(job)) or any("--self-workflow" in c for c in commands(job))
+        assert ("pull-requests" in perms) == bool(reads_prs), f"{where}: reconcile, release and the sweeper read PRs"
+        # tick.yml and the sweeper are enabled or disabled through the Actions API
+        assert ("actions" in writes) == any("--tick-workflow tick.yml" in c or "--self-workflow" in c
+                                            for c in commands(job)), where
         assert perms.get("contents") == "read" and set(perms) <= {"contents", "pull-requests", "id-token", "actions"}
 
 
@@ -313,30 +321,26 @@ def test_azure_only_through_a_refreshing_oidc_credential_in_its_environment():
         where = f"{workflow}:{name}"
         # no Azure CLI session: it cannot refresh after its first hour (Azure/azure-cli#28708)
         assert not steps_using(job, "azure/login"), where
+        # the settings arrive as `vars` (in a job with an environment: that environment's, which win)
         env = {**(load(BY_NAME[workflow]).get("env") or {}), **(job.get("env") or {})}
-        client = "AZURE_CLIENT_ID_PRODUCTION" if job.get("environment") == "production" else "AZURE_CLIENT_ID"
-        assert env["AZURE_CLIENT_ID"] == f"${{{{ vars.{client} }}}}", where
-        for setting in ("AZURE_TENANT_ID", "AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_ML_WORKSPACE"):
-            assert env[setting] == f"${{{{ vars.{setting} }}}}", where
-        if "pull_request" not in triggers(load(BY_NAME[workflow])):
-            # scheduled or dispatched: skipped (no runner, nothing billed) until Azure is configured
-            condition = " ".join(str(job["if"]).split())
-            assert all(f"vars.{s}" in condition for s in (client, "AZURE_TENANT_ID", "AZURE_SUBSCRIPTION_ID",
-                                                          "AZURE_RESOURCE_GROUP", "AZURE_ML_WORKSPACE")), where
+        assert env["AUTOMATION_VARS"] == "${{ toJSON(vars) }}", where
+        assert not [k for k in env if k.startswith("AZURE_")], f"{where}: one object, not variable by variable"
+        assert job.get("environment") in ("staging", "production"), where
 
 
 def test_the_production_identity_is_only_in_the_production_job():
-    holders = []
+    """Production's identity, workspace and registry are variables of the production environment:
+    only a job in that environment sees them. No workflow names a production variable by hand."""
     for path in WORKFLOWS:
-        for name, job in load(path)["jobs"].items():
-            if "AZURE_CLIENT_ID_PRODUCTION" in json.dumps(job):
-                holders.append((path.name, name, job.get("environment")))
-        rest = {k: v for k, v in load(path).items() if k != "jobs"}
-        assert "AZURE_CLIENT_ID_PRODUCTION" not in json.dumps(rest, default=str), path.name
-    assert holders == [("promote.yml", "promote", "production")]
-    promote = jobs_of("promote.yml")["promote"]
-    assert commands(promote) == ['.venv/bin/automation reconcile --backend azure --promote --pr "$PR" '
-                                 '--experiment "$EXPERIMENT"']
+        assert "AZURE_CLIENT_ID_PRODUCTION" not in path.read_text(), path.name
+    jobs = jobs_of("promote.yml")
+    assert set(jobs) == {"plan", "promote"}
+    assert "environment" not in jobs["plan"] and "id-token" not in jobs["plan"]["permissions"]
+    assert commands(jobs["plan"]) == [".venv/bin/automation release --plan"]
+    promote = jobs["promote"]
+    assert needs_of(promote) == ["plan"] and promote["if"] == "needs.plan.outputs.promote == 'true'"
+    assert commands(promote) == [".venv/bin/automation release"]
+    assert promote["permissions"]["actions"] == "read"  # to read the environment's protection, and refuse
     # every other Azure job holds the pull-request identity, in the staging environment
     for workflow, name, job in step_jobs():
         if uses_azure(job) and name != "promote":
@@ -400,8 +404,9 @@ def test_the_preflight_gates_the_azure_submission():
     assert condition.startswith("!cancelled() && ") and "needs.preflight.result != 'cancelled'" in condition
     (step,) = [s for s in azure["steps"] if "run" in s]
     assert step["env"]["PREFLIGHT"] == "${{ needs.preflight.result }}"
-    assert commands(azure) == ['.venv/bin/automation reconcile --backend azure --pr "$PR" --experiment "$EXPERIMENT" '
-                               '--gate "$PREFLIGHT" --tick-workflow tick.yml']
+    assert commands(azure) == ['.venv/bin/automation reconcile --backend azure --legs "$LEGS" --gate "$PREFLIGHT" '
+                               '--tick-workflow tick.yml --sweeper-workflow endpoint-sweeper.yml']
+    assert step["env"]["LEGS"] == "${{ matrix.legs }}"  # a tick's entry holds all its azure legs
     assert "pull-requests" not in jobs["preflight"]["permissions"]  # never writes the loop's status
 
 

@@ -66,6 +66,16 @@ class ServingModel:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A version deployed on the production endpoint beside the live one, taking no traffic yet."""
+
+    endpoint_name: str
+    deployment_name: str
+    model_uri: str  # as the production side names it (a registry id on Azure)
+    live: ServingModel | None  # what takes the traffic now; None on a new endpoint
+
+
+@dataclass(frozen=True)
 class Progress:
     """The latest training step and loss of a running job, read from its tracking store."""
 
@@ -136,10 +146,36 @@ class Backend(ABC):
     def delete_endpoint(self, name: str) -> bool:
         """Delete an endpoint; False when it was already gone (which is success)."""
 
+    # -- promotion, in steps: the candidate beside the live deployment at 0 % traffic, evaluated
+    # there (stages.stage_promote), then the traffic moved; the previous deployment is kept for a
+    # rollback until the next promotion.
     @abstractmethod
+    def stage_candidate(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
+                        tags: dict[str, str]) -> Candidate:
+        """Make the version available to production (registry, alias) and deploy it on the production
+        endpoint beside the live deployment, with no traffic; smoke-score it. A failure leaves the
+        live deployment serving and removes the candidate. A rerun finds what exists."""
+
+    @abstractmethod
+    def shift_traffic(self, experiment: Experiment, candidate: Candidate, model: RegisterPart, *,
+                      tags: dict[str, str]) -> PromotePart:
+        """All traffic to the candidate; the deployment that served until now is kept (no traffic)
+        for a rollback, any older one deleted. `tags` (the policy's verdict) go on the version."""
+
+    @abstractmethod
+    def remove_candidate(self, candidate: Candidate) -> None:
+        """Delete a candidate that failed its evaluation; the live deployment is untouched."""
+
+    @abstractmethod
+    def rollback(self, endpoint_name: str) -> PromotePart:
+        """All traffic back to the deployment kept by the last promotion; ConfigError when none is."""
+
     def promote(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
                 tags: dict[str, str]) -> PromotePart:
-        """Mark the version for production and move the production endpoint to it, blue/green."""
+        """The candidate staged and given the traffic, without an evaluation in between (the stage
+        `promote` evaluates it in place first)."""
+        candidate = self.stage_candidate(experiment, model, endpoint_name=endpoint_name, tags=tags)
+        return self.shift_traffic(experiment, candidate, model, tags=tags)
 
     def delete_endpoints(self, match_tags: dict[str, str]) -> list[str]:
         """Delete every endpoint whose tags include `match_tags`; the names deleted. Missing is success."""

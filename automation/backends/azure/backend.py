@@ -22,6 +22,7 @@ from automation.backends.base import (
     IN_FLIGHT,
     JOB_FAILED,
     Backend,
+    Candidate,
     EndpointInfo,
     JobInfo,
     Progress,
@@ -41,7 +42,8 @@ from automation.spec import Experiment, run_display_name
 
 log = logging.getLogger(__name__)
 
-PRODUCTION_REGISTRY_VARIABLE = "AZURE_ML_PRODUCTION_REGISTRY"
+PRODUCTION_REGISTRY_VARIABLE = "AZURE_ML_REGISTRY"  # a variable of the production environment
+LEGACY_REGISTRY_VARIABLE = "AZURE_ML_PRODUCTION_REGISTRY"
 COMPONENT_VERSION_VARIABLE = "AZURE_ML_COMPONENT_VERSION"
 MAX_WAIT_S = 72 * 3600.0  # the longest `wait_finetune` waits for a job (the reconcile loop never waits)
 SMOKE_REQUEST = score_request([[{"role": "user", "content": "Say hello."}]], {"max_new_tokens": 8, "do_sample": False})
@@ -134,7 +136,8 @@ class AzureBackend(Backend):
                  sleep: Callable[[float], None] = time.sleep, poll_s: float = 30,
                  component_version: str | None = None, production_registry: str | None = None,
                  registry_clients: dict[str, Any] | None = None, today: Callable[[], date] = compute.today_utc,
-                 clock: Callable[[], float] = time.monotonic, max_wait_s: float = MAX_WAIT_S):
+                 clock: Callable[[], float] = time.monotonic, max_wait_s: float = MAX_WAIT_S,
+                 source_client=None):
         self._workspace = workspace_client
         self._clock = clock
         self._max_wait_s = max_wait_s
@@ -149,7 +152,9 @@ class AzureBackend(Backend):
         self._sleep = sleep
         self._poll_s = poll_s
         self.component_version = component_version or os.environ.get(COMPONENT_VERSION_VARIABLE) or None
-        self.production_registry = production_registry or os.environ.get(PRODUCTION_REGISTRY_VARIABLE) or None
+        self.production_registry = (production_registry or os.environ.get(PRODUCTION_REGISTRY_VARIABLE)
+                                    or os.environ.get(LEGACY_REGISTRY_VARIABLE) or None)
+        self._source = source_client
 
     # -- clients ----------------------------------------------------------------------------
     @property
@@ -159,6 +164,18 @@ class AzureBackend(Backend):
 
             self._workspace = workspace_client()
         return self._workspace
+
+    @property
+    def source(self):
+        """The workspace where candidates are trained and registered: this one, or, in the production
+        job, the staging workspace (AZURE_STAGING_ML_WORKSPACE), read to share a version into the
+        registry. The production identity reads there; it never writes."""
+        if self._source is None:
+            from automation.backends.azure.connection import staging_settings, workspace_client
+
+            staging = staging_settings()
+            self._source = workspace_client(staging) if staging is not None else self.workspace
+        return self._source
 
     def registry(self, name: str | None = None):
         from automation.backends.azure.connection import DEFAULT_REGISTRY, registry_client
@@ -174,7 +191,7 @@ class AzureBackend(Backend):
 
     def _workspace_metrics(self, tracking_uri: str, job_name: str) -> dict[str, Any]:
         """MLflow read with the MLClient's own credential (MLClient keeps it as `_credential`)."""
-        return mlflow_metrics(tracking_uri, job_name, credential=getattr(self.workspace, "_credential", None))
+        return mlflow_metrics(tracking_uri, job_name, credential=getattr(self.source, "_credential", None))
 
     def _call(self, what: str, fn: Callable[[], Any], **options: Any) -> Any:
         """retry.call with this backend's sleep; `begin=True` for a `begin_*`, `passthrough` for the
@@ -201,7 +218,7 @@ class AzureBackend(Backend):
         if job_name in self._ended:  # an ended job never changes: one read per process
             return self._ended[job_name]
         try:
-            job = self._call(f"reading job {job_name}", lambda: self.workspace.jobs.get(job_name))
+            job = self._call(f"reading job {job_name}", lambda: self.source.jobs.get(job_name))
         except ResourceNotFoundError:  # jobs.get: "Raised if no job with the given name can be found"
             return None
         if jobs.is_terminal(getattr(job, "status", None)):
@@ -297,7 +314,7 @@ class AzureBackend(Backend):
 
         def follow() -> None:
             try:
-                self.workspace.jobs.stream(job_name)
+                self.source.jobs.stream(job_name)
             except Exception as err:
                 outcome["error"] = err
 
@@ -316,7 +333,7 @@ class AzureBackend(Backend):
         started = self._clock() if started is None else started
         status_key, since = None, started
         while True:
-            job = self._call(f"reading job {job_name}", lambda: self.workspace.jobs.get(job_name))
+            job = self._call(f"reading job {job_name}", lambda: self.source.jobs.get(job_name))
             status = jobs.state_text(job.status, "Unknown")
             if jobs.is_terminal(status):
                 return job
@@ -365,7 +382,7 @@ class AzureBackend(Backend):
 
         # jobs.list() pages through the workspace's active (not archived) jobs; tags are matched here,
         # as for endpoints, since the service filters only on one tag at a time.
-        found = self._call("listing jobs", lambda: [j for j in self.workspace.jobs.list() if j is not None])
+        found = self._call("listing jobs", lambda: [j for j in self.source.jobs.list() if j is not None])
         wanted = match_tags or {}
         # a job stuck past its deadline reads failed here (job_info); get_job is what cancels it
         return [self._stuck.get(j.name, job_info(j)) for j in found
@@ -401,7 +418,7 @@ class AzureBackend(Backend):
     def tracking_uri(self) -> str:
         """The workspace's MLflow tracking URI, read once per process (it never changes)."""
         if self._tracking_uri is None:
-            ws = self.workspace
+            ws = self.source  # where the jobs ran
             info = self._call("reading the workspace", lambda: ws.workspaces.get(ws.workspace_name))
             self._tracking_uri = info.mlflow_tracking_uri
         return self._tracking_uri
@@ -414,7 +431,7 @@ class AzureBackend(Backend):
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            return list(self._call(f"listing model {model_name}", lambda: self.workspace.models.list(name=model_name)))
+            return list(self._call(f"listing model {model_name}", lambda: self.source.models.list(name=model_name)))
         except ResourceNotFoundError:
             return []
 
@@ -434,6 +451,9 @@ class AzureBackend(Backend):
         found = self._registered_version(model_name, finetune.job_name)
         if found is not None:
             return found
+        if self.source is not self.workspace:
+            raise ConfigError(f"job {finetune.job_name} has no registered version of {model_name} in the staging "
+                              "workspace: the pull request's loop registers it; promotion never registers")
         model = Model(**registration_spec(experiment, finetune.job_name, model_name=model_name,
                                           version=timestamp_version, tags=tags))
 
@@ -605,7 +625,7 @@ class AzureBackend(Backend):
         """Share the version into the production registry (when one is set), else tag it `stage: production`."""
         from azure.ai.ml.exceptions import MlException
 
-        models = self.workspace.models
+        models = self.source.models
         if self.production_registry:
             if self._shared_version(model) is not None:
                 log.info("%s:%s is already in %s", model.model_name, model.version, self.production_registry)
@@ -629,47 +649,95 @@ class AzureBackend(Backend):
         self._call(f"tagging {model.model_name}:{model.version} for production",
                    lambda: models.create_or_update(entity))
 
-    def promote(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
-                tags: dict[str, str]) -> PromotePart:
-        """Blue/green: the new deployment (named after the version) is created beside the old one and
-        smoke-scored; only then is the version shared into the production registry (or tagged), given
-        all traffic, and the old deployment deleted. A rerun finds each step done and goes on."""
-        from azure.core.exceptions import ResourceNotFoundError
+    def _production_model_id(self, model: RegisterPart) -> str:
+        """What a production deployment names: the version in the registry (shared there first), or
+        the workspace's own version where no registry is set (one workspace, at a desk)."""
+        if self.production_registry:
+            return (f"azureml://registries/{self.production_registry}/models/{model.model_name}"
+                    f"/versions/{model.version}")
+        return model.model_uri
 
-        endpoint = self._ensure_endpoint(endpoint_name, tags)
+    def stage_candidate(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
+                        tags: dict[str, str]) -> Candidate:
+        """Share the version into the registry, then deploy it from there on the production endpoint
+        as `v<version>` beside the live deployment, with no traffic (a new deployment takes none until
+        the endpoint's traffic names it), and smoke-score it through its deployment header."""
+        if self.source is not self.workspace and not self.production_registry:
+            raise ConfigError(f"{PRODUCTION_REGISTRY_VARIABLE} is not set: production deploys from an Azure ML "
+                              "registry, shared from the staging workspace (set it in the production environment)")
+        self._mark_for_production(model)
+        model_id = self._production_model_id(model)
+        self._ensure_endpoint(endpoint_name, tags)
         new = endpoints.deployment_name_for_version(model.version)
+        live = self.serving_model(endpoint_name)
         ops = self.workspace.online_deployments
         deployed = self._call(f"listing deployments of {endpoint_name}",
                               lambda: list(ops.list(endpoint_name=endpoint_name)))
-        old = [d.name for d in deployed if d.name != new]
-        serving = (endpoint.traffic or {}).get(new) == 100 and any(
-            d.name == new and _same_model(d.model, model.model_uri) for d in deployed)
-        if not serving:
+        if not any(d.name == new and _same_model(d.model, model_id) for d in deployed):
             self._create_deployment(endpoints.deployment_spec(
-                experiment, endpoint_name=endpoint_name, deployment_name=new, model_id=model.model_uri,
+                experiment, endpoint_name=endpoint_name, deployment_name=new, model_id=model_id,
                 tags={**tags, "model": model.model_name, "model_version": model.version}))
+        candidate = Candidate(endpoint_name, new, model_id, live)
+        try:
+            reply = self.invoke(endpoint_name, SMOKE_REQUEST, deployment=new)
+            if not isinstance(reply.get("output"), str):
+                raise BackendError(f"smoke score of deployment {new} returned {reply!r}")
+        except BackendError:  # the live version keeps serving; the broken one would only cost money
+            self.remove_candidate(candidate)
+            raise
+        return candidate
+
+    def shift_traffic(self, experiment: Experiment, candidate: Candidate, model: RegisterPart, *,
+                      tags: dict[str, str]) -> PromotePart:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        name, new = candidate.endpoint_name, candidate.deployment_name
+        live = candidate.live
+        previous = live.deployment_name if live is not None and live.deployment_name != new else None
+        endpoint = self._endpoint(name)
+        if (endpoint.traffic or {}).get(new) != 100:
+            endpoint = self._set_traffic(name, {new: 100, **({previous: 0} if previous else {})})
+        ops = self.workspace.online_deployments
+        deployed = self._call(f"listing deployments of {name}", lambda: list(ops.list(endpoint_name=name)))
+        for old in [d.name for d in deployed if d.name not in (new, previous)]:
             try:
-                reply = self.invoke(endpoint_name, SMOKE_REQUEST, deployment=new)
-                if not isinstance(reply.get("output"), str):
-                    raise BackendError(f"smoke score of deployment {new} returned {reply!r}")
-                self._mark_for_production(model)
-            except BackendError:  # the old version keeps serving; the broken one would only cost money
-                with contextlib.suppress(ResourceNotFoundError, BackendError):
-                    self._call(f"deleting deployment {new}",
-                               lambda: ops.begin_delete(name=new, endpoint_name=endpoint_name), begin=True)
-                raise
-            endpoint = self._set_traffic(endpoint_name, {new: 100})
-        else:
-            self._mark_for_production(model)
-        for name in old:
-            try:
-                self._endpoint(endpoint_name)
-                self._call(f"deleting deployment {name}",
-                           lambda n=name: ops.begin_delete(name=n, endpoint_name=endpoint_name), begin=True)
+                self._endpoint(name)  # never race an update of the endpoint
+                self._call(f"deleting deployment {old}",
+                           lambda n=old: ops.begin_delete(name=n, endpoint_name=name), begin=True)
             except ResourceNotFoundError:
                 pass
-        return PromotePart(endpoint_name=endpoint_name, deployment_name=new, url=endpoint.scoring_uri or "",
-                           model_version=model.version, previous_deployment=old[0] if old else None)
+        return PromotePart(endpoint_name=name, deployment_name=new, url=endpoint.scoring_uri or "",
+                           model_version=model.version, previous_deployment=previous)
+
+    def remove_candidate(self, candidate: Candidate) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        live = candidate.live
+        if live is not None and live.deployment_name == candidate.deployment_name:
+            return  # it serves already (a rerun): never delete what takes the traffic
+        with contextlib.suppress(ResourceNotFoundError, BackendError):
+            self._endpoint(candidate.endpoint_name)
+            self._call(f"deleting deployment {candidate.deployment_name}",
+                       lambda: self.workspace.online_deployments.begin_delete(
+                           name=candidate.deployment_name, endpoint_name=candidate.endpoint_name), begin=True)
+
+    def rollback(self, endpoint_name: str) -> PromotePart:
+        current = self.serving_model(endpoint_name)
+        if current is None:
+            raise ConfigError(f"{endpoint_name}: no deployment takes production's traffic; nothing to roll back")
+        ops = self.workspace.online_deployments
+        deployed = self._call(f"listing deployments of {endpoint_name}",
+                              lambda: list(ops.list(endpoint_name=endpoint_name)))
+        kept = [d for d in deployed if d.name != current.deployment_name]
+        if not kept:
+            raise ConfigError(f"{endpoint_name}: no previous deployment is kept to roll back to (only "
+                              f"{current.deployment_name} is deployed)")
+        back = kept[0]
+        endpoint = self._set_traffic(endpoint_name, {back.name: 100, current.deployment_name: 0})
+        version = (back.tags or {}).get("model_version") or _model_name_version(
+            str(getattr(back.model, "id", None) or back.model or ""))[1] or ""
+        return PromotePart(endpoint_name=endpoint_name, deployment_name=back.name, url=endpoint.scoring_uri or "",
+                           model_version=version, previous_deployment=current.deployment_name)
 
 
 def registration_spec(experiment: Experiment, job_name: str, *, model_name: str, version: str,

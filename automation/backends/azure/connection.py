@@ -42,6 +42,31 @@ class WorkspaceSettings:
     source: str  # "environment" or the config.json path
 
 
+# Where the production job finds the candidates (variables of the production environment): the
+# staging workspace, read only. Subscription and resource group default to production's.
+STAGING_VARIABLES = {
+    "subscription_id": "AZURE_STAGING_SUBSCRIPTION_ID",
+    "resource_group": "AZURE_STAGING_RESOURCE_GROUP",
+    "workspace_name": "AZURE_STAGING_ML_WORKSPACE",
+}
+
+
+def staging_settings(env: Mapping[str, str] | None = None) -> WorkspaceSettings | None:
+    """The staging workspace as the production job names it, or None where it is this workspace."""
+    env = os.environ if env is None else env
+    name = env.get(STAGING_VARIABLES["workspace_name"], "").strip()
+    if not name:
+        return None
+    here = {key: env.get(var, "").strip() for key, var in WORKSPACE_VARIABLES.items()}
+    values = {key: env.get(var, "").strip() or here[key] for key, var in STAGING_VARIABLES.items()}
+    if values == here:
+        return None
+    missing = [STAGING_VARIABLES[k] for k, v in values.items() if not v]
+    if missing:
+        raise ConfigError(f"the staging workspace is named but {', '.join(missing)} cannot be told")
+    return WorkspaceSettings(**values, source="environment (staging)")
+
+
 def _config_candidates(search_dirs: list[Path]) -> list[Path]:
     return [p for d in search_dirs for p in (d / "config.json", d / ".azureml" / "config.json")]
 

@@ -25,9 +25,11 @@ from automation.backends.base import (
     JOB_FAILED,
     JOB_RUNNING,
     Backend,
+    Candidate,
     EndpointInfo,
     JobInfo,
     Progress,
+    ServingModel,
 )
 from automation.errors import BackendError, ConfigError
 from automation.record import (
@@ -319,6 +321,10 @@ class LocalBackend(Backend):
         from automation.serving import process
 
         record = process.get_endpoint(endpoint_name)
+        if record is None:  # a production endpoint: the deployment asked for, else the one with the traffic
+            deployment = deployment if deployment not in (None, "default") else _read_traffic(endpoint_name).get(
+                "deployment")
+            record = process.get_endpoint(f"{endpoint_name}-{deployment}") if deployment else None
         if record is None:
             raise BackendError(f"no local endpoint named {endpoint_name}; deploy first")
         return process.invoke(record, request)
@@ -336,49 +342,111 @@ class LocalBackend(Backend):
         return process.stop_endpoint(name)
 
     # -- promotion --------------------------------------------------------------------------
-    def promote(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
-                tags: dict[str, str]) -> PromotePart:
-        """Alias `production` on the version; the production endpoint moved blue/green: the new
-        deployment is started and smoke-scored before the old one stops."""
+    # The production endpoint is a name with deployments: one server process each
+    # (`<endpoint>-v<version>`), and `<home>/endpoints/traffic/<endpoint>.json` saying which takes
+    # the traffic and which served before it (kept for a rollback).
+    def stage_candidate(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
+                        tags: dict[str, str]) -> Candidate:
         from automation.serving import process
 
-        mlflow = _mlflow()
-        client = mlflow.MlflowClient()
+        deployment = f"v{model.version}"
+        name = f"{endpoint_name}-{deployment}"
+        record = process.get_endpoint(name)
+        if record is None or not record.alive:
+            d = experiment.deployment
+            record = process.start_endpoint(
+                name, self._model_dir(model),
+                tags={**tags, "production_endpoint": endpoint_name, "deployment": deployment,
+                      "model": model.model_name, "model_version": model.version},
+                max_new_tokens_cap=d.max_new_tokens_cap, request_timeout_ms=d.request_timeout_ms,
+                device=experiment.compute.device, precision=experiment.compute.precision,
+            )
+        candidate = Candidate(endpoint_name, deployment, model.model_uri, self.serving_model(endpoint_name))
+        try:
+            reply = process.invoke(record, SMOKE_REQUEST)
+            if not isinstance(reply.get("output"), str):
+                raise BackendError(f"smoke score of {name} returned {reply!r}")
+        except BackendError:
+            self.remove_candidate(candidate)
+            raise
+        return candidate
+
+    def shift_traffic(self, experiment: Experiment, candidate: Candidate, model: RegisterPart, *,
+                      tags: dict[str, str]) -> PromotePart:
+        from automation.serving import process
+
+        endpoint = candidate.endpoint_name
+        live = candidate.live
+        previous = live.deployment_name if live and live.deployment_name != candidate.deployment_name else None
+        _write_traffic(endpoint, candidate.deployment_name, previous)
+        client = _mlflow().MlflowClient()
         client.set_registered_model_alias(model.model_name, PRODUCTION_ALIAS, model.version)
         for key in ("promotion_policy", "promotion_override"):
             if key in tags:
                 client.set_model_version_tag(model.model_name, model.version, key, tags[key])
-        deployment = f"v{model.version}"
-        new_name = f"{endpoint_name}-{deployment}"
-        old = [r for r in process.list_endpoints({"production_endpoint": endpoint_name}) if r.name != new_name]
-        d = experiment.deployment
-        record = process.start_endpoint(
-            new_name, self._model_dir(model),
-            tags={**tags, "production_endpoint": endpoint_name, "deployment": deployment,
-                  "model": model.model_name, "model_version": model.version},
-            max_new_tokens_cap=d.max_new_tokens_cap, request_timeout_ms=d.request_timeout_ms,
-            device=experiment.compute.device, precision=experiment.compute.precision,
-        )
-        smoke = {"input_data": {"input_string": [{"role": "user", "content": "Say hello."}],
+        keep = {f"{endpoint}-{candidate.deployment_name}"} | ({f"{endpoint}-{previous}"} if previous else set())
+        for record in process.list_endpoints({"production_endpoint": endpoint}):
+            if record.name not in keep:
+                process.stop_endpoint(record.name)
+        record = process.get_endpoint(f"{endpoint}-{candidate.deployment_name}")
+        return PromotePart(endpoint_name=endpoint, deployment_name=candidate.deployment_name,
+                           url=record.url if record else "", model_version=model.version,
+                           previous_deployment=previous)
+
+    def remove_candidate(self, candidate: Candidate) -> None:
+        from automation.serving import process
+
+        live = self.serving_model(candidate.endpoint_name)
+        if live is None or live.deployment_name != candidate.deployment_name:
+            process.stop_endpoint(f"{candidate.endpoint_name}-{candidate.deployment_name}")
+
+    def rollback(self, endpoint_name: str) -> PromotePart:
+        from automation.serving import process
+
+        traffic = _read_traffic(endpoint_name)
+        previous = traffic.get("previous")
+        record = process.get_endpoint(f"{endpoint_name}-{previous}") if previous else None
+        if record is None or not record.alive:
+            raise ConfigError(f"{endpoint_name}: no previous deployment is kept to roll back to "
+                              f"({'none recorded' if not previous else previous + ' is not running'})")
+        current = traffic.get("deployment")
+        _write_traffic(endpoint_name, previous, current)
+        model_name, version = record.tags.get("model"), record.tags.get("model_version")
+        if model_name and version:
+            _mlflow().MlflowClient().set_registered_model_alias(model_name, PRODUCTION_ALIAS, version)
+        return PromotePart(endpoint_name=endpoint_name, deployment_name=previous, url=record.url,
+                           model_version=version or "", previous_deployment=current)
+
+    def serving_model(self, endpoint_name: str) -> ServingModel | None:
+        from automation.serving import process
+
+        deployment = _read_traffic(endpoint_name).get("deployment")
+        record = process.get_endpoint(f"{endpoint_name}-{deployment}") if deployment else None
+        if record is None or not record.alive:
+            return None
+        name, version = record.tags.get("model", ""), record.tags.get("model_version", "")
+        return ServingModel(endpoint_name, deployment, name, version, f"models:/{name}/{version}")
+
+
+SMOKE_REQUEST = {"input_data": {"input_string": [{"role": "user", "content": "Say hello."}],
                                 "parameters": {"max_new_tokens": 8, "do_sample": False}}, "params": {}}
-        try:
-            reply = process.invoke(record, smoke)
-            if not isinstance(reply.get("output"), str):
-                raise BackendError(f"smoke score of {new_name} returned {reply!r}")
-        except BackendError:
-            process.stop_endpoint(new_name)
-            raise
-        _write_traffic(endpoint_name, new_name)
-        for previous in old:
-            process.stop_endpoint(previous.name)
-        return PromotePart(endpoint_name=endpoint_name, deployment_name=deployment, url=record.url,
-                           model_version=model.version,
-                           previous_deployment=old[0].tags.get("deployment") if old else None)
 
 
-def _write_traffic(endpoint: str, deployment_endpoint: str) -> None:
-    write_text_atomic(home() / "endpoints" / f"{endpoint}.traffic.json",
-                      json.dumps({"deployment_endpoint": deployment_endpoint, "traffic": 100}))
+def _traffic_file(endpoint: str) -> Path:
+    return home() / "endpoints" / "traffic" / f"{endpoint}.json"  # beside the records, not among them
+
+
+def _read_traffic(endpoint: str) -> dict[str, Any]:
+    try:
+        data = json.loads(_traffic_file(endpoint).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_traffic(endpoint: str, deployment: str, previous: str | None) -> None:
+    write_text_atomic(_traffic_file(endpoint), json.dumps({"deployment": deployment, "traffic": 100,
+                                                           "previous": previous}))
 
 
 def _total_ram_gib() -> float | None:
