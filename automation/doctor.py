@@ -46,8 +46,13 @@ ML_API = "2025-12-01"
 
 COMMON_VARIABLES = ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP",
                     "AZURE_ML_WORKSPACE")
-REQUIRED_VARIABLES = {environments.STAGING: COMMON_VARIABLES,
-                      environments.PRODUCTION: (*COMMON_VARIABLES, "AZURE_ML_REGISTRY")}
+# Staging's settings are repository variables: the loop's plan job (no environment) reads them to
+# know that Azure is configured. Production's are the production environment's own, which override
+# the repository's in the promote job only; they also say where staging is (candidates are read there).
+REPOSITORY = "repository"
+REQUIRED_VARIABLES = {REPOSITORY: COMMON_VARIABLES,
+                      environments.PRODUCTION: (*COMMON_VARIABLES, "AZURE_ML_REGISTRY", "AZURE_STAGING_ML_WORKSPACE",
+                                                "AZURE_STAGING_RESOURCE_GROUP")}
 # Workflows every pull request needs, and the scheduled ones the loop turns off while idle.
 WORKFLOWS = ("checks.yml", "loop.yml", "promote.yml")
 SCHEDULED = ("tick.yml", "endpoint-sweeper.yml")
@@ -254,23 +259,41 @@ class Doctor:
                 return found
             page += 1
 
+    def _repository_variables(self) -> dict[str, str]:
+        body = self.client.request("GET", f"/repos/{self.repo_name}/actions/variables",
+                                   params={"per_page": 30}).json()
+        return {str(v.get("name")): str(v.get("value")) for v in body.get("variables") or [] if isinstance(v, dict)}
+
     def check_variables(self) -> None:
         for name, required in REQUIRED_VARIABLES.items():
+            scope = f"--env {name} " if name != REPOSITORY else ""
+            where = "the repository" if name == REPOSITORY else f"`{name}`"
             try:
-                values = self._environment_variables(name)
+                values = self._repository_variables() if name == REPOSITORY else self._environment_variables(name)
             except GitHubPermissionError:
-                self.add("variables", f"this token cannot read the variables of `{name}` (a person's token can)",
-                         SKIP, f"gh variable list --env {name} --repo {self.repo_name}")
+                self.add("variables", f"this token cannot read the variables of {where} (a person's token can)",
+                         SKIP, f"gh variable list {scope}--repo {self.repo_name}")
+                continue
+            except GitHubError as err:
+                self.add("variables", f"cannot read the variables of {where}: {err}", FAIL,
+                         f"gh variable list {scope}--repo {self.repo_name}")
                 continue
             self.variables[name] = values or {}
+            if name == REPOSITORY:  # the pull-request identity's settings
+                self.variables[environments.STAGING] = self.variables[name]
             missing = [v for v in required if not (values or {}).get(v)]
             for variable in missing:
-                self.add("variables", f"`{name}` lacks the variable {variable}", FAIL,
-                         f"gh variable set {variable} --env {name} --repo {self.repo_name} --body 'VALUE'")
+                self.add("variables", f"{where} lacks the variable {variable}", FAIL,
+                         f"gh variable set {variable} {scope}--repo {self.repo_name} --body 'VALUE'")
             if not missing:
-                self.add("variables", f"`{name}` has {', '.join(required)}", OK)
-        staging, production = (self.variables.get(environments.STAGING),
-                               self.variables.get(environments.PRODUCTION))
+                self.add("variables", f"{where} has {', '.join(required)}", OK)
+        staging, production = (self.variables.get(REPOSITORY), self.variables.get(environments.PRODUCTION))
+        if staging and production and production.get("AZURE_STAGING_ML_WORKSPACE") and \
+                production["AZURE_STAGING_ML_WORKSPACE"] != staging.get("AZURE_ML_WORKSPACE"):
+            self.add("variables", f"`production`'s AZURE_STAGING_ML_WORKSPACE ({production['AZURE_STAGING_ML_WORKSPACE']})"
+                                  f" is not the staging workspace ({staging.get('AZURE_ML_WORKSPACE')})", FAIL,
+                     f"gh variable set AZURE_STAGING_ML_WORKSPACE --env production --repo {self.repo_name} "
+                     f"--body '{staging.get('AZURE_ML_WORKSPACE')}'")
         if staging and production:
             for variable, meaning in (("AZURE_CLIENT_ID", "identity"), ("AZURE_ML_WORKSPACE", "workspace")):
                 if staging.get(variable) and staging.get(variable) == production.get(variable):

@@ -19,7 +19,8 @@ STAGING_VARIABLES = {"AZURE_CLIENT_ID": STAGING_CLIENT, "AZURE_TENANT_ID": TENAN
                      "AZURE_ML_WORKSPACE": "ws-staging"}
 PRODUCTION_VARIABLES = {"AZURE_CLIENT_ID": PRODUCTION_CLIENT, "AZURE_TENANT_ID": TENANT,
                         "AZURE_SUBSCRIPTION_ID": SUBSCRIPTION, "AZURE_RESOURCE_GROUP": "rg-ml-prod",
-                        "AZURE_ML_WORKSPACE": "ws-prod", "AZURE_ML_REGISTRY": "reg-chat"}
+                        "AZURE_ML_WORKSPACE": "ws-prod", "AZURE_ML_REGISTRY": "reg-chat",
+                        "AZURE_STAGING_ML_WORKSPACE": "ws-staging", "AZURE_STAGING_RESOURCE_GROUP": "rg-ml"}
 ML = "providers/Microsoft.MachineLearningServices"
 STAGING_RG = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-ml"
 PRODUCTION_RG = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-ml-prod"
@@ -59,7 +60,8 @@ class Fork:
 def configure(github: FakeGitHub, azure: FakeEntraArm, repo: str = REPO) -> Fork:
     github.set_repository(repo)
     production_gate(github, repo)
-    github.add_environment(repo, "staging", variables=STAGING_VARIABLES)
+    github.add_environment(repo, "staging")
+    github.repo_variables[repo] = dict(STAGING_VARIABLES)  # the loop's plan job reads them: repository variables
     for file in WORKFLOW_FILES:
         github.add_workflow(repo, f".github/workflows/{file}", file.removesuffix(".yml"))
     github.trees[(repo, "main")] = {"CODEOWNERS": CODEOWNERS}
