@@ -131,7 +131,8 @@ class ComputeSpec(_Strict):
     size: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$", description="VM size, e.g. Standard_NC24ads_A100_v4.")
     nodes: Annotated[int, Field(ge=1, le=64)] = 1
     gpus_per_node: Literal["auto"] | Annotated[int, Field(ge=1, le=16)] = "auto"
-    create_if_missing: bool = Field(False, description="Create the cluster (min 0 nodes) when it does not exist.")
+    create_if_missing: bool = Field(False, description="Create the cluster (min 0 nodes) when it does not exist; "
+                                    "the identity then needs the AzureML Compute Operator role on the workspace.")
     serverless: bool = Field(
         False, description="Azure: run on serverless compute (no cluster): the fine-tune on `size`, model import "
         "and preprocessing on `preprocess_size` (the component's instance_type_* inputs).")

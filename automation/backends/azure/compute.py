@@ -113,8 +113,10 @@ def ensure_cluster(client, experiment: Experiment, call: Callable = retry.call):
         return call(f"reading cluster {name}", lambda: client.compute.get(name)), False
     except ResourceNotFoundError:  # compute.get reads ARM directly: a 404 maps to ResourceNotFoundError
         if not experiment.compute.create_if_missing:
-            raise ConfigError(f"compute cluster {name} does not exist in the workspace; create it or set "
-                              "compute.create_if_missing: true") from None
+            raise ConfigError(f"compute cluster {name} does not exist in the workspace; create it, or set "
+                              "compute.create_if_missing: true and give the pull-request identity the "
+                              "AzureML Compute Operator role on the workspace (AzureML Data Scientist "
+                              "cannot create compute)") from None
     last: Exception | None = None
     for tier in ("dedicated", "low_priority"):
         cluster = AmlCompute(**cluster_spec(experiment, tier))
