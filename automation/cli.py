@@ -33,55 +33,10 @@ def _err(text: str) -> None:
 # validate
 
 
-ANNOTATIONS_SHOWN = 10  # GitHub shows at most 10 error annotations per step on the diff
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    from automation.github import annotation, append_step_summary, in_actions
-    from automation.spec import find_experiment_files, load_experiment
+    from automation.validation import validate_files
 
-    files = find_experiment_files(args.targets)
-    if not files:
-        _err(f"no experiment files (*.yaml, *.yml) found in: {' '.join(args.targets)}")
-        return EXIT_BAD_INPUT
-    problems, invalid = [], 0
-    for file in files:
-        try:
-            experiment = load_experiment(file, args.set)
-        except ExperimentInvalid as err:
-            invalid += 1
-            for issue in err.issues:
-                problems.append(issue)
-                _err(f"error: {issue}")
-                if in_actions():
-                    _out(annotation("error", f"{issue.path}: {issue.message}" if issue.path else issue.message,
-                                    file=issue.file, line=issue.line, title="invalid experiment"))
-            continue
-        _out(f"ok: {file} ({experiment.backend}, model {experiment.model.name}, data {experiment.data.dataset})")
-    if in_actions():
-        append_step_summary(validation_summary(files, problems))
-    if invalid:
-        _err(f"{invalid} of {len(files)} experiment file(s) invalid")
-        return EXIT_BAD_INPUT
-    return EXIT_OK
-
-
-def validation_summary(files: list[Path], problems: list) -> str:
-    """Every problem, for the job summary: the diff shows only the first ANNOTATIONS_SHOWN."""
-    if not problems:
-        return f"### Validation\n\n{len(files)} experiment file(s) valid.\n"
-
-    def cell(text: object) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
-
-    lines = [f"### Validation: {len(problems)} problem(s)", ""]
-    if len(problems) > ANNOTATIONS_SHOWN:
-        lines += [f"GitHub shows only the first {ANNOTATIONS_SHOWN} of these {len(problems)} problems as "
-                  "annotations on the diff; all of them are listed here.", ""]
-    lines += ["| file | line | field | problem |", "|---|---|---|---|"]
-    lines += [f"| `{cell(p.file or '')}` | {p.line or ''} | `{cell(p.path or '')}` | {cell(p.message)} |"
-              for p in problems]
-    return "\n".join(lines) + "\n"
+    return validate_files(args.targets, args.set)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -780,3 +780,20 @@ def upsert_comment(client: GitHubClient, number: int, body: str, marker: str) ->
     for duplicate in extra:
         client.delete_issue_comment(duplicate["id"])
     return CommentResult(action, keep["id"], keep.get("html_url", ""), len(extra))
+
+
+def set_workflow(client: GitHubClient, workflow: str | None, *, enabled: bool) -> None:
+    """Enable or disable a scheduled workflow (the tick, the sweeper); a failure is a warning: the
+    next event's plan enables it again when something is live, and an idle run disables it again."""
+    if not workflow:
+        return
+    try:
+        state = client.workflow_state(workflow)
+        if enabled and state != "active":
+            client.enable_workflow(workflow)
+            print(f"enabled {workflow}: something is in flight", flush=True)
+        elif not enabled and state == "active":
+            client.disable_workflow(workflow)
+            print(f"disabled {workflow}: nothing is in flight; the next submission enables it again", flush=True)
+    except GitHubError as err:
+        log.warning("could not %s %s: %s", "enable" if enabled else "disable", workflow, err)

@@ -277,9 +277,9 @@ def cmd_changed(args: argparse.Namespace) -> int:
         _out(github.annotation("error", f"teardown of a removed experiment failed: {error}"))
     code = EXIT_FAILED if errors else EXIT_OK
     if args.validate and plan.changed:  # the same job validates: the first annotation after one pickup
-        from automation.cli import cmd_validate
+        from automation.validation import validate_files
 
-        code = max(code, cmd_validate(argparse.Namespace(targets=[e["file"] for e in plan.changed], set=[])))
+        code = max(code, validate_files([e["file"] for e in plan.changed]))
     return code
 
 
@@ -449,9 +449,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if client is not None:
         if args.self_workflow and not failed and not left and not args.dry_run:
             # idle costs nothing: no staging endpoint left to watch; the loop's next submission enables it again
-            from automation.loop import set_workflow
-
-            set_workflow(client, args.self_workflow, enabled=False)
+            github.set_workflow(client, args.self_workflow, enabled=False)
         client.close()
     return EXIT_FAILED if failed else EXIT_OK
 

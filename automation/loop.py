@@ -998,31 +998,14 @@ def azure_configured() -> bool:
     return not azure_settings_missing()
 
 
-def set_workflow(client: github.GitHubClient, workflow: str | None, *, enabled: bool) -> None:
-    """Enable or disable a scheduled workflow (the tick, the sweeper); a failure is a warning: the
-    next event's plan enables it again when something is live, and an idle run disables it again."""
-    if not workflow:
-        return
-    try:
-        state = client.workflow_state(workflow)
-        if enabled and state != "active":
-            client.enable_workflow(workflow)
-            _out(f"enabled {workflow}: something is in flight")
-        elif not enabled and state == "active":
-            client.disable_workflow(workflow)
-            _out(f"disabled {workflow}: nothing is in flight; the next submission enables it again")
-    except github.GitHubError as err:
-        log.warning("could not %s %s: %s", "enable" if enabled else "disable", workflow, err)
-
-
 def keep_tick(client: github.GitHubClient, workflow: str | None, the_plan: Plan, trigger: str) -> None:
     """Idle costs nothing: a scheduled tick that finds nothing in flight disables its own workflow;
     a plan of any other trigger that finds something in flight enables it (the safety net for a
     submission whose enable failed)."""
     if trigger == SCHEDULE and not the_plan.live:
-        set_workflow(client, workflow, enabled=False)
+        github.set_workflow(client, workflow, enabled=False)
     elif trigger != SCHEDULE and the_plan.live:
-        set_workflow(client, workflow, enabled=True)
+        github.set_workflow(client, workflow, enabled=True)
 
 
 def cmd_reconcile(args) -> int:
@@ -1067,7 +1050,7 @@ def cmd_reconcile(args) -> int:
         for backend in backends.values():
             event_head = ((event.get("pull_request") or {}).get("head") or {}).get("sha") if trigger == EVENT else None
             for outcome in run_legs(pulls, backend, repo, legs, trigger=trigger, gate=args.gate, event_head=event_head,
-                                    on_submit=lambda: [set_workflow(client, w, enabled=True)
+                                    on_submit=lambda: [github.set_workflow(client, w, enabled=True)
                                                        for w in (args.tick_workflow, args.sweeper_workflow)]):
                 if outcome.action != "skipped" or len(backends) == 1:
                     outcomes.append(outcome)
