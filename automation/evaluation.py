@@ -62,7 +62,9 @@ _LIST_MARKER = re.compile(r"^\s*(?:[-*+•]|\d+[.)])\s+")  # "1. ", "- ": the sa
 
 def held_out_prompts(split_file: Path, count: int, seed: int) -> list[EvalPrompt]:
     """`count` conversations of the split, chosen with `seed`, in file order; each cut at its last
-    user turn, with the assistant answer that followed as the reference."""
+    user turn, with the assistant answer that followed as the reference. The choice is the first
+    `count` of one seeded order of the rows, so a larger count keeps every prompt of a smaller one
+    (n = 8 is within n = 32): growing n adds evidence, it does not swap the prompts."""
     if count <= 0:
         return []
     try:
@@ -71,7 +73,9 @@ def held_out_prompts(split_file: Path, count: int, seed: int) -> list[EvalPrompt
         raise ConfigError(f"cannot read the evaluation prompts from {split_file}: {err}") from None
     if not rows:
         raise ConfigError(f"{split_file} is empty: no conversations to evaluate the models on")
-    chosen = sorted(random.Random(seed).sample(range(len(rows)), min(count, len(rows))))
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    chosen = sorted(order[:count])
     prompts = []
     for index in chosen:
         messages = rows[index]["messages"]

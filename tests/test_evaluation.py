@@ -44,6 +44,15 @@ def test_held_out_prompts_are_seeded_cut_at_the_last_user_turn(tmp_path):
         held_out_prompts(write_jsonl(tmp_path / "e.jsonl", []), 3, 0)
 
 
+def test_a_larger_n_keeps_the_prompts_of_a_smaller_one():
+    """Growing evaluation.prompts adds prompts to the same seeded order: n = 8 sits inside n = 32,
+    and the same n on the same data is the same prompts."""
+    ids = {n: [p.prompt_id for p in held_out_prompts(SAMPLE, n, 42)] for n in (1, 8, 16, 32, 500)}
+    assert set(ids[1]) < set(ids[8]) < set(ids[16]) < set(ids[32]) == set(ids[500])
+    assert len(ids[32]) == 32 and len(ids[500]) == 32, "the sample split caps n at its rows"
+    assert ids[8] == sorted(ids[8], key=ids[32].index), "file order at every n"
+
+
 def test_rouge_l_against_the_reference():
     scores = rouge_l(["The cat sat on the mat.", "Knead the dough.", None, "x"],
                      ["the cats sat on the mat", "Fly a kite.", "anything", "   "])
@@ -179,3 +188,8 @@ def test_the_experiment_file_holds_the_evaluation_and_the_policy(tmp_path):
     text = "\n".join(str(i) for i in err.value.issues)
     assert "promotion.min_rouge_l_delta" in text and "less than or equal to 1" in text
     assert "promotion.max_loss_increase" in text and "did you mean promotion.max_eval_loss_increase?" in text
+    default = {k: v for k, v in LOCAL_EXPERIMENT.items() if k != "evaluation"}
+    assert load_experiment(write_experiment(tmp_path, default)).evaluation.prompts == 32, "the measured default"
+    assert load_experiment(write_experiment(tmp_path, default), ["evaluation.prompts=128"]).evaluation.prompts == 128
+    with pytest.raises(ExperimentInvalid, match="less than or equal to 256"):
+        load_experiment(write_experiment(tmp_path, {**LOCAL_EXPERIMENT, "evaluation": {"prompts": 257}}))
