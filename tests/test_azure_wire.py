@@ -47,14 +47,16 @@ def arm_calls(w: StandIn, method: str, pattern: str) -> list:
     return [c for c in w.calls if c.host == ARM_HOST and c.method == method and re.search(pattern, c.path)]
 
 
-def tick(w: World, expect: str) -> str:
-    """One scheduled tick: the azure-plan job, then the azure leg it planned (if any)."""
-    planned, matrix = w.plan()
+def tick(w: World, expect: str, event: str | None = None) -> str:
+    """One tick: the plan job, then the azure leg it planned (if any). A scheduled tick never starts
+    a job: the one that submits runs on the pull request's own event (loop.yml on pull_request)."""
+    extra = {"GITHUB_EVENT_NAME": event or ("pull_request" if expect == "submitted" else "schedule")}
+    planned, matrix = w.plan(**extra)
     ok(planned)
     if not matrix["include"]:
         return "nothing planned"
-    assert matrix["include"] == [{"pr": 7, "experiment": EXPERIMENT_NAME}], matrix
-    leg = w.reconcile()
+    assert [(e["pr"], e["experiment"]) for e in matrix["include"]] == [(7, EXPERIMENT_NAME)], matrix
+    leg = w.reconcile(**extra)
     ok(leg)
     assert f"#7 {EXPERIMENT_NAME}: {expect}" in leg.stdout, str(leg)
     return leg.stdout
@@ -404,17 +406,17 @@ def test_the_stand_in_refuses_what_the_services_refuse(tmp_path):
 
 
 def test_a_leg_whose_deployment_keeps_failing_fails_with_a_comment(wire):
-    """Every PUT of the deployment answered 503: the leg fails (exit 1) with the error in the PR
-    comment and a one-line annotation; no traceback."""
+    """Every PUT of the deployment answered 503: the service's weather, so the leg ends in phase
+    `error` (retried by a later tick with backoff, the loop's rule) with the error in the PR comment
+    and a one-line annotation; no traceback."""
     tick(wire, "submitted")
     wire.azure.set_job_state(job_name(wire), "Completed")
     wire.azure.unavailable("PUT", r"/onlineEndpoints/[^/]+/deployments/demo$", times=1000)
     leg = wire.reconcile()
-    assert leg.returncode == 1, str(leg)
     assert "Traceback" not in leg.stdout + leg.stderr, str(leg)
-    assert "::error" in leg.stdout and "failed" in leg.stdout, leg.stdout
+    assert "error (creating deployment demo" in leg.stdout and "::" in leg.stdout, str(leg)
     body = wire.comment()
-    assert "phase=error" in body or "phase=failed" in body, body[:600]
+    assert "phase=error" in body, body[:600]
     assert "deployment demo" in body and ("503" in body or "unavailable" in body.lower()), body[:1200]
 
 
@@ -428,6 +430,18 @@ def test_a_legs_log_says_what_happened_without_the_http_dump(wire):
     assert not [line for line in lines if "Request URL:" in line], f"{len(lines)} lines of stderr"
     warnings = [line.split(" ", 1)[1] for line in lines if "warning: model_specific_defaults" in line]
     assert warnings and len(warnings) == len(set(warnings)), warnings
+
+
+def test_a_submitting_leg_signs_in_once(wire):
+    """One credential for the process (connection.credential): the workspace, the registry and the
+    MLflow clients share its token cache, so one GitHub ID token and one Entra token per scope,
+    however many clients the leg makes."""
+    ok(wire.reconcile(GITHUB_EVENT_NAME="workflow_dispatch"))
+    assert wire.azure.jobs
+    assert len(wire.azure.identities.oidc_requests) == 1, wire.azure.identities.oidc_requests
+    scopes = [form["scope"] for form in wire.azure.identities.token_requests]
+    assert len(scopes) == len(set(scopes)), scopes
+    check_identity_on_the_wire(wire.azure)
 
 
 def test_the_pull_request_identity_cannot_promote(wire):

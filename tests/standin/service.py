@@ -48,6 +48,16 @@ from tests.standin.names import (
 from tests.standin.proxy import DROP, Proxy, Reply, Request
 
 
+def _forget_credentials() -> None:
+    """The product keeps one credential per process and identity (connection.credential); a test
+    process starts many stand-ins, each with its own signing key, so none may inherit a cache."""
+    try:
+        from automation.backends.azure.connection import forget_credentials
+    except ImportError:
+        return
+    forget_credentials()
+
+
 @dataclass
 class Call:
     method: str
@@ -105,12 +115,14 @@ class StandIn(ArmService, DataPlane):
 
     # -- control --------------------------------------------------------------------------------
     def __enter__(self) -> StandIn:
+        _forget_credentials()  # a credential of this process holds tokens of an earlier stand-in
         self._stack = ExitStack()
         self.ca = TestCA(self.folder / "ca")
         self.proxy = self._stack.enter_context(Proxy(self.ca, self.route))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _forget_credentials()
         self._stack.close()
         if self._mlflow_server is not None:
             import mlflow.server.handlers as handlers
