@@ -30,6 +30,22 @@ def test_unknown_backend_lists_the_valid_ones():
         get_backend("gcp")
 
 
+def mlflow_chart_order(keys) -> list[str]:
+    """A run's metric charts in the order MLflow's run page shows them (mlflow 3.x,
+    RunsChartsCardConfig.getBaseChartAndSectionConfigs): one section per prefix before the last
+    `/` (extractChartSectionName), the named sections sorted first, then "Model metrics" (no
+    prefix), then "System metrics" (`system/`, its own tab); within a section, by key (JavaScript's
+    default sort: UTF-16 code units)."""
+    def section(key: str) -> str:
+        return key.rsplit("/", 1)[0] if "/" in key else ""
+
+    def rank(key: str) -> tuple:
+        name = section(key)
+        return (name == "system", name == "", name, key.encode("utf-16-be"))
+
+    return sorted(keys, key=rank)
+
+
 def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment, monkeypatch):
     import mlflow
 
@@ -45,15 +61,21 @@ def test_finetune_trains_tracks_and_is_reused(workspace, tiny_experiment, monkey
     run = mlflow.MlflowClient().get_run(ft.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["training.learning_rate"] == "0.01"
-    for key in ("base_eval_loss", "finetuned_eval_loss", "finetuned_perplexity", "loss", "tokens_per_second",
+    for key in ("base_eval_loss", "finetuned_eval_loss", "finetuned_perplexity", "loss/train", "tokens_per_second",
                 "base_rouge_l", "finetuned_rouge_l", "delta_rouge_l", "delta_eval_loss", "finetuned_empty_rate",
                 "finetuned_repetitive_rate", "finetuned_mean_words"):
         assert key in run.data.metrics, key
     assert "train_tokens_per_second" not in run.data.metrics, "one tokens/s figure, under the project's key"
     assert "eval_loss" not in run.data.metrics, "the trainer's own last-step evaluation is not run twice"
     assert run.data.metrics["tokens_per_second"] == pytest.approx(ft.tokens_per_second)
-    history = mlflow.MlflowClient().get_metric_history(ft.run_id, "loss")
+    history = mlflow.MlflowClient().get_metric_history(ft.run_id, "loss/train")
     assert [m.step for m in history] == [1, 2, 4, 6]
+    evals = mlflow.MlflowClient().get_metric_history(ft.run_id, "loss/eval")
+    assert [(m.step, m.value) for m in evals] == [(0, pytest.approx(ft.base_eval_loss)),
+                                                   (6, pytest.approx(ft.eval_loss))], "base, then fine-tuned"
+    charts = mlflow_chart_order(run.data.metrics)
+    assert charts[:2] == ["loss/eval", "loss/train"], charts
+    assert charts.index("learning_rate") < charts.index("system/cpu_utilization_percentage")
     # The held-out evaluation: the same 3 prompts of test_gen answered by the base and fine-tuned models.
     ev = ft.evaluation
     assert len(ev.prompts) == 3 and set(ev.models) == {"base", "candidate"}

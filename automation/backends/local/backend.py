@@ -253,7 +253,9 @@ class LocalBackend(Backend):
         runs = self._runs(f"tags.job_name = '{job_name}'")
         if not runs:
             return Progress()
-        history = _mlflow().MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
+        client = _mlflow().MlflowClient()  # `loss` in runs logged before the curves had their prefix
+        history = (client.get_metric_history(runs[0].info.run_id, "loss/train")
+                   or client.get_metric_history(runs[0].info.run_id, "loss"))
         if not history:
             return Progress()
         last = max(history, key=lambda m: m.step)
