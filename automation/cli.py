@@ -369,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     loop.add_command(commands)
-    loop.add_release_command(commands)
+    from automation import (
+        release,  # the production job: promote a merge, retry, override, roll back
+    )
+
+    release.add_command(commands)
     from automation import doctor  # doctor: the fork's setup checked, read-only, each fix printed
 
     doctor.add_command(commands)

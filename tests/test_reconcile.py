@@ -172,11 +172,14 @@ def test_finished_job_is_registered_deployed_scored_and_commented_once(world):
     assert "**Registered**" in body and "**Endpoint**" in body
     (model,) = world.workspace.models.versions
     assert world.endpoints() == [naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")]
-    # the sample, then the 8 held-out prompts on the staging deployment (no production endpoint yet)
+    # the sample, then the held-out prompts on the staging deployment (no production endpoint yet)
+    from automation.spec import EvaluationSpec
+
+    n = EvaluationSpec().prompts
     staging = naming.staging_endpoint_name(REPO_NAME, 7, "phi3-ultrachat")
-    assert [(e, d) for e, d, _ in world.workspace.online_endpoints.invocations] == [(staging, "demo")] * 9
-    assert "### Evaluation" in body and "replies from the endpoints to 8 held-out prompts" in body
-    assert "### Replies to the 8 held-out prompts" in body and "with no baseline" in body
+    assert [(e, d) for e, d, _ in world.workspace.online_endpoints.invocations] == [(staging, "demo")] * (1 + n)
+    assert "### Evaluation" in body and f"replies from the endpoints to {n} held-out prompts" in body
+    assert f"### Replies to the {n} held-out prompts" in body and "with no baseline" in body
     calls = len(world.workspace.calls)
     assert world.tick() == [] and len(world.workspace.calls) == calls  # settled: the status says so, no Azure call
 
@@ -359,7 +362,7 @@ def test_a_merge_promotes_the_reported_commit_once_evaluated_in_place(world):
     """Merging is the decision: the push of the merge commit promotes the job the comment reported,
     from the version it registered, evaluated beside the live deployment on the production endpoint;
     the staging endpoint is not needed (the close deletes it); running it again changes nothing."""
-    from automation.loop import promote_merged
+    from automation.release import promote_merged
 
     open_pr(world)
     finish_staging(world)
@@ -384,7 +387,7 @@ def test_a_merge_promotes_the_reported_commit_once_evaluated_in_place(world):
 
 
 def test_a_merge_of_a_head_without_staging_results_promotes_nothing(world):
-    from automation.loop import promote_merged
+    from automation.release import promote_merged
 
     open_pr(world)
     finish_staging(world)
@@ -400,7 +403,7 @@ def test_a_merge_of_a_head_without_staging_results_promotes_nothing(world):
 
 def test_closing_without_merging_never_promotes_and_a_dispatch_needs_the_reported_commit(world):
     from automation.errors import ConfigError
-    from automation.loop import promote_dispatched, promote_merged
+    from automation.release import promote_dispatched, promote_merged
 
     open_pr(world)
     finish_staging(world)
@@ -418,7 +421,7 @@ def test_closing_without_merging_never_promotes_and_a_dispatch_needs_the_reporte
 
 def test_production_runs_only_from_the_default_branch(world):
     from automation.errors import ConfigError
-    from automation.loop import require_default_branch
+    from automation.release import require_default_branch
 
     client = world.pulls.client
     assert require_default_branch(client, "refs/heads/main") == "main"
