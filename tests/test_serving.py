@@ -72,7 +72,7 @@ def starts(serving_home, tiny_model, tmp_path_factory) -> dict[str, Future]:
             # cancellation and admission control.
             "long": pool.submit(start_endpoint, "tiny-long", tiny_model, tags={"pr": "9"}, max_new_tokens_cap=4000,
                                 request_timeout_ms=120_000, max_tokens_in_flight=LONG_BUDGET, max_prompt_tokens=256,
-                                ready_timeout_s=120, threads=1, prefill_threads=2),
+                                ready_timeout_s=120, threads=1, prefill_threads=2, precision="fp32"),
             "main": pool.submit(start_endpoint, "tiny-staging", tiny_model, tags=TAGS,
                                 max_new_tokens_cap=CAP, ready_timeout_s=120),
             "short": pool.submit(start_endpoint, "tiny-short", tiny_model, tags={"pr": "9"},
@@ -310,6 +310,20 @@ def test_start_is_idempotent_and_records_round_trip(endpoint, tiny_model):
     assert EndpointRecord.model_validate_json(found.model_dump_json()) == found
     assert [r.name for r in list_endpoints({"pr": "7", "stage": "staging"})] == [endpoint.name]
     assert list_endpoints({"pr": "8"}) == []
+
+
+def test_the_server_says_what_precision_it_computes_in_and_why(starts, endpoint):
+    """auto: bf16 weights where this CPU has native bf16, else fp32; forced fp32 stays fp32. The
+    choice and its reason (the CPU flags seen) are in the server's startup log."""
+    from automation.backends.local.precision import choose
+
+    forced = starts["long"].result()
+    assert forced.precision == "fp32" and endpoint.precision == "auto"
+    assert "in fp32 (forced by compute.precision: fp32 (CPU flags" in Path(forced.log_file).read_text()
+    native = choose("auto", "cpu").bf16
+    expected = "in bf16 (native bf16 on this CPU (CPU flags" if native else "in fp32 (no native bf16 on this CPU"
+    assert expected in Path(endpoint.log_file).read_text()
+    assert f"weights {'bfloat16' if native else 'float32'})" in Path(endpoint.log_file).read_text()
 
 
 def test_long_generation_is_cut_before_the_timeout_then_stop(starts):
