@@ -193,3 +193,65 @@ def test_the_experiment_file_holds_the_evaluation_and_the_policy(tmp_path):
     assert load_experiment(write_experiment(tmp_path, default), ["evaluation.prompts=128"]).evaluation.prompts == 128
     with pytest.raises(ExperimentInvalid, match="less than or equal to 256"):
         load_experiment(write_experiment(tmp_path, {**LOCAL_EXPERIMENT, "evaluation": {"prompts": 257}}))
+
+
+
+class _CharTokenizer:
+    """One token per character (0 pads, 1 ends); the chat template is the last message's text."""
+
+    pad_token_id, eos_token_id, padding_side = 0, 1, "right"
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return messages[-1]["content"]
+
+    def __call__(self, texts, return_tensors=None, padding=False, add_special_tokens=True):
+        import torch
+
+        ids = [[ord(c) for c in text] for text in texts]
+        if return_tensors is None:
+            return {"input_ids": ids}
+        width = max(map(len, ids))
+        assert self.padding_side == "left"
+        return {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in ids]),
+                "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids.tolist() if i > 1)
+
+
+class _ReverseModel:
+    """Replies with the prompt reversed; records each batch's padded width and rows."""
+
+    training, device = False, "cpu"
+
+    def __init__(self):
+        self.batches = []
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        import torch
+
+        self.batches.append((input_ids.shape[1], input_ids.shape[0]))
+        replies = [row[mask == 1].flip(0).tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
+        width = max(map(len, replies))
+        return torch.cat([input_ids, torch.tensor([r + [1] * (width - len(r)) for r in replies])], dim=1)
+
+
+def test_replies_batched_by_length_come_back_in_the_prompts_order():
+    """generate_replies batches the prompts by length (less padding) and returns each reply at its
+    prompt's place."""
+    from automation.backends.local.evaluate import generate_replies
+
+    texts = ["a long prompt of many words", "hi", "a middling one", "ok", "the longest prompt of them all, by far"]
+    prompts = [EvalPrompt(messages=[{"role": "user", "content": t}]) for t in texts]
+    model, tokenizer = _ReverseModel(), _CharTokenizer()
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=8, label="t", batch_size=2)
+    assert replies == [t[::-1] for t in texts]
+    assert model.batches == [(2, 2), (27, 2), (38, 1)], "by length: (hi, ok), (middling, long), (longest)"
+    assert tokenizer.padding_side == "right" and model.training is False, "both left as they were"
+
