@@ -22,7 +22,7 @@ import pytest
 from automation import naming
 from tests.standin import identity
 from tests.standin.proxy import Reply
-from tests.standin.service import ARM_HOST, PRODUCTION_CLIENT, STAGING_CLIENT, StandIn
+from tests.standin.service import ARM_HOST, STAGING_CLIENT, StandIn
 from tests.standin.world import EXPERIMENT_NAME, PATH, REPO_NAME, World, experiment_text, world
 
 SHA1 = "1" * 40
@@ -157,7 +157,7 @@ def test_a_job_stuck_past_its_deadline_is_failed_and_cancelled_by_any_tick(wire,
 
 
 def test_every_body_of_a_lifecycle_is_held_to_the_spec(wire):
-    """Submitted (on a dispatch), running, completed -> registered, deployed, scored; promoted;
+    """Submitted (on a dispatch), running, completed -> registered, deployed, scored;
     closed -> pruned: every ARM answer (jobs, models, endpoints, deployments, keys, computes,
     errors) and the registry's model and component answers, and every body the SDK PUTs, checked
     against azure-rest-api-specs' definitions (tests/standin/schemas.py), with nothing off-spec."""
@@ -169,7 +169,6 @@ def test_every_body_of_a_lifecycle_is_held_to_the_spec(wire):
     ok(wire.reconcile())
     azure.set_job_state(job, "Completed")
     ok(wire.reconcile())
-    ok(wire.promote())
     wire.github.close_pull(REPO_NAME, 7)
     ok(wire.reconcile(GITHUB_EVENT_NAME="pull_request"))
     checked = set(azure.spec_checked)
@@ -185,8 +184,9 @@ def test_every_body_of_a_lifecycle_is_held_to_the_spec(wire):
 
 def test_whole_pull_request_lifecycle(wire):
     """Opened -> submitted -> running -> completed -> registered, deployed, scored, evaluated,
-    commented -> settled -> promoted -> closed -> pruned, one scheduled tick at a time, each job on a
-    fresh runner."""
+    commented -> settled -> closed -> pruned, one tick at a time, each job on a fresh runner.
+    (Promotion is `automation release` in the production trust zone since issue 22: a second
+    workspace and identity the stand-in does not serve yet.)"""
     azure = wire.azure
     tick(wire, "submitted")
     job = job_name(wire)
@@ -215,26 +215,12 @@ def test_whole_pull_request_lifecycle(wire):
 
     assert tick(wire, "") == "nothing planned"  # settled: the plan reads the comment, no leg runs
 
-    # the promote job (workflow_dispatch, production environment), on a fresh runner: the held-out
-    # prompts asked again of the staging endpoint, then blue/green on the production endpoint
-    scored = len(azure.scored)
-    promoted = wire.promote()  # as the production identity
-    ok(promoted)
-    production = naming.production_endpoint_name(REPO_NAME, EXPERIMENT_NAME)
-    new = f"v{version}"
-    assert f"version {version} serves {production} ({new})" in promoted.stdout, str(promoted)
-    assert azure.endpoints[production]["properties"]["traffic"] == {new: 100}
-    assert [(s["endpoint"], s["deployment"]) for s in azure.scored[scored:]] == [(staging, "demo")] * 2 + [
-        (production, new)]  # the evaluation, then the new deployment's smoke score
-    assert azure.models[(model_name, version)]["properties"]["tags"]["stage"] == "production"
-
     wire.github.close_pull(REPO_NAME, 7)
     tick(wire, "")
     assert staging not in azure.endpoints and (staging, "demo") not in azure.deployments  # deleted through its LRO
-    assert azure.endpoints[production]["properties"]["traffic"] == {new: 100}  # production is not the PR's
     assert arm_calls(azure, "DELETE", rf"/onlineEndpoints/{staging}$")
     assert tick(wire, "") == "nothing planned"
-    check_identity_on_the_wire(azure, (STAGING_CLIENT, PRODUCTION_CLIENT))
+    check_identity_on_the_wire(azure)
     assert not [c for c in azure.calls if c.status == 403]
 
 
@@ -444,6 +430,8 @@ def test_a_submitting_leg_signs_in_once(wire):
     check_identity_on_the_wire(wire.azure)
 
 
+@pytest.mark.skip(reason="promotion moved to `automation release` in the production trust zone (issue 22): its "
+                  "own workspace, registry and identity, which the stand-in does not serve yet")
 def test_the_pull_request_identity_cannot_promote(wire):
     """The promote verb run with the staging identity (a workflow edited in a pull request): the
     production endpoint's write is refused (403 AuthorizationFailed) and nothing reaches production."""
