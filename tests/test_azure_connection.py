@@ -103,3 +103,46 @@ def test_no_deadline_without_a_time_or_for_a_state_that_ends():
     assert jobs.stuck_for(_job("Running", datetime(2020, 1, 1, tzinfo=UTC)), now) is None
     naive = _job("Paused", datetime(2026, 12, 4, 12))  # a naive time is UTC, as the service means it
     assert jobs.stuck_for(naive, now) == pytest.approx(48 * 3600)
+
+
+class _Jobs:
+    def __init__(self, *items):
+        self.items = {j.name: j for j in items}
+        self.cancelled: list[str] = []
+
+    def list(self):
+        return list(self.items.values())
+
+    def get(self, name):
+        return self.items[name]
+
+    def begin_cancel(self, name):
+        self.cancelled.append(name)
+        return SimpleNamespace(done=lambda: False)
+
+
+def _stuck_job(name: str, hours: float) -> SimpleNamespace:
+    modified = datetime.now(UTC) - timedelta(hours=hours)
+    return SimpleNamespace(name=name, status="NotResponding", tags={"pr": "7"}, studio_url=None, error=None,
+                           creation_context=SimpleNamespace(created_at=None, last_modified_at=modified))
+
+
+def test_a_stuck_job_is_cancelled_once_whether_listed_or_read(monkeypatch):
+    from automation.backends.azure.backend import AzureBackend
+
+    monkeypatch.delenv("AZURE_STAGING_ML_WORKSPACE", raising=False)
+    ws = SimpleNamespace(jobs=_Jobs(_stuck_job("older-commit", 3), _stuck_job("head", 3), _stuck_job("fresh", 1)))
+    backend = AzureBackend(workspace_client=ws, sleep=lambda s: None)
+    listed = {j.name: j.state for j in backend.list_jobs({"pr": "7"})}
+    assert listed == {"older-commit": JOB_FAILED, "head": JOB_FAILED, "fresh": JOB_RUNNING}
+    assert backend.get_job("head").state == JOB_FAILED  # still failed, though the service now says CancelRequested
+    assert sorted(ws.jobs.cancelled) == ["head", "older-commit"]
+
+
+def test_the_production_job_reports_a_stuck_staging_job_but_never_cancels_it():
+    from automation.backends.azure.backend import AzureBackend
+
+    staging = SimpleNamespace(jobs=_Jobs(_stuck_job("head", 30)))
+    backend = AzureBackend(workspace_client=SimpleNamespace(jobs=_Jobs()), sleep=lambda s: None)
+    backend._source = staging  # the production job reads candidates from the staging workspace
+    assert backend.get_job("head").state == JOB_FAILED and staging.jobs.cancelled == []

@@ -360,22 +360,27 @@ class AzureBackend(Backend):
         job = self._existing_job(job_name)
         if job is None:
             return None
-        info = job_info(job)
-        if info.state == JOB_FAILED and jobs.stall_deadline_s(info.backend_status) is not None:
-            self._cancel_stuck(info)
-        return self._stuck.get(job_name, info)
+        return self._observed(job_info(job))
 
-    def _cancel_stuck(self, info: JobInfo) -> None:
+    def _observed(self, info: JobInfo) -> JobInfo:
         """A job found stuck past its state's deadline (jobs.stuck_for: measured from the job's own
-        systemData.lastModifiedAt, so any tick sees it) is cancelled, and reported failed for the rest
-        of this process (its status now reads CancelRequested)."""
+        systemData.lastModifiedAt, so any tick sees it) is cancelled, once, and reported failed for
+        the rest of this process (its status reads CancelRequested next). The production job only
+        reads the staging workspace: it reports, never cancels."""
+        if info.name in self._stuck:
+            return self._stuck[info.name]
+        if info.state != JOB_FAILED or jobs.stall_deadline_s(info.backend_status) is None:
+            return info
         log.warning("%s", info.error)
         self._stuck[info.name] = info
+        if self.source is not self.workspace:
+            return info
         try:
             self._call(f"cancelling stuck job {info.name}", lambda: self.workspace.jobs.begin_cancel(info.name),
                        begin=True, wait=False, passthrough=retry.is_not_found)
         except Exception as err:  # the report of the failure matters more than the cancel
             log.warning("could not cancel stuck job %s: %s", info.name, retry.one_sentence(err))
+        return info
 
     def list_jobs(self, match_tags: dict[str, str] | None = None) -> list[JobInfo]:
         from automation.backends.azure.jobs import job_info
@@ -384,8 +389,8 @@ class AzureBackend(Backend):
         # as for endpoints, since the service filters only on one tag at a time.
         found = self._call("listing jobs", lambda: [j for j in self.source.jobs.list() if j is not None])
         wanted = match_tags or {}
-        # a job stuck past its deadline reads failed here (job_info); get_job is what cancels it
-        return [self._stuck.get(j.name, job_info(j)) for j in found
+        # a job stuck past its deadline reads failed, and is cancelled (an older commit's too)
+        return [self._observed(job_info(j)) for j in found
                 if all((j.tags or {}).get(k) == v for k, v in wanted.items())]
 
     def cancel_job(self, job_name: str) -> bool:
