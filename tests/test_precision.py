@@ -100,3 +100,41 @@ def test_batched_greedy_replies_equal_one_at_a_time(tiny_model_dir, name):
                  for p in prompts]
     assert len({len(tokenizer(p.messages[0]["content"])["input_ids"]) for p in prompts}) > 1, "padding happens"
     assert batched == alone
+
+
+@pytest.mark.skipif(not NATIVE_HERE, reason="this CPU has no native bf16")
+def test_bf16_lora_multiplies_its_adapters_in_bf16_and_keeps_fp32_masters(tiny_experiment, tmp_path):
+    """LoRA on a bf16-held base: the adapters' matmuls run in bf16 under autocast (PEFT's cast of
+    their input to fp32 off) inside compute_loss only; the adapters and their gradients stay fp32.
+    Forced fp32 has none of it."""
+    import itertools
+
+    import torch
+
+    from automation.backends.local.train import build_trainer
+    from automation.spec import load_experiment
+    from tests.conftest import REPO
+
+    data = tmp_path / "data"
+    data.mkdir()
+    sample = REPO / "data" / "ultrachat-sample"
+    for name in ("train_sft", "test_sft"):
+        (data / f"{name}.jsonl").write_text((sample / f"{name}.jsonl").read_text())
+    experiment = load_experiment(tiny_experiment)
+    seen = {}
+    for forced in ("bf16", "fp32"):
+        exp = experiment.model_copy(update={"compute": experiment.compute.model_copy(update={"precision": forced})})
+        trainer, *_ = build_trainer(exp, base_model=exp.model.path, train_file=data / "train_sft.jsonl",
+                                    test_file=data / "test_sft.jsonl", output_dir=tmp_path / forced)
+        lora_a = next(m for n, m in trainer.model.named_modules() if n.endswith("lora_A.default"))
+        dtypes = []
+        hook = lora_a.register_forward_hook(
+            lambda module, args, out, into=dtypes: into.append((args[0].dtype, out.dtype)))
+        batch = next(iter(itertools.islice(trainer.get_train_dataloader(), 1)))
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, dict(batch)).backward()
+        hook.remove()
+        seen[forced] = (trainer.bf16_adapters, dtypes[0], lora_a.weight.dtype, lora_a.weight.grad.dtype)
+        assert all(getattr(m, "cast_input_dtype_enabled", True) for m in trainer.model.modules())  # restored
+    assert seen["bf16"] == (True, (torch.bfloat16, torch.bfloat16), torch.float32, torch.float32)
+    assert seen["fp32"] == (False, (torch.float32, torch.float32), torch.float32, torch.float32)
