@@ -1,6 +1,7 @@
 """Where a step of our CPU fine-tune goes: torch.profiler over forward + backward of packed rows.
 
     python bench/profile_finetune.py [--model DIR] [--rows 2] [--max-length 256] [--precision auto|bf16|fp32]
+                                     [--threads N]
 
 Builds the trainer the product runs (as bench_finetune.py does; seq 256 is the demo experiment's),
 in the precision asked (auto: bf16 where the CPU has native bf16), takes its first packed
@@ -46,6 +47,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2, help="packed rows (micro-batches) to profile")
     parser.add_argument("--max-length", type=int, default=256, help="packed row length (the demo's: 256)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: all CPUs, as training uses). On a machine other jobs share, "
+                             "1 keeps the shares meaningful: with 2 threads on 2 busy cores every small operator "
+                             "waits for a descheduled thread at its barrier")
     args = parser.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -61,6 +66,8 @@ def main() -> None:
         started = time.perf_counter()
         batches = list(itertools.islice(loader, args.rows + 1))
         collate_s = (time.perf_counter() - started) / len(batches)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         model = trainer.model
         model.train()
 
