@@ -291,7 +291,9 @@ class PullRequests:
         from automation.report import MARKER
 
         marker = MARKER.format(name=experiment)
-        lines = [line for line in body.splitlines() if line != marker and not STATUS.fullmatch(line.strip())]
+        # split on "\n" only: str.splitlines() also breaks at \x0c, \x1c, \u2028..., which would cut a
+        # model's reply out of its blockquote
+        lines = [line for line in body.split("\n") if line != marker and not STATUS.fullmatch(line.strip())]
         text = "\n".join([marker, status.line(), *lines])
         try:
             github.upsert_comment(self.client, pr, github.fit_comment(text), marker)
@@ -718,7 +720,7 @@ def _report_after_prune(body: str | None, deleted: list[str]) -> list[str]:
     staging endpoints just deleted say so. Hidden lines (marker, status) and an earlier note go."""
     if not body or "### " not in body:
         return []
-    lines = [line for line in body.splitlines() if not (line.startswith("<!-- automation:") and line.endswith("-->"))]
+    lines = [line for line in body.split("\n") if not (line.startswith("<!-- automation:") and line.endswith("-->"))]
     if lines and lines[0].startswith("### Stopped:"):
         return []  # pruned before: the results were kept then (or there were none)
     text = "\n".join(lines).strip()

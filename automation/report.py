@@ -86,6 +86,7 @@ def prose(text: str | None, limit: int = MAX_TEXT) -> str:
     if text is None or not text.strip():
         return "> _(empty)_"
     out, fence = [], None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # CommonMark ends a line at \r too
     for line in _cut(text.strip(), limit).split("\n"):
         line = line.replace("<!--", "<!\u200b--")
         opener = _FENCE.match(line)
@@ -444,7 +445,7 @@ def mlflow_markdown(report: str) -> str:
     renders (hidden comments, `<details>` and `<sub>` HTML, the Mermaid chart, whose curves the run
     charts itself)."""
     out, in_chart = [], False
-    for line in report.splitlines():
+    for line in report.split("\n"):  # not splitlines(): a reply's \x0c or \u2028 is not a line end
         if in_chart:
             in_chart = line.strip() != "```"
             continue

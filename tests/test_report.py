@@ -381,3 +381,31 @@ def test_terminal_summary_has_version_deltas_reply_endpoint_and_time(local):
     assert "reply:      Line one line two. It is a data format." in lines
     assert "total:      4 min 12 s" in lines
     assert "{" not in lines, "no raw dicts"
+
+
+def test_a_reply_cannot_leave_its_quote_through_other_line_breaks():
+    """CommonMark ends a line at \\r as well as \\n; Python's splitlines() also at \\x0c, \\x1c, \\u2028:
+    the reply stays inside its blockquote whichever it carries, and the loop's comment writer keeps it."""
+    from automation.loop import PullRequests, Status
+    from automation.report import prose
+
+    reply = "first\rsecond <b>x</b>\x0cthird\u2028fourth\x1c"
+    quoted = prose(reply)
+    assert all(line.startswith(">") for line in quoted.split("\n")), quoted
+    assert "second &lt;b&gt;x&lt;/b&gt;" in quoted
+
+    written = {}
+
+    class Client:
+        repository = "o/r"
+
+    pulls = PullRequests(Client())
+    import automation.github as gh
+
+    original = gh.upsert_comment
+    gh.upsert_comment = lambda client, pr, body, marker: written.setdefault("body", body)
+    try:
+        pulls.comment(7, "tiny", Status("job", "done"), "<!-- automation:report experiment=tiny -->\n" + quoted)
+    finally:
+        gh.upsert_comment = original
+    assert quoted in written["body"]
