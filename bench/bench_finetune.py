@@ -1,6 +1,6 @@
 """Fine-tune throughput on the CPU: ours against a plain TRL `SFTTrainer`, and against the matmul peak.
 
-    python bench/bench_finetune.py [--reps 2] [--steps 3] [--max-length 512] [--precision auto|bf16|fp32]
+    python bench/bench_finetune.py [--reps 2] [--steps 2] [--max-length 512] [--precision auto|bf16|fp32]
                                    [--kinds ours,trl] [--model DIR] [--json FILE]
 
 Both sides LoRA-tune SmolLM2-135M-Instruct (the demo experiment's model, r 16, alpha 32, all
@@ -196,7 +196,7 @@ def default_model() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run (after 1 warm-up)")
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run (after 1 warm-up)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="ours: auto (the product's choice: bf16 where the CPU has it natively), or forced; "
