@@ -6,6 +6,8 @@ Tokens stand for the identities a workflow meets:
 - `READ_TOKEN`: the GITHUB_TOKEN of a fork's pull request (read-only: writes answer 403);
 - `ACTIONS_TOKEN`: the GITHUB_TOKEN of a job granted `actions: write` as well (it may enable and
   disable workflows; the others are refused with 403, as GitHub refuses a token without it);
+- `PROMOTE_TOKEN`: the promote job's GITHUB_TOKEN (contents read, pull-requests write, actions
+  read: it reads the `production` environment's protection);
 - `USER_TOKEN`: a person's token (GET /user works, as with a PAT).
 
 Installation tokens get 403 from GET /user and write as `github-actions[bot]`, as on github.com.
@@ -39,6 +41,9 @@ WRITE_TOKEN = "ghs_fakeWriteInstallationToken0000000000"
 ACTIONS_TOKEN = "ghs_fakeActionsWriteInstallationToken000"
 READ_TOKEN = "ghs_fakeReadOnlyForkToken000000000000000"
 USER_TOKEN = "ghp_fakePersonalAccessToken0000000000000"
+# the promote job's GITHUB_TOKEN (promote.yml: contents read, pull-requests write, actions read): it
+# reads the production environment's protection and comments on the merged pull request
+PROMOTE_TOKEN = "ghs_fakePromoteJobInstallationToken00000"
 # ACTIONS_ID_TOKEN_REQUEST_TOKEN: what a job granted `id-token: write` presents to the token service
 OIDC_REQUEST_TOKEN = "fakeIdTokenRequestToken000000000000000000"
 
@@ -109,6 +114,8 @@ class FakeGitHub:
             "contents": "read", "metadata": "read", "actions": "write", "pull_requests": "write",
             "issues": "write"}),
         READ_TOKEN: Identity(BOT, can_write=False, installation=True),
+        PROMOTE_TOKEN: Identity(BOT, can_write=True, installation=True, permissions={
+            "contents": "read", "metadata": "read", "actions": "read", "pull_requests": "write"}),
         USER_TOKEN: Identity(OCTOCAT, can_write=True, installation=False),
         OIDC_REQUEST_TOKEN: Identity(BOT, can_write=False, installation=True),
     })

@@ -430,17 +430,79 @@ def test_a_submitting_leg_signs_in_once(wire):
     check_identity_on_the_wire(wire.azure)
 
 
-@pytest.mark.skip(reason="promotion moved to `automation release` in the production trust zone (issue 22): its "
-                  "own workspace, registry and identity, which the stand-in does not serve yet")
-def test_the_pull_request_identity_cannot_promote(wire):
-    """The promote verb run with the staging identity (a workflow edited in a pull request): the
-    production endpoint's write is refused (403 AuthorizationFailed) and nothing reaches production."""
-    tick(wire, "submitted")
-    wire.azure.set_job_state(job_name(wire), "Completed")
-    tick(wire, "done")
-    production = naming.production_endpoint_name(REPO_NAME, EXPERIMENT_NAME)
-    attempt = wire.promote(environment="staging")
-    assert attempt.returncode != 0 and "AuthorizationFailed" in attempt.stdout + attempt.stderr, str(attempt)
-    assert "Traceback" not in attempt.stdout + attempt.stderr, str(attempt)
-    assert production not in wire.azure.endpoints
-    assert [c.method for c in wire.azure.calls if c.status == 403] == ["PUT"]
+# -- production: its own workspace, the registry, the production identity (issue 22) -------------
+# `automation release` as the promote job runs it (tests/standin/world.World.release): the merged
+# pull request's staging version shared into the registry `reg-chat`, deployed from there on the
+# production endpoint in `ws-prod` (rg-ml-prod) beside the live deployment, evaluated in place,
+# then given the traffic. The stand-in holds each identity to its roles (tests/standin/names.ROLES).
+
+MERGE = "d" * 40
+
+
+def staged(w: World) -> tuple[str, str]:
+    """A pull request's lifecycle to `done` with the policy passed: its (model name, version)."""
+    tick(w, "submitted")
+    job = job_name(w)
+    w.azure.set_job_state(job, "Completed")
+    w.azure.log_loss(job, [(10, 2.1), (30, 1.7)], eval_loss=1.8)
+    tick(w, "done")
+    assert "verdict=passed" in w.comment(), w.comment()[:600]
+    ((model, version),) = w.azure.models
+    return model, version
+
+
+def production_endpoint() -> str:
+    return naming.production_endpoint_name(REPO_NAME, EXPERIMENT_NAME)
+
+
+def writes_by(azure: StandIn, client: str, since: int = 0) -> list:
+    """What `client` changed: every request but a read (GET, and MLflow's searches, POSTs that read:
+    the role action workspaces/experiments/runs/read)."""
+    return [c for c in azure.calls[since:] if c.client == client and c.method not in ("GET", "HEAD")
+            and not ("/mlflow/" in c.path and c.path.endswith("/search"))]
+
+
+def no_traceback(result) -> None:
+    assert "Traceback" not in result.stdout + result.stderr, str(result)
+
+
+def test_a_merge_promotes_once_through_the_registry_into_the_production_workspace(wire):
+    from tests.standin.names import PRODUCTION_CLIENT, PRODUCTION_REGISTRY, PRODUCTION_WORKSPACE
+
+    azure = wire.azure
+    model, version = staged(wire)
+    wire.github.close_pull(REPO_NAME, 7, merged=True, merge_commit=MERGE)
+    before = len(azure.calls)
+    released = wire.release(after=MERGE)
+    ok(released)
+    assert f"#7 {EXPERIMENT_NAME}: promoted" in released.stdout, str(released)
+    # the version is in the registry, copied from the staging workspace
+    assert (model, version) in azure.shared_models, sorted(azure.shared_models)
+    registry_id = f"azureml://registries/{PRODUCTION_REGISTRY}/models/{model}/versions/{version}"
+    # production's endpoint is in production's workspace, serving v<version> from the registry
+    name, deployment = production_endpoint(), f"v{version}"
+    assert name not in azure.endpoints and name in azure.production.endpoints
+    assert azure.production.endpoints[name]["properties"]["traffic"] == {deployment: 100}
+    served = azure.production.deployments[(name, deployment)]["properties"]
+    assert served["model"] == registry_id and served["provisioningState"] == "Succeeded"
+    # smoke-scored, then the held-out prompts asked of the candidate on the production endpoint
+    asked = [s for s in azure.scored if s["endpoint"] == name]
+    assert asked and {s["deployment"] for s in asked} == {deployment}, asked
+    assert {s["workspace"] for s in asked} == {PRODUCTION_WORKSPACE} and len(asked) >= 3
+    # the production identity only read the staging workspace; everything it wrote is production's
+    writes = writes_by(azure, PRODUCTION_CLIENT, before)
+    assert writes and not [c for c in writes if "/workspaces/ws-staging" in c.path], writes
+    assert {c.client for c in azure.calls[before:] if c.client} == {PRODUCTION_CLIENT}
+    assert not [c for c in azure.calls[before:] if c.status in (401, 403)]
+    assert azure.spec_problems == []
+    body = "\n".join(c["body"] for c in wire.github.issue_comments(REPO_NAME, 7))
+    assert "Promoted to production" in body and f"version {version}" in body
+
+    again = len(azure.calls)  # the same merge's job rerun: it finds everything done and changes nothing
+    rerun = wire.release(after=MERGE)
+    ok(rerun)
+    changed = [c for c in writes_by(azure, PRODUCTION_CLIENT, again) if not c.path.endswith("/listKeys")]
+    assert not changed, changed
+    assert azure.production.endpoints[name]["properties"]["traffic"] == {deployment: 100}
+    assert len(azure.shared_models) == 1 and [d for (e, d) in azure.production.deployments if e == name] == [
+        deployment]

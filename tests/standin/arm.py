@@ -8,7 +8,7 @@ import copy
 import re
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tests.standin import identity
@@ -22,11 +22,11 @@ from tests.standin.names import (
     REGION,
     RESOURCE_GROUP,
     STAGING_CLIENT,
-    STORAGE_ACCOUNT,
     SUBSCRIPTION,
     TERMINAL_JOB_STATES,
     WORKSPACE,
     authorization_failed,
+    may,
     now_iso,
 )
 from tests.standin.proxy import Reply, Request
@@ -41,11 +41,45 @@ class Operation:
     status: str = "InProgress"
 
 
+@dataclass
+class Space:
+    """One workspace and what it holds: the staging one (the pull requests') and production's, each in
+    its own resource group."""
+    name: str
+    resource_group: str
+    workspace_id: str
+    storage_account: str
+    jobs: dict[str, dict] = field(default_factory=dict)
+    job_states: dict[str, str] = field(default_factory=dict)
+    models: dict[tuple[str, str], dict] = field(default_factory=dict)
+    computes: dict[str, dict] = field(default_factory=dict)
+    endpoints: dict[str, dict] = field(default_factory=dict)
+    deployments: dict[tuple[str, str], dict] = field(default_factory=dict)
+    keys: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{self.resource_group}/providers/{PROVIDER}"
+                f"/workspaces/{self.name}")
+
+    def arm_id(self, rest: str) -> str:
+        return f"{self.prefix}{rest}"
+
+
+_SCOPE = re.compile(rf"/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/{PROVIDER}/workspaces/([^/]+)(/.*)?",
+                    re.IGNORECASE)
+
+
 class ArmService:
     # -- ARM ------------------------------------------------------------------------------------
-    def _ws_prefix(self) -> str:
-        return (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/{PROVIDER}"
-                f"/workspaces/{WORKSPACE}")
+    def _ws_prefix(self, workspace: str = WORKSPACE) -> str:
+        return self.spaces[workspace].prefix
+
+    def _space(self, subscription: str, group: str, name: str) -> Space | None:
+        space = next((s for s in self.spaces.values() if s.name.lower() == name.lower()), None)
+        if space is None or subscription != SUBSCRIPTION or space.resource_group.lower() != group.lower():
+            return None
+        return space
 
     def _arm(self, req: Request) -> Reply:
         caller, refusal = self.identities.caller(req, ARM_RESOURCE)
@@ -74,18 +108,21 @@ class ArmService:
             return Reply(200, {"value": self.vm_sizes})
         if path.startswith(f"{locations}/mfeOperationResults/") or path.startswith(f"{locations}/mfeOperationsStatus/"):
             return self._operation(req, path.rsplit("/", 1)[-1], kind="location" if "Results" in path else "async")
-        prefix = self._ws_prefix()
-        if not path.startswith(prefix):
-            if re.fullmatch(r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft.MachineLearningServices"
-                            r"/workspaces/[^/]+(/.*)?", path, re.IGNORECASE):
-                return arm_error(404, "ResourceNotFound", f"The Resource '{PROVIDER}/workspaces/"
-                                 f"{path.split('/')[8]}' under resource group '{path.split('/')[4]}' was not found.")
+        scope = _SCOPE.fullmatch(path)
+        if scope is None:
             return arm_error(404, "InvalidResourceType", f"The resource type could not be found for {path}.")
-        rest = path[len(prefix):]
-        if caller.may is not None and not caller.may(req.method, rest):
+        subscription, group, name, rest = scope.groups()
+        rest = rest or ""
+        prefix = path[:len(path) - len(rest)]
+        # ARM authorizes before it looks: no role at the scope is 403, whether or not the resource exists
+        if not may(caller.client_id, "workspaces", name, req.method, rest):
             return authorization_failed(caller.client_id, req.method, prefix, rest)
+        ws = self._space(subscription, group, name)
+        if ws is None:
+            return arm_error(404, "ResourceNotFound", f"The Resource '{PROVIDER}/workspaces/{name}' under "
+                             f"resource group '{group}' was not found.")
         if rest == "" and req.method == "GET":
-            return Reply(200, self.workspace_body())
+            return Reply(200, self.workspace_body(ws))
         for pattern, handler in (
             (r"/computes/([^/]+)", self._compute),
             (r"/jobs", self._jobs_list),
@@ -105,7 +142,7 @@ class ArmService:
         ):
             match = re.fullmatch(pattern, rest, re.IGNORECASE)
             if match:
-                return handler(req, *match.groups())
+                return handler(req, ws, *match.groups())
         return arm_error(404, "NotFound", f"no route for {req.method} {rest}")
 
     def _arm_id(self, rest: str) -> str:
@@ -116,52 +153,53 @@ class ArmService:
         return {"createdAt": stamp, "createdBy": STAGING_CLIENT, "createdByType": "Application",
                 "lastModifiedAt": stamp, "lastModifiedBy": STAGING_CLIENT, "lastModifiedByType": "Application"}
 
-    def workspace_body(self) -> dict[str, Any]:
+    def workspace_body(self, ws: Space | None = None) -> dict[str, Any]:
         """Workspaces_Get (2024-10-01-preview): the workspace, its MLflow tracking URI and discovery URL."""
+        ws = ws or self.spaces[WORKSPACE]
         return {
-            "id": self._ws_prefix(), "name": WORKSPACE, "type": f"{PROVIDER}/workspaces", "location": REGION,
+            "id": ws.prefix, "name": ws.name, "type": f"{PROVIDER}/workspaces", "location": REGION,
             "kind": "Default", "sku": {"name": "Basic", "tier": "Basic"}, "tags": {},
             "identity": {"type": "SystemAssigned", "principalId": str(uuid.UUID(int=7)), "tenantId": identity.TENANT},
             "systemData": self._system_data(),
             "properties": {
-                "friendlyName": WORKSPACE, "provisioningState": "Succeeded",
-                "workspaceId": "c0ffee00-0000-4000-8000-000000000001",
-                "storageAccount": f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
-                                  f"Microsoft.Storage/storageAccounts/{STORAGE_ACCOUNT}",
+                "friendlyName": ws.name, "provisioningState": "Succeeded",
+                "workspaceId": ws.workspace_id,
+                "storageAccount": f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{ws.resource_group}/providers/"
+                                  f"Microsoft.Storage/storageAccounts/{ws.storage_account}",
                 "discoveryUrl": f"https://{ML_HOST}/discovery",
-                "mlFlowTrackingUri": f"azureml://{ML_HOST}/mlflow/v1.0/subscriptions/{SUBSCRIPTION}/resourceGroups/"
-                                     f"{RESOURCE_GROUP}/providers/{PROVIDER}/workspaces/{WORKSPACE}",
+                "mlFlowTrackingUri": f"azureml://{ML_HOST}/mlflow/v1.0{ws.prefix}",
                 "publicNetworkAccess": "Enabled", "v1LegacyMode": False,
             },
         }
 
     # computes ---------------------------------------------------------------------------------
-    def _compute(self, req: Request, name: str) -> Reply:
+    def _compute(self, req: Request, ws: Space, name: str) -> Reply:
         if req.method != "GET":
             return arm_error(405, "MethodNotAllowed", f"{req.method} computes is not stood in")
-        if name not in self.computes:
+        if name not in ws.computes:
             return arm_error(404, "ResourceNotFound", f"The Resource '{PROVIDER}/workspaces/{WORKSPACE}/computes/"
                              f"{name}' under resource group '{RESOURCE_GROUP}' was not found.")
-        return Reply(200, self.computes[name])
+        return Reply(200, ws.computes[name])
 
     def add_endpoint(self, name: str, *, tags: dict[str, str] | None = None, traffic: dict[str, int] | None = None,
-                     state: str = "Succeeded", deployments: tuple[str, ...] = ()) -> None:
+                     state: str = "Succeeded", deployments: tuple[str, ...] = (), workspace: str = WORKSPACE) -> None:
         """An endpoint (and deployments) as the service holds it after its operations finished."""
+        ws = self.spaces[workspace]
         scoring = f"https://{name}.{REGION}.inference.ml.azure.com/score"
-        self.endpoints[name] = {
-            "id": self._arm_id(f"/onlineEndpoints/{name}"), "name": name, "location": REGION,
+        ws.endpoints[name] = {
+            "id": ws.arm_id(f"/onlineEndpoints/{name}"), "name": name, "location": REGION,
             "type": f"{PROVIDER}/workspaces/onlineEndpoints", "tags": dict(tags or {}), "kind": "Managed",
             "identity": {"type": "SystemAssigned", "principalId": str(uuid.UUID(int=9)), "tenantId": identity.TENANT},
             "systemData": self._system_data(),
             "properties": {"authMode": "Key", "provisioningState": state, "scoringUri": scoring,
-                           "properties": {"azureml.onlineendpointid": self._arm_id(f"/onlineEndpoints/{name}")},
+                           "properties": {"azureml.onlineendpointid": ws.arm_id(f"/onlineEndpoints/{name}")},
                            "swaggerUri": scoring.replace("/score", "/swagger.json"), "traffic": dict(traffic or {})}}
-        self.keys.setdefault(name, {"primaryKey": secrets.token_urlsafe(24), "secondaryKey": secrets.token_urlsafe(24)})
-        for key in [k for k in self.deployments if k[0] == name]:
-            del self.deployments[key]
+        ws.keys.setdefault(name, {"primaryKey": secrets.token_urlsafe(24), "secondaryKey": secrets.token_urlsafe(24)})
+        for key in [k for k in ws.deployments if k[0] == name]:
+            del ws.deployments[key]
         for deployment in deployments:
-            self.deployments[(name, deployment)] = {
-                "id": self._arm_id(f"/onlineEndpoints/{name}/deployments/{deployment}"), "name": deployment,
+            ws.deployments[(name, deployment)] = {
+                "id": ws.arm_id(f"/onlineEndpoints/{name}/deployments/{deployment}"), "name": deployment,
                 "type": f"{PROVIDER}/workspaces/onlineEndpoints/deployments", "location": REGION, "tags": {},
                 "kind": "Managed", "sku": {"name": "Default", "capacity": 1}, "systemData": self._system_data(),
                 "properties": {"endpointComputeType": "Managed", "model": "azureml:m:1",
@@ -169,8 +207,9 @@ class ArmService:
                                "provisioningState": "Succeeded"}}
 
     def add_cluster(self, name: str, size: str, state: str = "Succeeded") -> None:
-        self.computes[name] = {
-            "id": self._arm_id(f"/computes/{name}"), "name": name, "type": f"{PROVIDER}/workspaces/computes",
+        ws = self.spaces[WORKSPACE]
+        ws.computes[name] = {
+            "id": ws.arm_id(f"/computes/{name}"), "name": name, "type": f"{PROVIDER}/workspaces/computes",
             "location": REGION, "systemData": self._system_data(),
             "properties": {"computeType": "AmlCompute", "computeLocation": REGION, "provisioningState": state,
                            "isAttachedCompute": False, "disableLocalAuth": True,
@@ -181,44 +220,44 @@ class ArmService:
                                           "remoteLoginPortPublicAccess": "Disabled", "enableNodePublicIp": True}}}
 
     # jobs -------------------------------------------------------------------------------------
-    def _job_view(self, name: str) -> dict[str, Any]:
-        body = copy.deepcopy(self.jobs[name])
-        body["properties"]["status"] = self.job_states.get(name, "NotStarted")
+    def _job_view(self, ws: Space, name: str) -> dict[str, Any]:
+        body = copy.deepcopy(ws.jobs[name])
+        body["properties"]["status"] = ws.job_states.get(name, "NotStarted")
         return body
 
-    def _job(self, req: Request, name: str) -> Reply:
+    def _job(self, req: Request, ws: Space, name: str) -> Reply:
         if req.method == "GET":
-            if name not in self.jobs:
+            if name not in ws.jobs:
                 return arm_error(404, "UserError", f"Job {name} not found.")  # what AML answers
-            return Reply(200, self._job_view(name))
+            return Reply(200, self._job_view(ws, name))
         if req.method == "PUT":
             body = req.json()
             props = body.get("properties")
             if not isinstance(props, dict) or "jobType" not in props:
                 return arm_error(400, "UserError", "properties.jobType is required.")
-            if name in self.jobs:
+            if name in ws.jobs:
                 return arm_error(400, "UserError", f"A job with this name already exists: {name}. "
                                  "Job names must be unique within a workspace.")
             missing = [k for k, v in (props.get("inputs") or {}).items()
                        if isinstance(v, dict) and str(v.get("uri", "")).startswith(("file:", "/"))]
             if missing:
                 return arm_error(400, "UserError", f"inputs {missing} point at a local path")
-            stored = {"id": self._arm_id(f"/jobs/{name}"), "name": name, "type": f"{PROVIDER}/workspaces/jobs",
+            stored = {"id": ws.arm_id(f"/jobs/{name}"), "name": name, "type": f"{PROVIDER}/workspaces/jobs",
                       "systemData": self._system_data(), "properties": copy.deepcopy(props)}
             stored["properties"]["services"] = {
                 "Studio": {"jobServiceType": "Studio",
-                           "endpoint": f"https://ml.azure.com/runs/{name}?wsid={self._ws_prefix()}"},
-                "Tracking": {"jobServiceType": "Tracking", "endpoint": self.workspace_body()["properties"]["mlFlowTrackingUri"]}}
-            self.jobs[name] = stored
-            self.job_states[name] = "NotStarted"
-            return Reply(201, self._job_view(name))
+                           "endpoint": f"https://ml.azure.com/runs/{name}?wsid={ws.prefix}"},
+                "Tracking": {"jobServiceType": "Tracking", "endpoint": self.workspace_body(ws)["properties"]["mlFlowTrackingUri"]}}
+            ws.jobs[name] = stored
+            ws.job_states[name] = "NotStarted"
+            return Reply(201, self._job_view(ws, name))
         return arm_error(405, "MethodNotAllowed", f"{req.method} jobs/{name}")
 
-    def _jobs_list(self, req: Request) -> Reply:
+    def _jobs_list(self, req: Request, ws: Space) -> Reply:
         if req.method != "GET":
             return arm_error(405, "MethodNotAllowed", req.method)
         tag = req.arg("tag")
-        found = [self._job_view(n) for n, j in self.jobs.items()
+        found = [self._job_view(ws, n) for n, j in ws.jobs.items()
                  if not tag or tag in (j["properties"].get("tags") or {})]
         return self._page(req, found)
 
@@ -232,88 +271,89 @@ class ArmService:
             body["nextLink"] = f"https://{req.host}{req.path}?{query}&$skipToken={skip + size}"
         return Reply(200, body)
 
-    def _job_cancel(self, req: Request, name: str) -> Reply:
+    def _job_cancel(self, req: Request, ws: Space, name: str) -> Reply:
         if req.method != "POST":
             return arm_error(405, "MethodNotAllowed", req.method)
-        if name not in self.jobs:
+        if name not in ws.jobs:
             return arm_error(404, "UserError", f"Job {name} not found.")
-        state = self.job_states.get(name, "NotStarted")
+        state = ws.job_states.get(name, "NotStarted")
         if state in TERMINAL_JOB_STATES:
             return arm_error(400, "UserError", f"Cannot cancel job {name} in state {state}.")
         self.set_job_state(name, "CancelRequested")
         return self._start(lambda: None, location_only=True)
 
     # models -----------------------------------------------------------------------------------
-    def _model_container(self, req: Request, name: str) -> Reply:
-        versions = [k for k in self.models if k[0] == name]
+    def _model_container(self, req: Request, ws: Space, name: str) -> Reply:
+        versions = [k for k in ws.models if k[0] == name]
         if req.method == "GET":
             if not versions:
                 return arm_error(404, "UserError", f"Model container {name} not found.")
-            return Reply(200, {"id": self._arm_id(f"/models/{name}"), "name": name,
+            return Reply(200, {"id": ws.arm_id(f"/models/{name}"), "name": name,
                                "type": f"{PROVIDER}/workspaces/models", "systemData": self._system_data(),
                                "properties": {"latestVersion": max(v for _, v in versions), "isArchived": False}})
         return arm_error(405, "MethodNotAllowed", req.method)
 
-    def _model_versions(self, req: Request, name: str) -> Reply:
-        found = [self.models[k] for k in sorted(self.models) if k[0] == name]
+    def _model_versions(self, req: Request, ws: Space, name: str) -> Reply:
+        found = [ws.models[k] for k in sorted(ws.models) if k[0] == name]
         if req.method != "GET":
             return arm_error(405, "MethodNotAllowed", req.method)
         if not found:
             return arm_error(404, "UserError", f"Model container {name} not found.")
         return self._page(req, found)
 
-    def _model_version(self, req: Request, name: str, version: str) -> Reply:
+    def _model_version(self, req: Request, ws: Space, name: str, version: str) -> Reply:
         key = (name, version)
         if req.method == "GET":
-            if key not in self.models:
+            if key not in ws.models:
                 return arm_error(404, "UserError", f"Model {name}:{version} not found.")
-            return Reply(200, self.models[key])
+            return Reply(200, ws.models[key])
         if req.method == "PUT":
             props = req.json().get("properties")
             if not isinstance(props, dict) or not props.get("modelUri"):
                 return arm_error(400, "UserError", "properties.modelUri is required.")
-            if key in self.models and self.models[key]["properties"]["modelUri"] != props["modelUri"]:
+            if key in ws.models and ws.models[key]["properties"]["modelUri"] != props["modelUri"]:
                 # the SDK compares str(err) with "(UserError) Asset paths cannot be updated."
                 return arm_error(400, "UserError", "Asset paths cannot be updated.")
-            self.models[key] = {"id": self._arm_id(f"/models/{name}/versions/{version}"), "name": version,
+            ws.models[key] = {"id": ws.arm_id(f"/models/{name}/versions/{version}"), "name": version,
                                 "type": f"{PROVIDER}/workspaces/models/versions", "systemData": self._system_data(),
                                 "properties": {"flavors": MLFLOW_FLAVORS, "isArchived": False, "stage": "Development",
                                                **props, "provisioningState": "Succeeded"}}
-            return Reply(200, self.models[key])
+            return Reply(200, ws.models[key])
         return arm_error(405, "MethodNotAllowed", req.method)
 
     # datastores -------------------------------------------------------------------------------
-    def _datastore_body(self) -> dict[str, Any]:
-        return {"id": self._arm_id("/datastores/workspaceblobstore"), "name": "workspaceblobstore",
+    def _datastore_body(self, ws: Space) -> dict[str, Any]:
+        return {"id": ws.arm_id("/datastores/workspaceblobstore"), "name": "workspaceblobstore",
                 "type": f"{PROVIDER}/workspaces/datastores", "systemData": self._system_data(),
-                "properties": {"datastoreType": "AzureBlob", "accountName": STORAGE_ACCOUNT,
+                "properties": {"datastoreType": "AzureBlob", "accountName": ws.storage_account,
                                "containerName": "azureml-blobstore-c0ffee00", "endpoint": "core.windows.net",
                                "protocol": "https", "isDefault": True,
                                "credentials": {"credentialsType": "AccountKey"},
                                "serviceDataAccessAuthIdentity": "WorkspaceSystemAssignedIdentity"}}
 
-    def _datastores(self, req: Request) -> Reply:
-        return Reply(200, {"value": [self._datastore_body()]})
+    def _datastores(self, req: Request, ws: Space) -> Reply:
+        return Reply(200, {"value": [self._datastore_body(ws)]})
 
-    def _datastore(self, req: Request, name: str) -> Reply:
+    def _datastore(self, req: Request, ws: Space, name: str) -> Reply:
         if name != "workspaceblobstore":
             return arm_error(404, "UserError", f"Datastore {name} not found.")
-        return Reply(200, self._datastore_body())
+        return Reply(200, self._datastore_body(ws))
 
-    def _datastore_secrets(self, req: Request, name: str) -> Reply:
+    def _datastore_secrets(self, req: Request, ws: Space, name: str) -> Reply:
         if req.method != "POST":
             return arm_error(405, "MethodNotAllowed", req.method)
         return Reply(200, {"secretsType": "AccountKey", "key": "c3RhbmRpbi1hY2NvdW50LWtleQ=="})
 
     # long-running operations ------------------------------------------------------------------
-    def _start(self, on_done, *, body: Any = None, status: int = 202, location_only: bool = False) -> Reply:
+    def _start(self, on_done, *, body: Any = None, status: int = 202, location_only: bool = False,
+               base: str | None = None, api_version: str = "2025-12-01") -> Reply:
         op = Operation(secrets.token_hex(8), self.lro_polls, on_done)
         self.operations[op.id] = op
-        base = f"https://{ARM_HOST}/subscriptions/{SUBSCRIPTION}/providers/{PROVIDER}/locations/{REGION}"
-        headers = {"Location": f"{base}/mfeOperationResults/{op.id}?api-version=2025-12-01",
+        base = base or f"https://{ARM_HOST}/subscriptions/{SUBSCRIPTION}/providers/{PROVIDER}/locations/{REGION}"
+        headers = {"Location": f"{base}/mfeOperationResults/{op.id}?api-version={api_version}",
                    "Retry-After": self.retry_after}
         if not location_only:
-            headers["Azure-AsyncOperation"] = f"{base}/mfeOperationsStatus/{op.id}?api-version=2025-12-01"
+            headers["Azure-AsyncOperation"] = f"{base}/mfeOperationsStatus/{op.id}?api-version={api_version}"
         return Reply(status, body, headers)
 
     def _operation(self, req: Request, op_id: str, kind: str) -> Reply:
@@ -330,32 +370,32 @@ class ArmService:
             return Reply(200, {"id": op.id, "name": op.id, "status": op.status,
                                "startTime": now_iso(self.now)}, {"Retry-After": self.retry_after})
         if op.status == "InProgress":
-            return Reply(202, None, {"Location": f"https://{req.host}{req.path}?api-version=2025-12-01",
+            return Reply(202, None, {"Location": f"https://{req.host}{req.path}?api-version={req.arg('api-version')}",
                                      "Retry-After": self.retry_after})
         return Reply(200, None)
 
-    def _busy(self, endpoint: str) -> bool:
-        state = self.endpoints.get(endpoint, {}).get("properties", {}).get("provisioningState")
+    def _busy(self, ws: Space, endpoint: str) -> bool:
+        state = ws.endpoints.get(endpoint, {}).get("properties", {}).get("provisioningState")
         return state in ("Creating", "Updating", "Deleting") or any(
             d["properties"]["provisioningState"] in ("Creating", "Updating", "Deleting")
-            for (e, _), d in self.deployments.items() if e == endpoint)
+            for (e, _), d in ws.deployments.items() if e == endpoint)
 
     def _conflict(self, endpoint: str) -> Reply:
         return arm_error(409, "Conflict", f"Endpoint {endpoint} has an operation in progress; "
                          "wait for it to finish and try again.")
 
     # online endpoints -------------------------------------------------------------------------
-    def _endpoint_view(self, name: str) -> dict[str, Any]:
-        return copy.deepcopy(self.endpoints[name])
+    def _endpoint_view(self, ws: Space, name: str) -> dict[str, Any]:
+        return copy.deepcopy(ws.endpoints[name])
 
-    def _endpoints_list(self, req: Request) -> Reply:
-        return self._page(req, [self._endpoint_view(n) for n in self.endpoints])
+    def _endpoints_list(self, req: Request, ws: Space) -> Reply:
+        return self._page(req, [self._endpoint_view(ws, n) for n in ws.endpoints])
 
-    def _endpoint(self, req: Request, name: str) -> Reply:
+    def _endpoint(self, req: Request, ws: Space, name: str) -> Reply:
         if req.method == "GET":
-            if name not in self.endpoints:
+            if name not in ws.endpoints:
                 return arm_error(404, "UserError", f"Endpoint {name} not found.")
-            return Reply(200, self._endpoint_view(name))
+            return Reply(200, self._endpoint_view(ws, name))
         if req.method == "PUT":
             body = req.json()
             props = body.get("properties")
@@ -365,14 +405,14 @@ class ArmService:
                 return arm_error(400, "BadArgument", "location is required.")
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]", name):
                 return arm_error(400, "BadArgument", f"Endpoint name {name} is invalid.")
-            if name in self.endpoints and self._busy(name):
+            if name in ws.endpoints and self._busy(ws, name):
                 return self._conflict(name)
-            unknown = set(props.get("traffic") or {}) - {d for (e, d) in self.deployments if e == name}
+            unknown = set(props.get("traffic") or {}) - {d for (e, d) in ws.deployments if e == name}
             if unknown:
                 return arm_error(400, "BadArgument", f"Traffic refers to deployments that do not exist: {sorted(unknown)}")
-            created = name not in self.endpoints
+            created = name not in ws.endpoints
             scoring = f"https://{name}.{REGION}.inference.ml.azure.com/score"
-            stored = {"id": self._arm_id(f"/onlineEndpoints/{name}"), "name": name,
+            stored = {"id": ws.arm_id(f"/onlineEndpoints/{name}"), "name": name,
                       "type": f"{PROVIDER}/workspaces/onlineEndpoints", "location": body["location"],
                       "kind": body.get("kind") or "Managed", "tags": body.get("tags") or {},
                       "identity": body.get("identity") or {"type": "SystemAssigned",
@@ -383,49 +423,49 @@ class ArmService:
                                      "provisioningState": "Creating" if created else "Updating",
                                      "scoringUri": scoring, "swaggerUri": scoring.replace("/score", "/swagger.json"),
                                      "traffic": props.get("traffic") or {}}}
-            self.endpoints[name] = stored
-            self.keys.setdefault(name, {"primaryKey": secrets.token_urlsafe(24),
+            ws.endpoints[name] = stored
+            ws.keys.setdefault(name, {"primaryKey": secrets.token_urlsafe(24),
                                         "secondaryKey": secrets.token_urlsafe(24)})
 
             def done() -> None:
-                if name in self.endpoints:
-                    self.endpoints[name]["properties"]["provisioningState"] = "Succeeded"
+                if name in ws.endpoints:
+                    ws.endpoints[name]["properties"]["provisioningState"] = "Succeeded"
 
-            return self._start(done, body=self._endpoint_view(name), status=201 if created else 200)
+            return self._start(done, body=self._endpoint_view(ws, name), status=201 if created else 200)
         if req.method == "DELETE":
-            if name not in self.endpoints:
+            if name not in ws.endpoints:
                 return Reply(204)
-            if self._busy(name):
+            if self._busy(ws, name):
                 return self._conflict(name)
-            self.endpoints[name]["properties"]["provisioningState"] = "Deleting"
+            ws.endpoints[name]["properties"]["provisioningState"] = "Deleting"
 
             def gone() -> None:
-                self.endpoints.pop(name, None)
-                for key in [k for k in self.deployments if k[0] == name]:
-                    del self.deployments[key]
+                ws.endpoints.pop(name, None)
+                for key in [k for k in ws.deployments if k[0] == name]:
+                    del ws.deployments[key]
 
             return self._start(gone)
         return arm_error(405, "MethodNotAllowed", req.method)
 
-    def _endpoint_keys(self, req: Request, name: str) -> Reply:
+    def _endpoint_keys(self, req: Request, ws: Space, name: str) -> Reply:
         if req.method != "POST":
             return arm_error(405, "MethodNotAllowed", req.method)
-        if name not in self.endpoints:
+        if name not in ws.endpoints:
             return arm_error(404, "UserError", f"Endpoint {name} not found.")
-        return Reply(200, self.keys[name])
+        return Reply(200, ws.keys[name])
 
-    def _deployments_list(self, req: Request, endpoint: str) -> Reply:
-        if endpoint not in self.endpoints:
+    def _deployments_list(self, req: Request, ws: Space, endpoint: str) -> Reply:
+        if endpoint not in ws.endpoints:
             return arm_error(404, "UserError", f"Endpoint {endpoint} not found.")
-        return self._page(req, [copy.deepcopy(d) for (e, _), d in self.deployments.items() if e == endpoint])
+        return self._page(req, [copy.deepcopy(d) for (e, _), d in ws.deployments.items() if e == endpoint])
 
-    def _deployment(self, req: Request, endpoint: str, name: str) -> Reply:
+    def _deployment(self, req: Request, ws: Space, endpoint: str, name: str) -> Reply:
         key = (endpoint, name)
         if req.method == "GET":
-            if key not in self.deployments:
+            if key not in ws.deployments:
                 return arm_error(404, "UserError", f"Deployment {name} of endpoint {endpoint} not found.")
-            return Reply(200, copy.deepcopy(self.deployments[key]))
-        if endpoint not in self.endpoints:
+            return Reply(200, copy.deepcopy(ws.deployments[key]))
+        if endpoint not in ws.endpoints:
             return arm_error(404, "UserError", f"Endpoint {endpoint} not found.")
         if req.method == "PUT":
             body = req.json()
@@ -435,10 +475,10 @@ class ArmService:
             if not body.get("sku", {}).get("capacity") or not props.get("instanceType") or not props.get("model"):
                 return arm_error(400, "BadArgument", "sku.capacity, properties.instanceType and properties.model "
                                  "are required.")
-            if self._busy(endpoint):
+            if self._busy(ws, endpoint):
                 return self._conflict(endpoint)
-            created = key not in self.deployments
-            self.deployments[key] = {"id": self._arm_id(f"/onlineEndpoints/{endpoint}/deployments/{name}"),
+            created = key not in ws.deployments
+            ws.deployments[key] = {"id": ws.arm_id(f"/onlineEndpoints/{endpoint}/deployments/{name}"),
                                      "name": name, "type": f"{PROVIDER}/workspaces/onlineEndpoints/deployments",
                                      "location": body.get("location"), "tags": body.get("tags") or {},
                                      "kind": body.get("kind") or "Managed", "sku": body["sku"], "systemData": self._system_data(),
@@ -448,15 +488,15 @@ class ArmService:
                                                     "provisioningState": "Creating" if created else "Updating"}}
 
             def done() -> None:
-                if key in self.deployments:
-                    self.deployments[key]["properties"]["provisioningState"] = "Succeeded"
+                if key in ws.deployments:
+                    ws.deployments[key]["properties"]["provisioningState"] = "Succeeded"
 
-            return self._start(done, body=copy.deepcopy(self.deployments[key]), status=201 if created else 200)
+            return self._start(done, body=copy.deepcopy(ws.deployments[key]), status=201 if created else 200)
         if req.method == "DELETE":
-            if key not in self.deployments:
+            if key not in ws.deployments:
                 return Reply(204)
-            if self.endpoints[endpoint]["properties"].get("traffic", {}).get(name):
+            if ws.endpoints[endpoint]["properties"].get("traffic", {}).get(name):
                 return arm_error(400, "BadArgument", f"Deployment {name} has traffic; move it first.")
-            self.deployments[key]["properties"]["provisioningState"] = "Deleting"
-            return self._start(lambda: self.deployments.pop(key, None))
+            ws.deployments[key]["properties"]["provisioningState"] = "Deleting"
+            return self._start(lambda: ws.deployments.pop(key, None))
         return arm_error(405, "MethodNotAllowed", req.method)

@@ -18,13 +18,15 @@ from tests.standin.names import (
     ML_HOST,
     PROVIDER,
     REGION,
+    REGISTRIES,
     REGISTRY_API_VERSIONS,
     REGISTRY_HOST,
-    REGISTRY_SUBSCRIPTION,
     RESOURCE_GROUP,
     STAGING_CLIENT,
     SUBSCRIPTION,
     WORKSPACE,
+    authorization_failed,
+    may,
     now_iso,
 )
 from tests.standin.proxy import Reply, Request
@@ -39,29 +41,48 @@ class DataPlane:
             return refusal
         path = req.path
         if match := re.fullmatch(r"/registrymanagement/v1.0/registries/([^/]+)/discovery", path):
-            if match.group(1) != "azureml":
+            where = REGISTRIES.get(match.group(1))
+            if where is None:
                 return arm_error(404, "NotFound", f"Registry {match.group(1)} not found.")
-            return Reply(200, {"registryName": "azureml", "subscriptionId": REGISTRY_SUBSCRIPTION,
-                               "resourceGroup": "azureml-rg", "primaryRegion": REGION,
+            return Reply(200, {"registryName": match.group(1), "subscriptionId": where[0],
+                               "resourceGroup": where[1], "primaryRegion": REGION,
                                "primaryRegionResourceProviderUri": f"https://{REGISTRY_HOST}/",
                                "registryFqdns": {REGION: {"primary": f"https://{ML_HOST}"}}})
         if path.startswith("/mlflow/v2.0/") or path.startswith("/mlflow/v1.0/"):
-            return self._mlflow(req)
+            return self._mlflow(req, caller)
         if path.startswith("/mferp/managementfrontend/"):
-            return self._registry(req, path.removeprefix("/mferp/managementfrontend"))
+            return self._registry(req, caller, path.removeprefix("/mferp/managementfrontend"))
         return Reply(404, {"error": {"code": "NotFound", "message": f"no route for {req.method} {path}"}})
 
-    def _registry(self, req: Request, path: str) -> Reply:
+    def _registry(self, req: Request, caller, path: str) -> Reply:
         version = req.arg("api-version")
         if version not in REGISTRY_API_VERSIONS:
             return arm_error(400, "InvalidApiVersion", f"api-version {version} is not supported by the registry "
                              f"data plane; supported: {sorted(REGISTRY_API_VERSIONS)}")
-        prefix = f"/subscriptions/{REGISTRY_SUBSCRIPTION}/resourceGroups/azureml-rg/providers/{PROVIDER}/registries/azureml"
-        if not path.startswith(prefix):
+        operation = re.fullmatch(rf"/subscriptions/[^/]+/providers/{PROVIDER}/locations/{REGION}"
+                                 r"/(mfeOperationResults|mfeOperationsStatus)/([^/]+)", path)
+        if operation:
+            return self._operation(req, operation.group(2),
+                                   kind="location" if operation.group(1).endswith("Results") else "async")
+        match = re.fullmatch(rf"/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/{PROVIDER}"
+                             r"/registries/([^/]+)(/.*)?", path)
+        if not match or REGISTRIES.get(match.group(3)) != (match.group(1), match.group(2)):
             return arm_error(404, "NotFound", f"registry path {path} not found")
-        rest = path[len(prefix):]
-        for pattern, store, kind in ((r"/models/([^/]+)/versions(?:/([^/]+))?", self.registry_models, "Model"),
-                                     (r"/components/([^/]+)/versions(?:/([^/]+))?", self.components, "Component")):
+        registry, rest = match.group(3), match.group(4) or ""
+        scope = path[:len(path) - len(rest)]
+        if registry == "azureml":  # Microsoft's public registry: any signed-in caller reads it, nobody writes
+            if req.method != "GET":
+                return authorization_failed(caller.client_id, req.method, scope, rest, kind="registries")
+            models = self.registry_models
+        else:
+            if not may(caller.client_id, "registries", registry, req.method, rest):
+                return authorization_failed(caller.client_id, req.method, scope, rest, kind="registries")
+            models = self.shared_models
+        if rest == "/import" and registry != "azureml":
+            return self._import(req, caller, registry)
+        for pattern, store, kind in ((r"/models/([^/]+)/versions(?:/([^/]+))?", models, "Model"),
+                                     (r"/components/([^/]+)/versions(?:/([^/]+))?",
+                                      self.components if registry == "azureml" else {}, "Component")):
             match = re.fullmatch(pattern, rest)
             if not match:
                 continue
@@ -70,7 +91,7 @@ class DataPlane:
             name, version = match.groups()
             if version is not None:
                 if (name, version) not in store:
-                    return arm_error(404, "UserError", f"{kind} {name}:{version} not found in registry azureml.")
+                    return arm_error(404, "UserError", f"{kind} {name}:{version} not found in registry {registry}.")
                 return Reply(200, copy.deepcopy(store[(name, version)]))
             found = sorted((v for (n, _), v in store.items() if n == name),
                            key=lambda v: v["systemData"]["createdAt"], reverse=True)
@@ -79,6 +100,52 @@ class DataPlane:
             top = int(req.arg("$top") or 100)
             return Reply(200, {"value": found[:top]})
         return arm_error(404, "NotFound", f"no registry route for {req.method} {rest}")
+
+    def _import(self, req: Request, caller, registry: str) -> Reply:
+        """ResourceManagementAssetReference import (what `models.share` POSTs): copy a workspace's model
+        version into the registry, a long-running operation. The caller must be able to read the source
+        workspace's version (a role there) besides writing the registry."""
+        if req.method != "POST":
+            return arm_error(405, "MethodNotAllowed", req.method)
+        try:
+            props = req.json().get("properties")
+        except (ValueError, AttributeError):
+            return arm_error(400, "InvalidRequestContent", "The request content was invalid and could not be "
+                             "deserialized.")
+        if not isinstance(props, dict) or props.get("referenceType") != "Id":
+            return arm_error(400, "UserError", "properties.referenceType must be Id.")
+        source = re.fullmatch(r"azureml://locations/([^/]+)/workspaces/([^/]+)/models/([^/]+)/versions/([^/]+)",
+                              str(props.get("sourceAssetId") or ""))
+        name, version = props.get("destinationName"), props.get("destinationVersion")
+        if source is None or not name or not version:
+            return arm_error(400, "UserError", "sourceAssetId (azureml://locations/<region>/workspaces/<guid>/"
+                             "models/<name>/versions/<version>), destinationName and destinationVersion are required.")
+        region, guid, source_name, source_version = source.groups()
+        ws = next((w for w in self.spaces.values() if w.workspace_id == guid), None)
+        if ws is None or region != REGION:
+            return arm_error(404, "UserError", f"Workspace {guid} not found in {region}.")
+        rest = f"/models/{source_name}/versions/{source_version}"
+        if not may(caller.client_id, "workspaces", ws.name, "GET", rest):
+            return authorization_failed(caller.client_id, "GET", ws.prefix, rest)
+        model = ws.models.get((source_name, source_version))
+        if model is None:
+            return arm_error(404, "UserError", f"Model {source_name}:{source_version} not found in workspace "
+                             f"{ws.name}.")
+        if (name, version) in self.shared_models:
+            return arm_error(409, "UserError", f"Model {name}:{version} already exists in registry {registry}.")
+        copied = {k: v for k, v in copy.deepcopy(model["properties"]).items()
+                  if k in ("description", "tags", "properties", "flavors", "modelType", "jobName", "isAnonymous")}
+        asset = f"azureml://registries/{registry}/models/{name}/versions/{version}"
+        body = {"id": asset, "name": version, "type": f"{PROVIDER}/registries/models/versions",
+                "systemData": {"createdAt": now_iso(self.now), "lastModifiedAt": now_iso(self.now)},
+                "properties": {**copied, "modelUri": asset, "isArchived": False, "provisioningState": "Succeeded"}}
+
+        def done() -> None:
+            self.shared_models[(name, version)] = body
+
+        base = (f"https://{REGISTRY_HOST}/mferp/managementfrontend/subscriptions/{REGISTRIES[registry][0]}"
+                f"/providers/{PROVIDER}/locations/{REGION}")
+        return self._start(done, base=base, api_version=next(iter(REGISTRY_API_VERSIONS)))
 
     def _registry_id(self, rest: str) -> str:
         return (f"azureml://registries/azureml{rest}")
@@ -143,16 +210,17 @@ class DataPlane:
 
     # -- scoring --------------------------------------------------------------------------------
     def _score(self, req: Request) -> Reply:
-        name = req.host.split(".")[0]
-        if name not in self.endpoints or req.path != "/score":
+        name = req.host.split(".")[0]  # endpoint names are unique in a region, across workspaces
+        ws = next((w for w in self.spaces.values() if name in w.endpoints), None)
+        if ws is None or req.path != "/score":
             return Reply(404, "Not Found")
-        if req.bearer not in self.keys.get(name, {}).values():
+        if req.bearer not in ws.keys.get(name, {}).values():
             return Reply(401, "key_auth_access_denied")
         if req.method != "POST":
             return Reply(405, "Method Not Allowed")
-        traffic = self.endpoints[name]["properties"].get("traffic") or {}
+        traffic = ws.endpoints[name]["properties"].get("traffic") or {}
         deployment = req.headers.get("azureml-model-deployment") or max(traffic, key=traffic.get, default=None)
-        if not deployment or (name, deployment) not in self.deployments:
+        if not deployment or (name, deployment) not in ws.deployments:
             return Reply(404, "No valid deployments to route to. Please check that the endpoint has at least one "
                          "deployment with positive weight values or use a deployment specific header to route.")
         try:
@@ -161,8 +229,9 @@ class DataPlane:
             return Reply(400, {"error": "request body is not JSON"})
         if not isinstance(body, dict) or "input_data" not in body:
             return Reply(400, {"error": "input_data is required"})
-        self.scored.append({"endpoint": name, "deployment": deployment, "request": body})
-        return Reply(200, {"output": self.reply_text})
+        self.scored.append({"endpoint": name, "deployment": deployment, "request": body, "workspace": ws.name})
+        answer = self.replies.get(deployment, self.reply_text)
+        return answer if isinstance(answer, Reply) else Reply(200, {"output": answer})
 
     # -- MLflow tracking: MLflow's own server app over a SQLite store ---------------------------------
     # The workspace's tracking URI maps to https://<region>.api.azureml.ms/mlflow/v2.0/<workspace scope>;
@@ -196,13 +265,17 @@ class DataPlane:
         if eval_loss is not None:
             store.log_metric(run.info.run_id, Metric("eval_loss", eval_loss, int(self.now * 1000), points[-1][0]))
 
-    def _mlflow(self, req: Request) -> Reply:
+    def _mlflow(self, req: Request, caller) -> Reply:
         marker = "/api/2.0/mlflow/"
         scope = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/{PROVIDER}"
                  f"/workspaces/{WORKSPACE}")
         head, _, tail = req.path.partition(marker)
         if not tail or not head.endswith(scope):
             return Reply(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"no MLflow route {req.path}"})
+        # the workspace's roles: a search is a read (experiments/runs/read); anything else POSTed writes
+        method = "GET" if req.method == "GET" or tail.endswith("/search") else req.method
+        if not may(caller.client_id, "workspaces", WORKSPACE, method, "/experiments/runs"):
+            return authorization_failed(caller.client_id, req.method, scope, "/experiments/runs")
         _, client = self._mlflow_app()
         query = "&".join(f"{k}={v}" for k, values in req.query.items() for v in values)
         answer = client.open(marker + tail, method=req.method, query_string=query, data=req.body,

@@ -60,8 +60,7 @@ def entra_error(status: int, error: str, code: int, description: str) -> Reply:
 class Identity:
     """An app registration with one federated credential (issuer GitHub, one subject)."""
     client_id: str
-    subject: str
-    may: Any = None  # (method, path under the workspace) -> bool: its role assignments (service.py)
+    subject: str  # its role assignments are names.ROLES[client_id]
 
 
 @dataclass

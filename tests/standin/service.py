@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.standin import identity
-from tests.standin.arm import ArmService, Operation
+from tests.standin.arm import ArmService, Operation, Space
 from tests.standin.ca import TestCA
 from tests.standin.dataplane import DataPlane
 from tests.standin.identity import Identities, arm_error
@@ -35,15 +35,18 @@ from tests.standin.names import (
     ARM_HOST,
     BLOB_HOST,
     PRODUCTION_CLIENT,
+    PRODUCTION_REGISTRY,
+    PRODUCTION_RESOURCE_GROUP,
+    PRODUCTION_STORAGE_ACCOUNT,
+    PRODUCTION_WORKSPACE,
     REGION,
     REGISTRY_HOST,
     RESOURCE_GROUP,
     STAGING_CLIENT,
+    STORAGE_ACCOUNT,
     SUBSCRIPTION,
     WORKSPACE,
     now_iso,
-    production_may,
-    staging_may,
 )
 from tests.standin.proxy import DROP, Proxy, Reply, Request
 
@@ -65,6 +68,7 @@ class Call:
     path: str
     query: dict[str, list[str]]
     status: int
+    client: str = ""  # the identity behind the bearer token (an Entra app id), where one was presented
 
 
 @dataclass
@@ -89,6 +93,8 @@ class StandIn(ArmService, DataPlane):
     job_states: dict[str, str] = field(default_factory=dict)
     models: dict[tuple[str, str], dict] = field(default_factory=dict)
     registry_models: dict[tuple[str, str], dict] = field(default_factory=dict)
+    shared_models: dict[tuple[str, str], dict] = field(default_factory=dict)  # production's registry (reg-chat)
+    replies: dict[str, Any] = field(default_factory=dict)  # deployment -> its scoring text, or a Reply
     components: dict[tuple[str, str], dict] = field(default_factory=dict)
     computes: dict[str, dict] = field(default_factory=dict)
     vm_sizes: list[dict] = field(default_factory=list)
@@ -108,10 +114,18 @@ class StandIn(ArmService, DataPlane):
 
     def __post_init__(self) -> None:
         self.identities = Identities(clock=lambda: self.now)
-        self.identities.apps[STAGING_CLIENT] = identity.Identity(
-            STAGING_CLIENT, self.identities.subject, staging_may)
+        self.identities.apps[STAGING_CLIENT] = identity.Identity(STAGING_CLIENT, self.identities.subject)
         self.identities.apps[PRODUCTION_CLIENT] = identity.Identity(
-            PRODUCTION_CLIENT, identity.SUBJECT_PREFIX + "production", production_may)
+            PRODUCTION_CLIENT, identity.SUBJECT_PREFIX + "production")
+        # the staging workspace's stores are this object's own fields (tests and the benchmark read them)
+        self.spaces = {
+            WORKSPACE: Space(WORKSPACE, RESOURCE_GROUP, "c0ffee00-0000-4000-8000-000000000001", STORAGE_ACCOUNT,
+                             jobs=self.jobs, job_states=self.job_states, models=self.models, computes=self.computes,
+                             endpoints=self.endpoints, deployments=self.deployments, keys=self.keys),
+            PRODUCTION_WORKSPACE: Space(PRODUCTION_WORKSPACE, PRODUCTION_RESOURCE_GROUP,
+                                        "c0ffee00-0000-4000-8000-000000000002", PRODUCTION_STORAGE_ACCOUNT),
+        }
+        self.production = self.spaces[PRODUCTION_WORKSPACE]
 
     # -- control --------------------------------------------------------------------------------
     def __enter__(self) -> StandIn:
@@ -144,7 +158,16 @@ class StandIn(ArmService, DataPlane):
             "AZURE_CLIENT_ID": PRODUCTION_CLIENT if production else STAGING_CLIENT, "AZURE_TENANT_ID": identity.TENANT,
             "AZURE_SUBSCRIPTION_ID": SUBSCRIPTION, "AZURE_RESOURCE_GROUP": RESOURCE_GROUP,
             "AZURE_ML_WORKSPACE": WORKSPACE,
+            **(self.production_variables() if production else {}),
         }
+
+    @staticmethod
+    def production_variables() -> dict[str, str]:
+        """The `production` environment's variables (tests/fork_setup.PRODUCTION_VARIABLES): its own
+        workspace and resource group, the registry, and where staging's candidates are."""
+        return {"AZURE_RESOURCE_GROUP": PRODUCTION_RESOURCE_GROUP, "AZURE_ML_WORKSPACE": PRODUCTION_WORKSPACE,
+                "AZURE_ML_REGISTRY": PRODUCTION_REGISTRY, "AZURE_STAGING_ML_WORKSPACE": WORKSPACE,
+                "AZURE_STAGING_RESOURCE_GROUP": RESOURCE_GROUP}
 
     def fail(self, method: str, pattern: str, reply: Reply, times: int = 1) -> None:
         """Answer the next `times` requests matching (method, host+path regex) with `reply`."""
@@ -179,7 +202,8 @@ class StandIn(ArmService, DataPlane):
             time.sleep(self.slow_s)
         with self._lock:
             reply = self._route(req)
-            self.calls.append(Call(req.method, req.host, req.path, req.query, reply.status))
+            claims = self.identities.access_tokens.get(req.bearer or "") or {}
+            self.calls.append(Call(req.method, req.host, req.path, req.query, reply.status, claims.get("appid", "")))
             self._check_spec(req, reply)
             return reply
 
@@ -224,7 +248,7 @@ class StandIn(ArmService, DataPlane):
             return self._arm(req)
         if req.host.endswith(".api.azureml.ms") or req.host == REGISTRY_HOST:
             return self._ml(req)
-        if req.host == BLOB_HOST:
+        if req.host in (BLOB_HOST, f"{PRODUCTION_STORAGE_ACCOUNT}.blob.core.windows.net"):
             return self._blob(req)
         if req.host.endswith(f".{REGION}.inference.ml.azure.com"):
             return self._score(req)

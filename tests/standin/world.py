@@ -18,7 +18,7 @@ import yaml
 
 from tests.conftest import REPO
 from tests.fake_azure import COMPONENT_SPEC, CURRENT_MODELS, EXPERIMENT, model_spec
-from tests.fake_github import OIDC_REQUEST_TOKEN, WRITE_TOKEN, FakeGitHub
+from tests.fake_github import OIDC_REQUEST_TOKEN, PROMOTE_TOKEN, WRITE_TOKEN, FakeGitHub
 from tests.standin.service import StandIn
 
 REPO_NAME = "acme-ml/chat-finetune"
@@ -126,12 +126,22 @@ class World:
         """An `azure` leg: `automation reconcile --backend azure --pr N --experiment X`."""
         return self.run("reconcile", "--backend", "azure", "--pr", str(pr), "--experiment", EXPERIMENT_NAME, **extra)
 
-    def promote(self, pr: int = 7, environment: str = "production") -> Result:
-        """The promote job as it was before issue 22 (`reconcile --backend azure --promote`, in the
-        `production` environment); promotion is `automation release` in the production trust zone
-        now, which the stand-in does not serve yet: kept for the skipped test that will use it."""
-        return self.run("reconcile", "--backend", "azure", "--promote", "--pr", str(pr), "--experiment",
-                        EXPERIMENT_NAME, environment=environment, GITHUB_EVENT_NAME="workflow_dispatch")
+    def release(self, *args: str, after: str | None = None, inputs: dict[str, str] | None = None,
+                environment: str = "production", ref: str = "refs/heads/main", **extra: str) -> Result:
+        """The promote job of promote.yml: `automation release` in the `production` environment (its
+        identity and variables: production's workspace and resource group, the registry, where
+        staging is), from the default branch, with the push event of a merge (`after`: the merge
+        commit) or a dispatch's `inputs`; its GITHUB_TOKEN may read the environment's protection.
+        `environment="staging"`: the same step with the pull-request identity's variables (a
+        workflow edited in a pull request)."""
+        event = {"inputs": inputs} if inputs is not None else {"ref": ref, "after": after or "",
+                                                               "repository": {"full_name": REPO_NAME}}
+        path = self.home.parent / f"event-{self.runs + 1}.json"
+        path.write_text(json.dumps(event))
+        return self.run("release", "--backend", "azure", *args, environment=environment,
+                        GITHUB_EVENT_NAME="workflow_dispatch" if inputs is not None else "push",
+                        GITHUB_EVENT_PATH=str(path), GITHUB_REF=ref, GITHUB_TOKEN=PROMOTE_TOKEN,
+                        GITHUB_SHA=after or "", **extra)
 
     def plan(self, **extra: str) -> tuple[Result, dict]:
         """The `azure-plan` job: `automation reconcile --plan --backend azure`, its $GITHUB_OUTPUT read back."""
@@ -155,6 +165,9 @@ def world(tmp_path: Path) -> Iterator[World]:
     github.tokens.pop(OIDC_REQUEST_TOKEN, None)  # the ID token service is the stand-in's, not this API's
     with StandIn(tmp_path / "standin") as azure, github:
         seed_reference_flow(azure)
+        from tests.fork_setup import production_gate
+
+        production_gate(github, REPO_NAME)  # the promote job's gate: reviewers, main only, no bypass
         home = tmp_path / "job" / ".automation"
         home.parent.mkdir(parents=True)
         yield World(azure, github, home, automation_bin())
