@@ -220,7 +220,7 @@ class Generator:
 
     def info(self) -> dict[str, str]:
         """What the endpoint computes in and why (empty while the model loads): for /ready and the log."""
-        if self.precision is None:
+        if self.precision is None or not self.ready.is_set():
             return {}
         return {"precision": self.precision.name, "precision_reason": self.precision.reason, "dtype": self.dtype}
 
