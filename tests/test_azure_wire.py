@@ -506,3 +506,103 @@ def test_a_merge_promotes_once_through_the_registry_into_the_production_workspac
     assert azure.production.endpoints[name]["properties"]["traffic"] == {deployment: 100}
     assert len(azure.shared_models) == 1 and [d for (e, d) in azure.production.deployments if e == name] == [
         deployment]
+
+
+def test_production_refuses_what_is_not_a_reviewed_merge_from_main(wire):
+    """After staging passed on SHA1, a push moved the head to SHA2 and the pull request merged
+    without a staging run of SHA2: the merge promotes nothing, a dispatch with SHA2 (not the commit
+    the comment reported) is refused, a run from another branch or against an unprotected
+    `production` environment is refused before any Azure request, and the pull request's identity
+    pointed at production (a workflow edited in a pull request) is refused by Azure with 403."""
+    from tests.fork_setup import production_gate
+    from tests.standin.names import PRODUCTION_CLIENT, STAGING_CLIENT
+
+    azure = wire.azure
+    staged(wire)
+    sha2 = "2" * 40
+    wire.github.push(REPO_NAME, 7, sha2, {PATH: experiment_text()})
+    wire.github.close_pull(REPO_NAME, 7, merged=True, merge_commit=MERGE)
+
+    def untouched(since: int) -> None:
+        assert not writes_by(azure, PRODUCTION_CLIENT, since) and not writes_by(azure, STAGING_CLIENT, since)
+        assert not azure.production.endpoints and not azure.shared_models
+
+    before = len(azure.calls)
+    merged = wire.release(after=MERGE)  # the merged head never completed staging
+    ok(merged)
+    assert f"#7 {EXPERIMENT_NAME}: skipped" in merged.stdout and "not the merged head" in merged.stdout, str(merged)
+    untouched(before)
+
+    moved = wire.release(inputs={"pr": "7", "experiment": EXPERIMENT_NAME, "commit": sha2})
+    assert moved.returncode != 0 and "is not the one its comment reported" in moved.stdout + moved.stderr, str(moved)
+    no_traceback(moved)
+    untouched(before)
+
+    before = len(azure.calls)
+    branch = wire.release(inputs={"pr": "7", "experiment": EXPERIMENT_NAME, "commit": SHA1},
+                          ref="refs/heads/feature-7")
+    assert branch.returncode != 0 and "only from the default branch" in branch.stdout + branch.stderr, str(branch)
+    no_traceback(branch)
+    assert not [c for c in azure.calls[before:] if c.host == ARM_HOST], "an Azure request before the refusal"
+
+    production_gate(wire.github, REPO_NAME, reviewers=[], can_admins_bypass=True)  # not a gate
+    unprotected = wire.release(inputs={"pr": "7", "experiment": EXPERIMENT_NAME, "commit": SHA1})
+    assert unprotected.returncode != 0 and "required reviewers" in unprotected.stdout + unprotected.stderr, str(
+        unprotected)
+    no_traceback(unprotected)
+    assert not [c for c in azure.calls[before:] if c.host == ARM_HOST or c.client], "Azure was asked"
+    production_gate(wire.github, REPO_NAME)
+
+    # the pull-request identity with production's variables: Azure refuses it (no role there)
+    before = len(azure.calls)
+    attempt = wire.release(inputs={"pr": "7", "experiment": EXPERIMENT_NAME, "commit": SHA1}, environment="staging",
+                           **StandIn.production_variables())
+    text = attempt.stdout + attempt.stderr
+    assert attempt.returncode != 0 and "AuthorizationFailed" in text, str(attempt)
+    no_traceback(attempt)
+    refused = [c for c in azure.calls[before:] if c.status == 403]
+    assert refused and {c.client for c in refused} == {STAGING_CLIENT}, refused
+    untouched(before)
+
+
+def test_a_failed_candidate_leaves_production_serving_and_rollback_restores_it(wire):
+    """Production serves v0 (from the registry). A candidate whose smoke test fails, then one whose
+    replies break the policy (empty), leave v0 with all of the traffic and are removed; a dispatched
+    retry that passes moves the traffic and keeps v0; `--rollback` gives v0 the traffic back."""
+    from tests.standin.names import PRODUCTION_WORKSPACE
+
+    azure = wire.azure
+    wire.github.push(REPO_NAME, 7, SHA1, {PATH: experiment_text(promotion={"max_empty_rate": 0.0})})
+    name = production_endpoint()
+    azure.add_endpoint(name, traffic={"v0": 100}, deployments=("v0",), workspace=PRODUCTION_WORKSPACE)
+    model, version = staged(wire)
+    candidate = f"v{version}"
+    wire.github.close_pull(REPO_NAME, 7, merged=True, merge_commit=MERGE)
+    retry = {"pr": "7", "experiment": EXPERIMENT_NAME, "commit": SHA1}
+
+    def serving() -> dict:  # the deployments with traffic
+        return {k: v for k, v in azure.production.endpoints[name]["properties"]["traffic"].items() if v}
+
+    azure.replies[candidate] = Reply(424, {"message": "An unexpected error occurred in scoring script."})
+    broken = wire.release(after=MERGE)
+    assert broken.returncode != 0 and "smoke" in (broken.stdout + broken.stderr).lower(), str(broken)
+    no_traceback(broken)
+    assert serving() == {"v0": 100} and (name, candidate) not in azure.production.deployments
+
+    azure.replies[candidate] = ""  # answers, but empty: the policy's max_empty_rate
+    empty = wire.release(inputs=retry)
+    assert empty.returncode != 0 and "policy" in empty.stdout + empty.stderr, str(empty)
+    no_traceback(empty)
+    assert serving() == {"v0": 100} and (name, candidate) not in azure.production.deployments
+    assert {s["deployment"] for s in azure.scored if s["endpoint"] == name} == {candidate, "v0"}  # in place
+
+    del azure.replies[candidate]
+    ok(wire.release(inputs=retry))
+    assert serving() == {candidate: 100}
+    assert set(d for (e, d) in azure.production.deployments if e == name) == {candidate, "v0"}  # v0 kept
+
+    back = wire.release("--rollback", "--experiment", EXPERIMENT_NAME, inputs={})
+    ok(back)
+    assert serving() == {"v0": 100}, serving()
+    assert {d for (e, d) in azure.production.deployments if e == name} == {candidate, "v0"}
+    assert azure.spec_problems == []

@@ -49,8 +49,10 @@ def automation_bin() -> Path:
     return job_venv("azure") / "bin" / "automation"
 
 
-def experiment_text(**training) -> str:
+def experiment_text(promotion: dict | None = None, **training) -> str:
     body = copy.deepcopy(EXPERIMENT)
+    if promotion is not None:
+        body["promotion"] = {**(body.get("promotion") or {}), **promotion}
     body["name"] = EXPERIMENT_NAME
     body["data"] = {"dataset": str(REPO / "data" / "ultrachat-sample"), "sample_percent": 100}
     body["training"].update(training)

@@ -687,9 +687,13 @@ class AzureBackend(Backend):
             reply = self.invoke(endpoint_name, SMOKE_REQUEST, deployment=new)
             if not isinstance(reply.get("output"), str):
                 raise BackendError(f"smoke score of deployment {new} returned {reply!r}")
-        except BackendError:  # the live version keeps serving; the broken one would only cost money
+        except BackendError as err:  # the live version keeps serving; the broken one would only cost money
             self.remove_candidate(candidate)
-            raise
+            if str(err).startswith("smoke score"):
+                raise
+            # a scoring error alone ("scoring <endpoint> failed: ...") would not say what it means here
+            raise BackendError(f"smoke score of deployment {new} on {endpoint_name} failed ({err}); the candidate is "
+                               "removed and production's traffic is unchanged") from err
         return candidate
 
     def shift_traffic(self, experiment: Experiment, candidate: Candidate, model: RegisterPart, *,
