@@ -185,8 +185,7 @@ def test_every_body_of_a_lifecycle_is_held_to_the_spec(wire):
 def test_whole_pull_request_lifecycle(wire):
     """Opened -> submitted -> running -> completed -> registered, deployed, scored, evaluated,
     commented -> settled -> closed -> pruned, one tick at a time, each job on a fresh runner.
-    (Promotion is `automation release` in the production trust zone since issue 22: a second
-    workspace and identity the stand-in does not serve yet.)"""
+    (Promotion, `automation release` in the production trust zone, is tested below.)"""
     azure = wire.azure
     tick(wire, "submitted")
     job = job_name(wire)
@@ -389,6 +388,75 @@ def test_the_stand_in_refuses_what_the_services_refuse(tmp_path):
         assert arm("GET", f"{workspace}/onlineEndpoints/e1?api-version=2025-12-01")[0] == 404
         azure.now += 3600  # the access token lived an hour
         assert arm("GET", f"{workspace}?api-version=2024-10-01-preview") == (401, "ExpiredAuthenticationToken")
+
+
+def test_each_identity_is_held_to_its_roles(tmp_path):
+    """The identity table on the wire: the pull-request identity has nothing on production's
+    workspace or the registry, the production identity only reads the staging workspace; ARM's 403
+    AuthorizationFailed body names the client, the action and the scope."""
+    import requests
+
+    from tests.standin.names import (
+        PRODUCTION_CLIENT,
+        PRODUCTION_REGISTRY,
+        REGISTRIES,
+        REGISTRY_HOST,
+    )
+
+    with StandIn(tmp_path / "standin") as azure:
+        env = azure.env()
+        session = requests.Session()
+        session.trust_env = False
+        session.proxies = {"https": env["HTTPS_PROXY"]}
+        session.verify = env["REQUESTS_CA_BUNDLE"]
+
+        def token(request_token: str, client: str) -> str:
+            assertion = session.get(env["ACTIONS_ID_TOKEN_REQUEST_URL"] + "&audience=api://AzureADTokenExchange",
+                                    headers={"Authorization": f"Bearer {request_token}"}).json()["value"]
+            return session.post(f"https://login.microsoftonline.com/{identity.TENANT}/oauth2/v2.0/token", data={
+                "client_id": client, "grant_type": "client_credentials",
+                "scope": "https://management.azure.com/.default", "client_assertion_type": identity.ASSERTION_TYPE,
+                "client_assertion": assertion}).json()["access_token"]
+
+        staging = token(identity.REQUEST_TOKEN, STAGING_CLIENT)
+        production = token(identity.PRODUCTION_REQUEST_TOKEN, PRODUCTION_CLIENT)
+        endpoint = {"location": "westeurope", "properties": {"authMode": "Key"}}
+
+        def arm(method: str, path: str, who: str, **kwargs) -> tuple[int, str]:
+            response = session.request(method, f"https://management.azure.com{path}?api-version=2025-12-01",
+                                       headers={"Authorization": f"Bearer {who}"}, **kwargs)
+            error = response.json().get("error", {}) if response.status_code >= 400 else {}
+            return response.status_code, error.get("code", "")
+
+        stage, prod = azure._ws_prefix(), azure.production.prefix
+        assert arm("GET", f"{stage}/onlineEndpoints/ep1", staging)[0] == 404  # its own workspace
+        assert arm("PUT", f"{stage}/onlineEndpoints/ep1", staging, json=endpoint)[0] == 201
+        for method, path, body in (("GET", f"{prod}/onlineEndpoints", None), ("GET", prod, None),
+                                   ("PUT", f"{prod}/onlineEndpoints/prod-x", endpoint)):
+            assert arm(method, path, staging, json=body) == (403, "AuthorizationFailed"), (method, path)
+        assert arm("PUT", f"{prod}/onlineEndpoints/prod-x", production, json=endpoint)[0] == 201
+        assert arm("GET", f"{stage}/onlineEndpoints/ep1", production)[0] == 200  # Reader
+        for method, path, body in (("PUT", f"{stage}/onlineEndpoints/ep2", endpoint),
+                                   ("DELETE", f"{stage}/onlineEndpoints/ep1", None),
+                                   ("POST", f"{stage}/onlineEndpoints/ep1/listKeys", None)):
+            assert arm(method, path, production, json=body) == (403, "AuthorizationFailed"), (method, path)
+        response = session.put(f"https://management.azure.com{prod}/onlineEndpoints/prod-y?api-version=2025-12-01",
+                               headers={"Authorization": f"Bearer {staging}"}, json=endpoint)
+        message = response.json()["error"]["message"]
+        assert f"The client '{STAGING_CLIENT}'" in message and f"over scope '{prod}/onlineEndpoints/prod-y'" in message
+        assert "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/write" in message
+        # the registry: the production identity writes it; the pull-request identity cannot even read it
+        subscription, group = REGISTRIES[PRODUCTION_REGISTRY]
+        registry = (f"https://{REGISTRY_HOST}/mferp/managementfrontend/subscriptions/{subscription}/resourceGroups/"
+                    f"{group}/providers/Microsoft.MachineLearningServices/registries/{PRODUCTION_REGISTRY}")
+        for who, status in ((staging, 403), (production, 404)):
+            answer = session.get(f"{registry}/models/m/versions/1?api-version=2021-10-01-dataplanepreview",
+                                 headers={"Authorization": f"Bearer {who}"})
+            assert answer.status_code == status, answer.text
+        answer = session.post(f"{registry}/import?api-version=2021-10-01-dataplanepreview",
+                              headers={"Authorization": f"Bearer {staging}"}, json={"properties": {}})
+        assert answer.status_code == 403 and answer.json()["error"]["code"] == "AuthorizationFailed"
+        assert azure.spec_problems == []
 
 
 def test_a_leg_whose_deployment_keeps_failing_fails_with_a_comment(wire):

@@ -4,8 +4,8 @@
 |---|---|
 | pipelines…actions.githubusercontent.com | GitHub's OIDC token service (identity.py) |
 | login.microsoftonline.com | Entra ID's token endpoint, federated client assertion (identity.py) |
-| management.azure.com | ARM, Microsoft.MachineLearningServices: workspace, computes, VM sizes, jobs, models, datastores, online endpoints and deployments (long-running operations), listKeys |
-| <region>.api.azureml.ms | registry discovery, the registry's data plane (models, components), the MLflow tracking API |
+| management.azure.com | ARM, Microsoft.MachineLearningServices: two workspaces (staging `ws-staging` in `rg-ml`, production's `ws-prod` in `rg-ml-prod`), each with computes, jobs, models, datastores, online endpoints and deployments (long-running operations), listKeys; VM sizes; role scopes per identity (names.ROLES: 403 AuthorizationFailed) |
+| <region>.api.azureml.ms | registry discovery, the registries' data plane (`azureml`: models, components; production's `reg-chat`: models, the `import` that `models.share` starts), the MLflow tracking API |
 | <account>.blob.core.windows.net | the workspace's default blob datastore (job inputs are uploaded there) |
 | <endpoint>.<region>.inference.ml.azure.com | scoring, with the endpoint's key |
 

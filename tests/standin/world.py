@@ -1,6 +1,7 @@
 """A GitHub job's world for the wire tests and the benchmark: the Azure stand-in (service.py) seeded
-as the reference flow's workspace and `azureml` registry, the fake GitHub API, and the `automation`
-CLI run as a subprocess with the env an `azure` leg of experiment-pr.yml has."""
+as the reference flow's workspace and `azureml` registry (production's workspace and registry start
+empty), the fake GitHub API with `production` set up as a gate, and the `automation` CLI run as a
+subprocess with the env an `azure` leg of loop.yml (or the promote job of promote.yml) has."""
 
 from __future__ import annotations
 
