@@ -457,6 +457,11 @@ def test_each_identity_is_held_to_its_roles(tmp_path):
                               headers={"Authorization": f"Bearer {staging}"}, json={"properties": {}})
         assert answer.status_code == 403 and answer.json()["error"]["code"] == "AuthorizationFailed"
         assert azure.spec_problems == []
+    from tests.fork_setup import (
+        PRODUCTION_VARIABLES,  # the stand-in's production is the README's fork's
+    )
+
+    assert StandIn.production_variables().items() <= PRODUCTION_VARIABLES.items()
 
 
 def test_a_leg_whose_deployment_keeps_failing_fails_with_a_comment(wire):
@@ -674,3 +679,35 @@ def test_a_failed_candidate_leaves_production_serving_and_rollback_restores_it(w
     assert serving() == {"v0": 100}, serving()
     assert {d for (e, d) in azure.production.deployments if e == name} == {candidate, "v0"}
     assert azure.spec_problems == []
+
+
+def test_a_version_shared_in_between_is_taken_as_shared(tmp_path, monkeypatch):
+    """Two promote jobs race: this one read the registry (not there yet), the other shared the
+    version, then this one's share finds it (azure-ai-ml raises ValidationException "already exists
+    in registry" before it imports): taken as shared, nothing imported twice. In this process, with
+    the production job's variables."""
+    from automation.backends.azure.backend import AzureBackend
+    from automation.record import RegisterPart
+    from tests.standin.identity import arm_error
+    from tests.standin.names import MLFLOW_FLAVORS, PRODUCTION_REGISTRY
+
+    with StandIn(tmp_path / "standin") as azure:
+        for key, value in azure.env("production").items():
+            monkeypatch.setenv(key, value)
+        name, version = "Phi-4-ultrachat", "1796518000"
+        azure.models[(name, version)] = {
+            "id": azure._arm_id(f"/models/{name}/versions/{version}"), "name": version,
+            "properties": {"modelUri": "azureml://jobs/j/outputs/trained_model", "modelType": "mlflow_model",
+                           "tags": {}, "properties": {}}}
+        azure.shared_models[(name, version)] = {"id": f"azureml://registries/{PRODUCTION_REGISTRY}/models/{name}"
+                                                f"/versions/{version}", "name": version, "properties": {
+                                                    "modelUri": "x", "modelType": "mlflow_model", "tags": {},
+                                                    "properties": {}, "isArchived": False, "flavors": MLFLOW_FLAVORS},
+                                                "systemData": {"createdAt": "2026-12-01T00:00:00Z"}}
+        azure.fail("GET", rf"/registries/{PRODUCTION_REGISTRY}/models/{name}/versions/{version}$",
+                   arm_error(404, "UserError", f"Model {name}:{version} not found."))  # the first read: not yet
+        backend = AzureBackend(sleep=lambda s: None, poll_s=0)
+        backend._mark_for_production(RegisterPart(model_name=name, version=version, timestamp_version=version,
+                                                  model_uri=f"azureml:{name}:{version}"))
+        assert not [c for c in azure.calls if c.path.endswith("/import")]
+        assert not [c for c in azure.calls if c.status == 403]
