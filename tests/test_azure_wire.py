@@ -440,6 +440,15 @@ def test_each_identity_is_held_to_its_roles(tmp_path):
                                    ("DELETE", f"{stage}/onlineEndpoints/ep1", None),
                                    ("POST", f"{stage}/onlineEndpoints/ep1/listKeys", None)):
             assert arm(method, path, production, json=body) == (403, "AuthorizationFailed"), (method, path)
+        # production's deployment names a version of the registry, never one of the staging workspace
+        deployment = {"location": "westeurope", "sku": {"name": "Default", "capacity": 1},
+                      "properties": {"endpointComputeType": "Managed", "instanceType": "Standard_NC24ads_A100_v4",
+                                     "model": f"{stage}/models/m/versions/1"}}
+        assert arm("PUT", f"{prod}/onlineEndpoints/prod-x/deployments/v1", production, json=deployment) == (
+            400, "UserError")
+        deployment["properties"]["model"] = f"azureml://registries/{PRODUCTION_REGISTRY}/models/m/versions/1"
+        assert arm("PUT", f"{prod}/onlineEndpoints/prod-x/deployments/v1", production, json=deployment) == (
+            404, "UserError")  # never shared
         response = session.put(f"https://management.azure.com{prod}/onlineEndpoints/prod-y?api-version=2025-12-01",
                                headers={"Authorization": f"Bearer {staging}"}, json=endpoint)
         message = response.json()["error"]["message"]

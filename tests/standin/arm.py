@@ -18,6 +18,7 @@ from tests.standin.names import (
     ARM_HOST,
     ML_HOST,
     MLFLOW_FLAVORS,
+    PRODUCTION_REGISTRY,
     PROVIDER,
     REGION,
     RESOURCE_GROUP,
@@ -447,6 +448,24 @@ class ArmService:
             return self._start(gone)
         return arm_error(405, "MethodNotAllowed", req.method)
 
+    def _model_refused(self, ws: Space, model: str) -> Reply | None:
+        """A deployment names a model of its own workspace or of a registry: one of another workspace
+        (production's deployment pointing at the staging workspace's version) is refused, and so is a
+        registry version that is not there (a share that never happened)."""
+        registry = re.fullmatch(r"azureml://registries/([^/]+)/models/([^/]+)/versions/([^/]+)", model)
+        if registry:
+            name, found = registry.group(1), (registry.group(2), registry.group(3))
+            store = {"azureml": self.registry_models, PRODUCTION_REGISTRY: self.shared_models}.get(name)
+            if store is None or found not in store:
+                return arm_error(404, "UserError", f"Model {found[0]}:{found[1]} was not found in registry {name}.")
+            return None
+        other = re.match(rf"/subscriptions/[^/]+/resourceGroups/([^/]+)/providers/{PROVIDER}/workspaces/([^/]+)/models/",
+                         model, re.IGNORECASE)
+        if other and (other.group(2).lower(), other.group(1).lower()) != (ws.name.lower(), ws.resource_group.lower()):
+            return arm_error(400, "UserError", f"The model {model} is not in workspace {ws.name}: a deployment "
+                             "uses a model of its own workspace or of a registry.")
+        return None
+
     def _endpoint_keys(self, req: Request, ws: Space, name: str) -> Reply:
         if req.method != "POST":
             return arm_error(405, "MethodNotAllowed", req.method)
@@ -475,6 +494,9 @@ class ArmService:
             if not body.get("sku", {}).get("capacity") or not props.get("instanceType") or not props.get("model"):
                 return arm_error(400, "BadArgument", "sku.capacity, properties.instanceType and properties.model "
                                  "are required.")
+            refused = self._model_refused(ws, str(props["model"]))
+            if refused is not None:
+                return refused
             if self._busy(ws, endpoint):
                 return self._conflict(endpoint)
             created = key not in ws.deployments
