@@ -111,7 +111,9 @@ def auth(endpoint: EndpointRecord) -> dict[str, str]:
 def test_health_and_ready_need_no_key(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    # what the endpoint computes in, and why (the CPU's flags, or what forced it)
+    assert ready.json()["precision"] in ("bf16", "fp32") and ready.json()["precision_reason"]
 
 
 def test_score_takes_the_reference_form_and_the_flat_form(endpoint):

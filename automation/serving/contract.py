@@ -203,6 +203,9 @@ class ErrorBody(BaseModel):
 
 class Status(BaseModel):
     status: str
+    precision: str | None = None  # /ready: bf16 or fp32 (fp16 on a GPU without bf16)
+    precision_reason: str | None = None  # why: the CPU flags seen, or what forced it
+    dtype: str | None = None  # the weights' dtype
 
 
 class Stats(BaseModel):

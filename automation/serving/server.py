@@ -212,7 +212,7 @@ def create_app(settings: Settings, generator: Generator) -> FastAPI:
     @app.get("/ready")
     async def ready() -> JSONResponse:
         if generator.ready.is_set():
-            return JSONResponse({"status": "ready"})
+            return JSONResponse({"status": "ready", **generator.info()})  # and what it computes in, and why
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/stats")
