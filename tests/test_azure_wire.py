@@ -644,6 +644,7 @@ def test_production_refuses_what_is_not_a_reviewed_merge_from_main(wire):
     no_traceback(attempt)
     refused = [c for c in azure.calls[before:] if c.status == 403]
     assert refused and {c.client for c in refused} == {STAGING_CLIENT}, refused
+    assert "/registries/reg-chat/" in refused[0].path, refused  # the share, its first step into production
     untouched(before)
 
 
