@@ -189,7 +189,7 @@ def test_the_experiment_file_holds_the_evaluation_and_the_policy(tmp_path):
     assert "promotion.min_rouge_l_delta" in text and "less than or equal to 1" in text
     assert "promotion.max_loss_increase" in text and "did you mean promotion.max_eval_loss_increase?" in text
     default = {k: v for k, v in LOCAL_EXPERIMENT.items() if k != "evaluation"}
-    assert load_experiment(write_experiment(tmp_path, default)).evaluation.prompts == 16, "the measured default"
+    assert load_experiment(write_experiment(tmp_path, default)).evaluation.prompts == 32, "the measured default"
     assert load_experiment(write_experiment(tmp_path, default), ["evaluation.prompts=128"]).evaluation.prompts == 128
     with pytest.raises(ExperimentInvalid, match="less than or equal to 256"):
         load_experiment(write_experiment(tmp_path, {**LOCAL_EXPERIMENT, "evaluation": {"prompts": 257}}))
