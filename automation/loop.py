@@ -384,10 +384,6 @@ class Plan:
             outputs[f"any_{name}"] = "true" if entries else "false"
         return outputs
 
-    def runs(self) -> list[Leg]:
-        """The legs that run on a backend (the others only run the preflight)."""
-        return [leg for leg in self.legs if leg.backend in ("local", "azure")]
-
 
 def _as_remembered(name: str, status: Status, head: str) -> Desired | None:
     """What the head wants, as its status remembers it: the same job while the head is the one the
@@ -490,9 +486,7 @@ class Reconciler:
     on_submit: Callable[[], None] | None = None  # e.g. enable the scheduled tick
 
     def heads(self) -> Path:
-        from automation.workspace import home
-
-        return self.workdir or home() / "heads"
+        return self.workdir or _default_heads()
 
     seen: dict[tuple[int, str], Status] = field(default_factory=dict)  # what this run read, per leg
     head: dict[int, str] = field(default_factory=dict)
@@ -925,7 +919,7 @@ def cmd_reconcile(args) -> int:
             for name, value in the_plan.outputs().items():
                 if not github.set_output(name, value):
                     _out(f"{name}={value}")
-            legs = [leg for leg in the_plan.legs if leg.backend]
+            legs = [leg for leg in the_plan.legs if leg.backend in ("local", "azure")]  # not preflight-only
             _out(f"{len(legs)} leg(s): " + (", ".join(f"#{leg.pr} {leg.experiment} ({leg.backend}, {leg.decision})"
                                                       for leg in legs) or "nothing to do"))
             for notice in the_plan.notices:

@@ -40,21 +40,24 @@ def merged_pulls(pulls: PullRequests, sha: str) -> list[PullRequest]:
             if p.get("merged_at") and p.get("merge_commit_sha") == sha]
 
 
+def merged_experiments(pulls: PullRequests, sha: str, backend: str):
+    """(pull request, experiment, status, why not) for each experiment on `backend` that the pull
+    request merged as commit `sha` has a status for; `why` is "" when it is promotable."""
+    for pr in merged_pulls(pulls, sha):
+        for name, status in sorted(pulls.statuses(pr.number).items()):
+            if (status.backend or "azure") == backend:
+                yield pr, name, status, _not_promotable(pr, status)
+
+
 def promote_merged(pulls: PullRequests, backend, repo: str, sha: str, *, clock: Clock = utc_now,
                    workdir: Path | None = None) -> list[Outcome]:
     """A merge to the default branch: each experiment of the merged pull request whose staging run
     on its final head completed and passed its policy is promoted, pinned to that head's job. The
     others are skipped with the reason. A pull request closed without merging makes no such commit."""
     outcomes = []
-    for pr in merged_pulls(pulls, sha):
-        for name, status in sorted(pulls.statuses(pr.number).items()):
-            if (status.backend or "azure") != backend.name:
-                continue
-            why = _not_promotable(pr, status)
-            if why:
-                outcomes.append(Outcome(pr.number, name, "skipped", why))
-                continue
-            outcomes.append(promote_one(pulls, backend, repo, pr, name, status, clock=clock, workdir=workdir))
+    for pr, name, status, why in merged_experiments(pulls, sha, backend.name):
+        outcomes.append(Outcome(pr.number, name, "skipped", why) if why else
+                        promote_one(pulls, backend, repo, pr, name, status, clock=clock, workdir=workdir))
     if not outcomes:
         outcomes.append(Outcome(0, "-", "skipped", f"commit {sha[:7]} merged no experiment with staging results"))
     return outcomes
@@ -199,14 +202,10 @@ def _release_plan(pulls: PullRequests, args, event: dict[str, Any]) -> int:
     sha = args.commit or str(event.get("after") or os.environ.get("GITHUB_SHA") or "")
     found: list[str] = []
     if not dispatched and sha:
-        for pr in merged_pulls(pulls, sha):
-            for name, status in sorted(pulls.statuses(pr.number).items()):
-                if (status.backend or "azure") != args.backend:
-                    continue
-                why = _not_promotable(pr, status)
-                _out(f"#{pr.number} {name}: " + (f"not promoted: {why}" if why else f"promotes job {status.job}"))
-                if not why:
-                    found.append(f"#{pr.number} {name}")
+        for pr, name, status, why in merged_experiments(pulls, sha, args.backend):
+            _out(f"#{pr.number} {name}: " + (f"not promoted: {why}" if why else f"promotes job {status.job}"))
+            if not why:
+                found.append(f"#{pr.number} {name}")
     promote = dispatched or bool(found)
     if not github.set_output("promote", "true" if promote else "false"):
         _out(f"promote={'true' if promote else 'false'}")

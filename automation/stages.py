@@ -454,9 +454,7 @@ def run_all(run: Run, *, keep_endpoint: bool = False, drop_invalid: bool = False
     """Every stage in order; on failure the staging endpoint is torn down unless kept."""
     say = on_stage or (lambda _: None)
     try:
-        for name in sequence(run, keep_endpoint=keep_endpoint):
-            if name in ("report", "bundle"):
-                break
+        for name in sequence(run, stop="teardown", keep_endpoint=keep_endpoint):
             say(name)
             run_stage(run, name, drop_invalid=drop_invalid)
     except (AutomationError, KeyboardInterrupt):
