@@ -65,6 +65,16 @@ class ServingModel:
     model_uri: str
 
 
+def _smoke_request() -> dict[str, Any]:
+    from automation.serving.contract import score_request
+
+    return score_request([[{"role": "user", "content": "Say hello."}]], {"max_new_tokens": 8, "do_sample": False})
+
+
+# What a promotion's candidate is asked before it gets any traffic, on either backend.
+SMOKE_REQUEST = _smoke_request()
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A version deployed on the production endpoint beside the live one, taking no traffic yet."""

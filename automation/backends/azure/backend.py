@@ -21,6 +21,7 @@ from automation.backends.azure import compute, endpoints, jobs, pipeline, retry
 from automation.backends.base import (
     IN_FLIGHT,
     JOB_FAILED,
+    SMOKE_REQUEST,
     Backend,
     Candidate,
     EndpointInfo,
@@ -37,7 +38,6 @@ from automation.record import (
     PromotePart,
     RegisterPart,
 )
-from automation.serving.contract import score_request
 from automation.spec import Experiment, run_display_name
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ PRODUCTION_REGISTRY_VARIABLE = "AZURE_ML_REGISTRY"  # a variable of the producti
 LEGACY_REGISTRY_VARIABLE = "AZURE_ML_PRODUCTION_REGISTRY"
 COMPONENT_VERSION_VARIABLE = "AZURE_ML_COMPONENT_VERSION"
 MAX_WAIT_S = 72 * 3600.0  # the longest `wait_finetune` waits for a job (the reconcile loop never waits)
-SMOKE_REQUEST = score_request([[{"role": "user", "content": "Say hello."}]], {"max_new_tokens": 8, "do_sample": False})
 
 
 LOSS_CURVE = "loss_curve"  # key of the metrics dict holding [(step, loss), ...] of the training loss

@@ -24,6 +24,7 @@ from automation.backends.base import (
     JOB_COMPLETED,
     JOB_FAILED,
     JOB_RUNNING,
+    SMOKE_REQUEST,
     Backend,
     Candidate,
     EndpointInfo,
@@ -326,7 +327,7 @@ class LocalBackend(Backend):
         if record is None:  # a production endpoint: the deployment asked for, else the one with the traffic
             deployment = deployment if deployment not in (None, "default") else _read_traffic(endpoint_name).get(
                 "deployment")
-            record = process.get_endpoint(f"{endpoint_name}-{deployment}") if deployment else None
+            record = process.get_endpoint(_process(endpoint_name, deployment)) if deployment else None
         if record is None:
             raise BackendError(f"no local endpoint named {endpoint_name}; deploy first")
         return process.invoke(record, request)
@@ -352,7 +353,7 @@ class LocalBackend(Backend):
         from automation.serving import process
 
         deployment = f"v{model.version}"
-        name = f"{endpoint_name}-{deployment}"
+        name = _process(endpoint_name, deployment)
         record = process.get_endpoint(name)
         if record is None or not record.alive:
             d = experiment.deployment
@@ -386,11 +387,11 @@ class LocalBackend(Backend):
         for key in ("promotion_policy", "promotion_override"):
             if key in tags:
                 client.set_model_version_tag(model.model_name, model.version, key, tags[key])
-        keep = {f"{endpoint}-{candidate.deployment_name}"} | ({f"{endpoint}-{previous}"} if previous else set())
+        keep = {_process(endpoint, candidate.deployment_name)} | ({_process(endpoint, previous)} if previous else set())
         for record in process.list_endpoints({"production_endpoint": endpoint}):
             if record.name not in keep:
                 process.stop_endpoint(record.name)
-        record = process.get_endpoint(f"{endpoint}-{candidate.deployment_name}")
+        record = process.get_endpoint(_process(endpoint, candidate.deployment_name))
         return PromotePart(endpoint_name=endpoint, deployment_name=candidate.deployment_name,
                            url=record.url if record else "", model_version=model.version,
                            previous_deployment=previous)
@@ -398,16 +399,16 @@ class LocalBackend(Backend):
     def remove_candidate(self, candidate: Candidate) -> None:
         from automation.serving import process
 
-        live = self.serving_model(candidate.endpoint_name)
-        if live is None or live.deployment_name != candidate.deployment_name:
-            process.stop_endpoint(f"{candidate.endpoint_name}-{candidate.deployment_name}")
+        live = candidate.live
+        if live is None or live.deployment_name != candidate.deployment_name:  # never what takes the traffic
+            process.stop_endpoint(_process(candidate.endpoint_name, candidate.deployment_name))
 
     def rollback(self, endpoint_name: str) -> PromotePart:
         from automation.serving import process
 
         traffic = _read_traffic(endpoint_name)
         previous = traffic.get("previous")
-        record = process.get_endpoint(f"{endpoint_name}-{previous}") if previous else None
+        record = process.get_endpoint(_process(endpoint_name, previous)) if previous else None
         if record is None or not record.alive:
             raise ConfigError(f"{endpoint_name}: no previous deployment is kept to roll back to "
                               f"({'none recorded' if not previous else previous + ' is not running'})")
@@ -423,15 +424,16 @@ class LocalBackend(Backend):
         from automation.serving import process
 
         deployment = _read_traffic(endpoint_name).get("deployment")
-        record = process.get_endpoint(f"{endpoint_name}-{deployment}") if deployment else None
+        record = process.get_endpoint(_process(endpoint_name, deployment)) if deployment else None
         if record is None or not record.alive:
             return None
         name, version = record.tags.get("model", ""), record.tags.get("model_version", "")
         return ServingModel(endpoint_name, deployment, name, version, f"models:/{name}/{version}")
 
 
-SMOKE_REQUEST = {"input_data": {"input_string": [{"role": "user", "content": "Say hello."}],
-                                "parameters": {"max_new_tokens": 8, "do_sample": False}}, "params": {}}
+def _process(endpoint: str, deployment: str) -> str:
+    """The server process of a production endpoint's deployment."""
+    return f"{endpoint}-{deployment}"
 
 
 def _traffic_file(endpoint: str) -> Path:
