@@ -330,10 +330,7 @@ def test_the_stand_in_refuses_what_the_services_refuse(tmp_path):
 
     with StandIn(tmp_path / "standin") as azure:
         env = azure.env()
-        session = requests.Session()
-        session.trust_env = False
-        session.proxies = {"https": env["HTTPS_PROXY"]}
-        session.verify = env["REQUESTS_CA_BUNDLE"]
+        session = azure.session()
         oidc_url = env["ACTIONS_ID_TOKEN_REQUEST_URL"]
         bearer = {"Authorization": f"Bearer {identity.REQUEST_TOKEN}"}
 
@@ -394,7 +391,6 @@ def test_each_identity_is_held_to_its_roles(tmp_path):
     """The identity table on the wire: the pull-request identity has nothing on production's
     workspace or the registry, the production identity only reads the staging workspace; ARM's 403
     AuthorizationFailed body names the client, the action and the scope."""
-    import requests
 
     from tests.standin.names import (
         PRODUCTION_CLIENT,
@@ -405,10 +401,7 @@ def test_each_identity_is_held_to_its_roles(tmp_path):
 
     with StandIn(tmp_path / "standin") as azure:
         env = azure.env()
-        session = requests.Session()
-        session.trust_env = False
-        session.proxies = {"https": env["HTTPS_PROXY"]}
-        session.verify = env["REQUESTS_CA_BUNDLE"]
+        session = azure.session()
 
         def token(request_token: str, client: str) -> str:
             assertion = session.get(env["ACTIONS_ID_TOKEN_REQUEST_URL"] + "&audience=api://AzureADTokenExchange",

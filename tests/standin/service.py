@@ -144,6 +144,18 @@ class StandIn(ArmService, DataPlane):
             handlers._tracking_store = None
             self._mlflow_server[0].engine.dispose()
 
+    def session(self):
+        """A `requests` session that reaches the stand-in as the SDKs do: through its proxy, trusting
+        its CA, ignoring the machine's own proxy settings."""
+        import requests
+
+        env = self.env()
+        session = requests.Session()
+        session.trust_env = False
+        session.proxies = {"https": env["HTTPS_PROXY"]}
+        session.verify = env["REQUESTS_CA_BUNDLE"]
+        return session
+
     def env(self, environment: str = "staging") -> dict[str, str]:
         """The variables a GitHub job in the `staging` (or `production`: the promote job)
         environment has, and the proxy and CA."""
