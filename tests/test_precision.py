@@ -93,7 +93,11 @@ def test_batched_greedy_replies_equal_one_at_a_time(tiny_model_dir, name):
     prompts = [EvalPrompt(messages=[m for m in r["messages"] if m["role"] == "user"][:1]) for r in rows]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     apply_training_template(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    import torch
+
+    # As training holds it: bf16 weights in bf16 (their linears prepacked while generating), fp32 in fp32.
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.bfloat16 if name == "bf16" else torch.float32).eval()
     with Precision(name, "test").autocast("cpu"):
         batched = generate_replies(model, tokenizer, prompts, max_new_tokens=12, label="t", batch_size=6)
         alone = [generate_replies(model, tokenizer, [p], max_new_tokens=12, label="t", batch_size=1)[0]
@@ -138,3 +142,40 @@ def test_bf16_lora_multiplies_its_adapters_in_bf16_and_keeps_fp32_masters(tiny_e
         assert all(getattr(m, "cast_input_dtype_enabled", True) for m in trainer.model.modules())  # restored
     assert seen["bf16"] == (True, (torch.bfloat16, torch.bfloat16), torch.float32, torch.float32)
     assert seen["fp32"] == (False, (torch.float32, torch.float32), torch.float32, torch.float32)
+
+
+@pytest.mark.skipif(not NATIVE_HERE, reason="this CPU has no native bf16")
+def test_prepacked_bf16_linears_answer_bit_for_bit_and_step_aside_for_autograd(tiny_model_dir):
+    """The oneDNN-prepacked linears give exactly the plain bf16 logits, for one row and a batch;
+    with autograd on they fall back to the plain forward (a backward works); restore undoes them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from automation.backends.local.precision import prepack_linears
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        plain = [model(ids).logits, model(ids[:1, :1]).logits]
+    restore = prepack_linears(model)
+    assert linears and all("forward" in vars(m) for m in linears)
+    with torch.inference_mode():
+        packed = [model(ids).logits, model(ids[:1, :1]).logits]
+    assert all(torch.equal(a, b) for a, b in zip(plain, packed, strict=True))
+    model.lm_head.weight.requires_grad_(True)
+    model(ids).logits.float().sum().backward()  # the plain forward ran: the packed one has no backward
+    assert model.lm_head.weight.grad is not None
+    restore()
+    assert not any("forward" in vars(m) for m in linears)
+
+
+def test_prepacking_leaves_fp32_layers_alone(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from automation.backends.local.precision import prepack_linears
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prepack_linears(model)
+    assert not any("forward" in vars(m) for m in model.modules())

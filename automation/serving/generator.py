@@ -309,6 +309,8 @@ class Generator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from automation.backends.local.precision import prepack_linears
+
         hf_logging.disable_progress_bar()
         torch.set_num_threads(self._threads)
         try:
@@ -325,6 +327,8 @@ class Generator:
         # The weights themselves in the chosen dtype (not autocast per call): a bf16 decoding step
         # reads half the bytes and runs oneDNN's bf16 kernels; logits are taken in fp32 to sample.
         self._model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        # bf16 on a CPU: the linears' weights prepacked for oneDNN once, not reordered at every step.
+        prepack_linears(self._model)
         self.dtype = str(dtype).removeprefix("torch.")
         self._device, self._torch = device, torch
         self.tokenizer = tokenizer

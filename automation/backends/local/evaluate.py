@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from automation.backends.local.precision import prepack_linears
 from automation.evaluation import model_eval, perplexity
 from automation.record import EvalPrompt, ModelEval
 from automation.spec import Experiment
@@ -48,6 +49,7 @@ def generate_replies(model, tokenizer, prompts: list[EvalPrompt], *, max_new_tok
     texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     by_length = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    restore = prepack_linears(model)  # bf16 on a CPU: no weight reorder at every decoding step
     try:
         for first in range(0, len(prompts), batch_size):
             batch = by_length[first:first + batch_size]
@@ -62,6 +64,7 @@ def generate_replies(model, tokenizer, prompts: list[EvalPrompt], *, max_new_tok
             log.info("evaluation: %s replied to %d/%d prompts (%.0f s)", label, done, len(prompts),
                      time.monotonic() - started)
     finally:
+        restore()
         tokenizer.padding_side = side
         model.train(was_training)
     return replies
