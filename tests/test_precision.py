@@ -179,3 +179,38 @@ def test_prepacking_leaves_fp32_layers_alone(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     prepack_linears(model)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.skipif(not NATIVE_HERE, reason="this CPU has no native bf16")
+def test_a_prepacked_lora_model_computes_what_its_merged_model_serves_in_bf16(tiny_model_dir, tmp_path):
+    """A LoRA layer is packed with its adapters merged as `merge_and_unload` merges them (in fp32),
+    rounded to bf16: the logits are bit for bit those of the saved merged model loaded in bf16, as
+    the endpoint loads it; restore gives the unmerged LoRA forward back."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from automation.backends.local.precision import prepack_linears
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    seeded = torch.Generator().manual_seed(5)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05, generator=seeded)
+    model.eval()
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=seeded)
+    with torch.inference_mode():
+        unmerged = model(ids).logits
+        restore = prepack_linears(model)
+        packed = model(ids).logits
+        restore()
+        assert torch.equal(model(ids).logits, unmerged)
+    copy.deepcopy(model).float().merge_and_unload().save_pretrained(tmp_path)  # as the job saves it
+    served = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()  # as the endpoint loads it
+    prepack_linears(served)
+    with torch.inference_mode():
+        assert torch.equal(served(ids).logits, packed)
+    assert not torch.equal(packed, unmerged)  # the adapters were not zero: merging rounds differently

@@ -84,6 +84,7 @@ def conversation_losses(model, dataloader) -> list[float]:
     was_training = model.training
     model.eval()
     losses: list[float] = []
+    restore = prepack_linears(model)  # bf16 on a CPU: the served weights (LoRA merged), prepacked
     try:
         with torch.no_grad():
             for batch in dataloader:
@@ -109,6 +110,7 @@ def conversation_losses(model, dataloader) -> list[float]:
                     total = torch.zeros_like(count).index_add_(0, segment, token_loss[row] * kept[row])
                     losses += [float(t / c) for t, c in zip(total, count, strict=True) if c > 0]
     finally:
+        restore()
         model.train(was_training)
     return losses
 
