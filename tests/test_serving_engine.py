@@ -213,3 +213,43 @@ def test_info_is_empty_while_loading_and_the_option_reaches_the_settings(tiny_mo
     assert Generator(Settings(model_dir=str(tiny_model_dir), api_key="k")).info() == {}
     assert parse_args(["--model-dir", "m", "--key-file", "k"]).precision in ("auto", "bf16", "fp32")
     assert parse_args(["--model-dir", "m", "--key-file", "k", "--precision", "fp32"]).precision == "fp32"
+
+
+def test_a_few_rows_decode_on_every_cpu_unless_the_threads_are_pinned(tiny_model_dir, monkeypatch):
+    """Unpinned, up to FEW_ROWS rows decode on the prefill threads (every usable CPU) and more rows
+    on one CPU less; --threads or OMP_NUM_THREADS pins decoding to one count for any batch."""
+    from automation.serving import generator as engine_module
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: 3)
+    settings = {"model_dir": str(tiny_model_dir), "api_key": "k", "max_prompt_tokens": 1000}
+    pinned = Generator(Settings(**settings, threads=1))
+    assert (pinned._threads, pinned._few_rows_threads, pinned._prefill_threads) == (1, 1, 3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    from_env = Generator(Settings(**settings))
+    assert (from_env._threads, from_env._few_rows_threads, from_env._prefill_threads) == (2, 2, 2)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    generator = Generator(Settings(**settings))
+    assert (generator._threads, generator._few_rows_threads) == (2, 3)
+    seen: list[tuple[int, int]] = []
+    decode = generator._decode
+
+    def watched():  # (rows decoded, threads they were decoded with)
+        rows = len(generator._running)
+        decode()
+        seen.append((rows, generator._current_threads))
+
+    generator._decode = watched
+    generator.start()
+    try:
+        assert generator.ready.wait(120) and not generator.failed
+        prompts = _prompts(generator, [7] * (engine_module.FEW_ROWS + 2), seed=4)
+        _run(generator, prompts[:1], [0])  # one row
+        _run(generator, prompts, [0] * len(prompts))  # more than FEW_ROWS
+        snapshot = generator.snapshot()
+        assert (snapshot["threads"], snapshot["few_rows_threads"], snapshot["prefill_threads"]) == (2, 3, 3)
+    finally:
+        generator.stop()
+    assert snapshot["largest_batch"] > engine_module.FEW_ROWS
+    assert all(threads == (3 if rows <= engine_module.FEW_ROWS else 2) for rows, threads in seen)
+    assert {threads for _, threads in seen} == {2, 3}

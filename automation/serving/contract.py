@@ -227,7 +227,8 @@ class Stats(BaseModel):
     running: int = Field(description="requests being decoded")
     tokens_in_flight: int = Field(description="prompt + max_new_tokens reserved by admitted and waiting requests")
     max_tokens_in_flight: int = Field(description="beyond it a request gets 429")
-    threads: int = Field(description="torch threads while decoding")
+    threads: int = Field(description="torch threads while decoding more than a few rows")
+    few_rows_threads: int = Field(description="torch threads while decoding a few rows (up to 4)")
     prefill_threads: int = Field(description="torch threads while prefilling")
     ready: bool = Field(description="the model is loaded")
 

@@ -43,6 +43,11 @@ REPLACEMENT = "\ufffd"  # what decoding half of a multi-byte character gives
 # A shared prompt prefix shorter than this is prefilled with each prompt: a separate pass over a
 # few tokens costs more than it saves.
 MIN_SHARED_PREFIX = 16
+# Up to this many rows, a decoding step takes every usable CPU (the prefill threads) instead of
+# leaving one to the HTTP loop, which then streams only a few chunks a step; unless the decoding
+# threads were set (--threads, OMP_NUM_THREADS). One row on the 2-core VM: 37 ms a step on one
+# thread, 31 on two (bench/RESULTS.md, issue 23).
+FEW_ROWS = 4
 
 
 def _common_length(a: list[int], b: list[int], limit: int) -> int:
@@ -58,24 +63,23 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def default_threads() -> int:
-    """torch threads for decoding: the CPUs this process may use, less one for the HTTP loop
-    (tokenising, JSON, streaming a chunk per token per request), never under one.
-    OMP_NUM_THREADS, when set, wins."""
+def _omp_threads() -> int:
     configured = os.environ.get("OMP_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return max(1, usable_cpus() - 1)
+    return int(configured) if configured.isdigit() else 0
+
+
+def default_threads() -> int:
+    """torch threads for decoding more than FEW_ROWS rows: the CPUs this process may use, less one
+    for the HTTP loop (tokenising, JSON, streaming a chunk per token per request), never under one.
+    OMP_NUM_THREADS, when set, wins."""
+    return _omp_threads() or max(1, usable_cpus() - 1)
 
 
 def default_prefill_threads() -> int:
     """torch threads for prefilling new prompts: every usable CPU. A prefill is one large,
     compute-bound pass during which the HTTP loop has nothing to stream, and every waiting request's
     time to first token is the length of that pass. OMP_NUM_THREADS, when set, wins."""
-    configured = os.environ.get("OMP_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return usable_cpus()
+    return _omp_threads() or usable_cpus()
 
 
 def serving_precision(requested: str, device: str):
@@ -188,6 +192,9 @@ class Generator:
                        "prefix_tokens_reused": 0}
         self._threads = settings.threads or default_threads()
         self._prefill_threads = settings.prefill_threads or default_prefill_threads()
+        pinned = bool(settings.threads or _omp_threads())
+        self._few_rows_threads = self._threads if pinned else self._prefill_threads
+        self._current_threads = 0
         self._running: list[Job] = []
         self._waiting: collections.deque[Job] = collections.deque()  # taken from the queue, not yet admitted
         self._chunked: Job | None = None  # a prompt above the per-step budget, prefilled a chunk per step
@@ -215,7 +222,8 @@ class Generator:
             return {**stats, "queued": self._queue.qsize() + len(self._waiting) + (self._chunked is not None),
                     "running": len(self._running),
                     "tokens_in_flight": self._in_flight, "max_tokens_in_flight": self.settings.max_tokens_in_flight,
-                    "threads": self._threads, "prefill_threads": self._prefill_threads,
+                    "threads": self._threads, "few_rows_threads": self._few_rows_threads,
+                    "prefill_threads": self._prefill_threads,
                     "ready": self.ready.is_set()}
 
     def info(self) -> dict[str, str]:
@@ -312,7 +320,7 @@ class Generator:
         from automation.backends.local.precision import prepack_linears
 
         hf_logging.disable_progress_bar()
-        torch.set_num_threads(self._threads)
+        self._set_threads(self._threads, torch)
         try:
             torch.set_num_interop_threads(1)  # the worker is the only thread that runs torch
         except RuntimeError:  # already set, or parallel work already ran in this process
@@ -433,15 +441,18 @@ class Generator:
             return True
         return False
 
+    def _set_threads(self, count: int, torch=None) -> None:
+        if count != self._current_threads:
+            (torch or self._torch).set_num_threads(count)
+            self._current_threads = count
+
     def _with_prefill_threads(self, forward):
-        torch = self._torch
-        if self._prefill_threads != self._threads:
-            torch.set_num_threads(self._prefill_threads)
+        before = self._current_threads
+        self._set_threads(self._prefill_threads)
         try:
             return forward()
         finally:
-            if self._prefill_threads != self._threads:
-                torch.set_num_threads(self._threads)
+            self._set_threads(before)
 
     def _prefill_chunk(self, budget: int) -> None:
         """Prefill the next chunk (up to `budget` tokens, at least one) of the chunked prompt into its
@@ -590,6 +601,7 @@ class Generator:
 
     def _decode(self) -> None:
         torch = self._torch
+        self._set_threads(self._few_rows_threads if len(self._running) <= FEW_ROWS else self._threads)
         last = torch.tensor([[job.tokens[-1]] for job in self._running], device=self._device)
         self._mask = torch.cat([self._mask, torch.ones((len(self._running), 1), dtype=self._mask.dtype,
                                                        device=self._device)], dim=1)
