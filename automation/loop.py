@@ -621,6 +621,7 @@ class Reconciler:
             tags = naming.resource_tags(repo=self.repo, pr=pr.number, experiment=name, sha=pr.head_sha,
                                         stage="finetune", ttl_hours=experiment.deployment.ttl_hours,
                                         created_at=self.clock())
+            self.backend.prepare_deploy(experiment)  # local: the fine-tune runs here, its deploy follows
             self.backend.submit_finetune(experiment, run.record.data, job_name=current, tags=tags)
             job = self.backend.get_job(current)
             action = "submitted"

@@ -453,8 +453,11 @@ def run_all(run: Run, *, keep_endpoint: bool = False, drop_invalid: bool = False
             on_stage: Callable[[str], None] | None = None) -> None:
     """Every stage in order; on failure the staging endpoint is torn down unless kept."""
     say = on_stage or (lambda _: None)
+    stages = sequence(run, stop="teardown", keep_endpoint=keep_endpoint)
     try:
-        for name in sequence(run, stop="teardown", keep_endpoint=keep_endpoint):
+        for name in stages:
+            if name == "finetune" and "deploy" in stages and run.record.deploy is None:
+                run.backend.prepare_deploy(run.experiment)
             say(name)
             run_stage(run, name, drop_invalid=drop_invalid)
     except (AutomationError, KeyboardInterrupt):

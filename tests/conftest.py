@@ -82,7 +82,7 @@ TINY_EXPERIMENT = {
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """An empty workspace (AUTOMATION_HOME) and a working directory for one test; every endpoint
-    started in it is stopped afterwards, whatever the test did."""
+    and standby started in it is stopped afterwards, whatever the test did."""
     monkeypatch.setenv("AUTOMATION_HOME", str(tmp_path / "ws"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
@@ -91,6 +91,7 @@ def workspace(tmp_path, monkeypatch):
 
     for endpoint in process.list_endpoints():
         process.stop_endpoint(endpoint.name)
+    process.stop_standby()  # a run's warm standby (prepare_deploy) that no deploy claimed
 
 
 @pytest.fixture

@@ -71,6 +71,9 @@ def test_run_keep_endpoint_list_teardown(workspace, tiny_experiment, capsys):
     assert record.deploy.endpoint_name in listing and "live" in listing and "experiment=tiny-local" in listing
     pid = process.get_endpoint(record.deploy.endpoint_name).pid
     assert alive(pid)
+    # The run warmed a standby before its fine-tune (prepare_deploy) and the deploy claimed it.
+    assert process.get_endpoint(record.deploy.endpoint_name).standby_id
+    assert process.get_standby() is None or not process.get_standby().alive
 
     assert main(["teardown", str(tiny_experiment)]) == 0
     assert f"deleted: {record.deploy.endpoint_name}" in capsys.readouterr().out

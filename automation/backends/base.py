@@ -139,6 +139,12 @@ class Backend(ABC):
                  timestamp_version: str, tags: dict[str, str]) -> RegisterPart:
         """Register the job's model; the same job again returns the same version."""
 
+    def prepare_deploy(self, experiment: Experiment) -> None:
+        """Called before a fine-tune that a deploy follows in the same process: start, in the
+        background, what that deploy will need, so that it is ready when the fine-tune ends.
+        Nothing by default; the local backend warms a server process."""
+        return None
+
     @abstractmethod
     def deploy(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
                tags: dict[str, str]) -> DeployPart:

@@ -300,7 +300,7 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
                    device: str = "auto", max_batch_size: int = 16, max_tokens_in_flight: int = 65_536,
                    max_prompt_tokens: int = 4096, threads: int = 0,
                    prefill_threads: int = 0, max_prefill_tokens: int = 512,
-                   precision: str = "auto") -> EndpointRecord:
+                   precision: str = "auto", environment: Mapping[str, str] | None = None) -> EndpointRecord:
     """Start a server for model_dir on a free loopback port and wait until it is ready.
 
     Continuous batching: up to `max_batch_size` requests decode together, each joining and leaving
@@ -310,6 +310,9 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
     `threads` / `prefill_threads`: torch threads while decoding / prefilling, 0 for the server's
     defaults (the usable CPUs less one / all of them). `precision` ("auto", "bf16", "fp32"): the
     weights' precision (auto: bf16 where the machine does it natively, else fp32; see generator.py).
+    `environment`: what the server starts with instead of this process's environment (a run passes
+    its environment from before its fine-tune, whose imports write to it: the standby it warmed
+    then fits, and a cold start gets the same).
 
     Idempotent: a live, ready endpoint of that name serving the same folder is returned as it is;
     one serving another folder is stopped and replaced.
@@ -337,12 +340,12 @@ def start_endpoint(name: str, model_dir: str | Path, *, tags: dict[str, str], ma
         "--max-prefill-tokens", str(max_prefill_tokens),
         "--threads", str(threads), "--prefill-threads", str(prefill_threads), "--precision", precision,
     ]
-    standby, import_writes = _claim_standby(arguments, paths["log"])
+    standby, import_writes = _claim_standby(arguments, paths["log"], environment)
     if standby is not None:
         pid, standby_id = standby.pid, standby.standby_id
         log.info("endpoint %s: warm standby (pid %d) claimed for %s; waiting until it is ready", name, pid, model_dir)
     else:
-        pid, standby_id = _spawn(arguments, paths["log"]), None
+        pid, standby_id = _spawn(arguments, paths["log"], _child_env(base=environment)), None
         log.info("started endpoint %s (pid %d) for %s; waiting until it is ready", name, pid, model_dir)
     try:
         port = _wait_ready(pid, paths["port"], ready_timeout_s)
@@ -374,11 +377,12 @@ def _spawn(arguments: list[str], log_path: Path, env: dict[str, str] | None = No
     return process.pid
 
 
-def _child_env(leave_out: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A server's environment: this process's, less the variables of `leave_out` that hold its values."""
+def _child_env(leave_out: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A server's environment: `base` (default: this process's), less the variables of `leave_out`
+    that hold its values."""
     # The server runs `-m automation.serving`: make this very package importable in it even when
     # the project is not installed, by putting its parent folder first on PYTHONPATH.
-    env = {k: v for k, v in os.environ.items() if not leave_out or leave_out.get(k) != v}
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not leave_out or leave_out.get(k) != v}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
@@ -492,7 +496,8 @@ def _taken_standby():
         yield record
 
 
-def _claim_standby(arguments: list[str], log_path: Path) -> tuple[StandbyRecord | None, dict[str, str]]:
+def _claim_standby(arguments: list[str], log_path: Path,
+                   environment: Mapping[str, str] | None = None) -> tuple[StandbyRecord | None, dict[str, str]]:
     """Hand a cold start's arguments to the workspace's standby: its record when it took them (else
     None), and the variables its imports set (what a process's imports leave in its environment)."""
     with _taken_standby() as record:
@@ -504,7 +509,8 @@ def _claim_standby(arguments: list[str], log_path: Path) -> tuple[StandbyRecord 
         # It answers once its imports are done: waiting for that beats importing again from nothing.
         answer = _ask_standby(record, {"op": "claim", "argv": arguments, "log_file": str(log_path),
                                        "fingerprint": code_fingerprint(),
-                                       "environment": import_environment(_child_env())}, timeout_s=60.0)
+                                       "environment": import_environment(_child_env(base=environment))},
+                              timeout_s=60.0)
         if not answer or not answer.get("ok") or answer.get("pid") != record.pid:
             reason = (answer or {}).get("reason", "it did not answer")
             log.info("standby (pid %d) not used: %s; starting cold", record.pid, reason)
