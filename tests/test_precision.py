@@ -170,15 +170,31 @@ def test_prepacked_bf16_linears_answer_bit_for_bit_and_step_aside_for_autograd(t
     assert not any("forward" in vars(m) for m in linears)
 
 
-def test_prepacking_leaves_fp32_layers_alone(tiny_model_dir):
+def test_prepacked_fp32_linears_answer_as_plain_and_a_row_as_in_its_batch(tiny_model_dir):
+    """fp32 is packed too (oneDNN's fp32 kernel instead of MKL's sgemm: the same sums in another
+    order, so close, not equal); a row computes the same alone as in a batch; release drops the
+    plain weights of the layers that own theirs and keeps a tied LM head's."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from automation.backends.local.precision import prepack_linears
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    prepack_linears(model)
-    assert not any("forward" in vars(m) for m in model.modules())
+    ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        plain = model(ids).logits
+        restore = prepack_linears(model)
+        packed, alone = model(ids).logits, model(ids[1:2]).logits
+    restore()
+    assert torch.allclose(plain, packed, atol=1e-4) and torch.equal(packed[1:2], alone)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    prepack_linears(model, release=True)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert all(m.weight.numel() == 0 for m in linears if m is not model.lm_head)
+    assert model.lm_head.weight is model.get_input_embeddings().weight and model.lm_head.weight.numel() > 0
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, packed)
 
 
 @pytest.mark.skipif(not NATIVE_HERE, reason="this CPU has no native bf16")

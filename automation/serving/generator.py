@@ -335,8 +335,9 @@ class Generator:
         # The weights themselves in the chosen dtype (not autocast per call): a bf16 decoding step
         # reads half the bytes and runs oneDNN's bf16 kernels; logits are taken in fp32 to sample.
         self._model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-        # bf16 on a CPU: the linears' weights prepacked for oneDNN once, not reordered at every step.
-        prepack_linears(self._model)
+        # On a CPU: the linears' weights prepacked for oneDNN once (the plain copies dropped), not
+        # handed over in their stored layout at every step.
+        prepack_linears(self._model, release=True)
         self.dtype = str(dtype).removeprefix("torch.")
         self._device, self._torch = device, torch
         self.tokenizer = tokenizer

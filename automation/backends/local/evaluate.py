@@ -136,8 +136,8 @@ class BaseEval:
     reused: str | None = None
 
 
-CACHE_VERSION = 2  # bump when what is measured changes (the loss definition, the decoding, the template;
-#                   2: replies batched by prompt length)
+CACHE_VERSION = 3  # bump when what is measured changes (the loss definition, the decoding, the template;
+#                   2: replies batched by prompt length; 3: linears prepacked, fp32's oneDNN kernel)
 
 
 def base_cache_key(base_model: Path | str, test_file: Path | None, prompts: list[EvalPrompt], experiment: Experiment,

@@ -103,44 +103,57 @@ def choose(requested: str, device: str, *, flags: set[str] | None = None, onednn
     return Precision("fp32", f"no native bf16 on this CPU, so fp32 ({seen})")
 
 
-def prepack_linears(model) -> Callable[[], None]:
-    """Give every bf16 linear layer of `model` on the CPU its weight prepacked for oneDNN, for
-    inference; returns the function that puts the plain layers back.
+def prepack_linears(model, *, release: bool = False) -> Callable[[], None]:
+    """Give every bf16 or fp32 linear layer of `model` on the CPU its weight prepacked for oneDNN,
+    for inference; returns the function that puts the plain layers back.
 
-    A plain bf16 `F.linear` on the CPU reorders its weight into oneDNN's blocked layout at every
-    call. For one decoding row that reorder is half the call: SmolLM2's `Linear(576, 1536)` takes
-    84 µs plain and 45 µs prepacked on one thread, with bit-identical outputs (the same kernel on
-    the same layout), and a whole bf16 decoding step goes from 58 to 37 ms (bench/RESULTS.md,
-    issue 23). What `torch.compile(freezing=True)` does to a CPU model's linears, without the compile.
+    A plain `F.linear` on the CPU hands its weight to the matmul library in its stored layout at
+    every call (oneDNN reorders a bf16 weight each time). For one decoding row that is half the
+    call: SmolLM2's bf16 `Linear(576, 1536)` takes 84 µs plain and 45 µs prepacked on one thread,
+    with bit-identical outputs (the same kernel on the same layout). A whole decoding step of
+    SmolLM2 (bench/RESULTS.md, issue 23): bf16 58 -> 37 ms on one thread, 39 -> 31 on two; fp32
+    58 -> 52 on one, 54 -> 39 on two (oneDNN's fp32 kernel on a packed weight scales to the second
+    thread, MKL's sgemm on the plain one does not). What `torch.compile(freezing=True)` does to a
+    CPU model's linears, without the compile.
 
     A PEFT LoRA layer (plain LoRA, no bias on B) is packed with its adapters merged into the
-    weight as `merge_and_unload` merges them, in fp32, then rounded to bf16: the weight the
-    endpoint serves once the merged model is loaded in bf16, so the replies are the served
-    model's, and each of the 210 LoRA layers of SmolLM2 costs one matmul a step instead of five
-    operators and two dtype casts.
+    weight as `merge_and_unload` merges them, in fp32, then rounded to the base's dtype: the
+    weight the endpoint serves once the merged model is loaded, so the held-out replies and eval
+    loss are the served model's (tested bit for bit), and each of the 210 LoRA layers of SmolLM2
+    costs one matmul instead of five operators and two dtype casts.
 
     Only for inference: the packed call has no backward, so a layer falls back to its own forward
-    whenever autograd is on, its input is not bf16, or it is called with more than its input.
-    The packed copies cost one more copy of the bf16 linear weights while packed.
+    whenever autograd is on, its input has another dtype, or it is called with more than its input.
+    The packed copies cost one more copy of the linear weights while packed, unless `release`
+    (the endpoint): then each packed `nn.Linear` whose weight no other module shares (a tied LM
+    head keeps it) drops its plain weight, and the layer can neither fall back nor be restored.
     """
     import torch
 
     if not isinstance(model, torch.nn.Module) or not torch.backends.mkldnn.is_available() \
             or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return lambda: None
+    dtypes = (torch.bfloat16, torch.float32)
     packed, inside_lora = [], set()
     for layer in model.modules():
         if id(layer) in inside_lora:
             continue
         weight, bias = _inference_weight(layer)
-        if weight is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" \
-                or "forward" in vars(layer) or (bias is not None and bias.dtype != torch.bfloat16):
+        if weight is None or weight.dtype not in dtypes or weight.device.type != "cpu" \
+                or "forward" in vars(layer) or (bias is not None and bias.dtype != weight.dtype):
             continue
         if type(layer) is not torch.nn.Linear:
             inside_lora.add(id(layer.base_layer))
         layer.forward = _packed_forward(layer, torch.ops.mkldnn._reorder_linear_weight(weight), bias,
-                                        weight.shape[0])
+                                        weight.shape[0], fallback=not release)
         packed.append(layer)
+    if release:
+        counts: dict[int, int] = {}
+        for _, parameter in model.named_parameters(remove_duplicate=False):
+            counts[id(parameter)] = counts.get(id(parameter), 0) + 1
+        for layer in packed:
+            if type(layer) is torch.nn.Linear and counts.get(id(layer.weight)) == 1:
+                layer.weight = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
 
     def restore() -> None:
         for layer in packed:
@@ -177,15 +190,16 @@ def _inference_weight(layer):
     return weight, None if base.bias is None else base.bias.detach()
 
 
-def _packed_forward(layer, packed_weight, bias, out_features: int):
+def _packed_forward(layer, packed_weight, bias, out_features: int, *, fallback: bool = True):
     import torch
 
     plain = type(layer).forward.__get__(layer)
     linear = torch.ops.mkldnn._linear_pointwise
+    dtype = packed_weight.dtype
 
     def forward(x, *args, **kwargs):
-        if args or kwargs or layer.training or x.dtype != torch.bfloat16 or torch.is_grad_enabled() \
-                or x.device.type != "cpu":
+        if fallback and (args or kwargs or layer.training or x.dtype != dtype or torch.is_grad_enabled()
+                         or x.device.type != "cpu"):
             return plain(x, *args, **kwargs)
         return linear(x.reshape(-1, x.shape[-1]), packed_weight, bias, "none", [], "").reshape(
             *x.shape[:-1], out_features)
