@@ -153,3 +153,24 @@ def test_the_fingerprint_follows_what_the_imports_depend_on(monkeypatch, tmp_pat
     assert standby.code_fingerprint() == before
     (folder / "newpkg-1.0.dist-info").mkdir()  # a package installed
     assert standby.code_fingerprint() != before
+
+
+def test_the_standby_a_run_warms_for_its_deploy_does_not_outlive_the_run_unclaimed(home):
+    """`prepare_deploy` starts a standby; when the process ends without a deploy claiming it (a failed
+    fine-tune), it is stopped. One a person started (`automation endpoints warm`) is left alone."""
+    import subprocess
+    import sys
+
+    warm_up = ("from automation.backends.local.backend import LocalBackend; LocalBackend().prepare_deploy(None); "
+               "from automation.serving import process; print(process.get_standby().pid)")
+    started = subprocess.run([sys.executable, "-c", warm_up], check=True, timeout=120, capture_output=True, text=True)
+    pid = int(started.stdout.split()[-1])
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pid) and process.get_standby() is None
+
+    mine = process.start_standby(idle_timeout_s=300, replenish=False)
+    subprocess.run([sys.executable, "-c", warm_up], check=True, timeout=120)
+    still = process.get_standby()
+    assert still is not None and still.alive and still.standby_id == mine.standby_id

@@ -11,6 +11,7 @@ Everything lives in the workspace (`.automation/` or `$AUTOMATION_HOME`):
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -85,6 +86,15 @@ def _file_uri_to_path(uri: str) -> Path:
 
 def _flatten(prefix: str, data: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in data.items()}
+
+
+def _stop_unclaimed_standby(standby_id: str) -> None:
+    """Stop the workspace's standby if it is still the one `prepare_deploy` started (unclaimed)."""
+    from automation.serving import process
+
+    record = process.get_standby()
+    if record is not None and record.standby_id == standby_id:
+        process.stop_standby()
 
 
 class LocalBackend(Backend):
@@ -311,16 +321,21 @@ class LocalBackend(Backend):
         """A warm standby (the server process with its imports done), started now so that the
         fine-tune's own imports and the standby's run on different cores and the deploy claims it:
         ready in about 1.5 s instead of 5-7 (bench/RESULTS.md, issue 23). It takes no CPU while it
-        waits, exits if unclaimed for 30 minutes, and a deploy without it starts cold as before."""
+        waits, and a deploy without it starts cold as before. One this run started and its deploy did
+        not claim (the fine-tune failed) is stopped when the process exits."""
         from automation.serving import process
 
         # The deploy's server starts with this environment, not with what the fine-tune's imports
         # add to it (sklearn sets KMP_DUPLICATE_LIB_OK): the same for the standby and a cold start.
         self._deploy_environment = dict(os.environ)
+        existing = process.get_standby()
         try:
-            process.start_standby(replenish=False)
+            standby = process.start_standby(replenish=False)
         except OSError as err:
             log.warning("could not start a warm standby for the deploy (%s); it will start cold", err)
+            return
+        if existing is None or not existing.alive:  # ours, not a person's `automation endpoints warm`
+            atexit.register(_stop_unclaimed_standby, standby.standby_id)
 
     def deploy(self, experiment: Experiment, model: RegisterPart, *, endpoint_name: str,
                tags: dict[str, str]) -> DeployPart:
