@@ -230,3 +230,24 @@ def test_a_prepacked_lora_model_computes_what_its_merged_model_serves_in_bf16(ti
     with torch.inference_mode():
         assert torch.equal(served(ids).logits, packed)
     assert not torch.equal(packed, unmerged)  # the adapters were not zero: merging rounds differently
+
+
+def test_a_build_that_cannot_prepack_leaves_the_model_as_it_was(tiny_model_dir, monkeypatch):
+    """Where oneDNN lacks the kernel (say, another CPU architecture's build), nothing is packed and the
+    model computes as before, instead of an endpoint failing at its first request."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from automation.backends.local.precision import prepack_linears
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("mkldnn_linear_pointwise: not supported on this build")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", unsupported)
+    restore = prepack_linears(model, release=True)
+    restore()
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert all(m.weight.numel() > 0 for m in model.modules() if type(m) is torch.nn.Linear)
+    with torch.inference_mode():
+        assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size

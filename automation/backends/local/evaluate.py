@@ -49,7 +49,7 @@ def generate_replies(model, tokenizer, prompts: list[EvalPrompt], *, max_new_tok
     texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     by_length = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-    restore = prepack_linears(model)  # bf16 on a CPU: no weight reorder at every decoding step
+    restore = prepack_linears(model)  # on a CPU: the served weights (LoRA merged), prepacked for oneDNN
     try:
         for first in range(0, len(prompts), batch_size):
             batch = by_length[first:first + batch_size]
@@ -84,7 +84,7 @@ def conversation_losses(model, dataloader) -> list[float]:
     was_training = model.training
     model.eval()
     losses: list[float] = []
-    restore = prepack_linears(model)  # bf16 on a CPU: the served weights (LoRA merged), prepacked
+    restore = prepack_linears(model)  # on a CPU: the served weights (LoRA merged), prepacked for oneDNN
     try:
         with torch.no_grad():
             for batch in dataloader:

@@ -134,19 +134,33 @@ def prepack_linears(model, *, release: bool = False) -> Callable[[], None]:
             or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return lambda: None
     dtypes = (torch.bfloat16, torch.float32)
-    packed, inside_lora = [], set()
-    for layer in model.modules():
-        if id(layer) in inside_lora:
-            continue
-        weight, bias = _inference_weight(layer)
-        if weight is None or weight.dtype not in dtypes or weight.device.type != "cpu" \
-                or "forward" in vars(layer) or (bias is not None and bias.dtype != weight.dtype):
-            continue
-        if type(layer) is not torch.nn.Linear:
-            inside_lora.add(id(layer.base_layer))
-        layer.forward = _packed_forward(layer, torch.ops.mkldnn._reorder_linear_weight(weight), bias,
-                                        weight.shape[0], fallback=not release)
-        packed.append(layer)
+    packed, inside_lora, checked = [], set(), set()
+
+    def restore() -> None:
+        for layer in packed:
+            vars(layer).pop("forward", None)
+
+    try:
+        for layer in model.modules():
+            if id(layer) in inside_lora:
+                continue
+            weight, bias = _inference_weight(layer)
+            if weight is None or weight.dtype not in dtypes or weight.device.type != "cpu" \
+                    or "forward" in vars(layer) or (bias is not None and bias.dtype != weight.dtype):
+                continue
+            if type(layer) is not torch.nn.Linear:
+                inside_lora.add(id(layer.base_layer))
+            packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+            if weight.dtype not in checked:  # a build whose oneDNN lacks the kernel says so here, not mid-request
+                torch.ops.mkldnn._linear_pointwise(weight.new_zeros(1, weight.shape[1]), packed_weight, bias,
+                                                   "none", [], "")
+                checked.add(weight.dtype)
+            layer.forward = _packed_forward(layer, packed_weight, bias, weight.shape[0], fallback=not release)
+            packed.append(layer)
+    except (RuntimeError, NotImplementedError) as err:
+        restore()
+        log.info("linear weights left unpacked: this PyTorch build cannot prepack them for oneDNN (%s)", err)
+        return lambda: None
     if release:
         counts: dict[int, int] = {}
         for _, parameter in model.named_parameters(remove_duplicate=False):
@@ -154,11 +168,6 @@ def prepack_linears(model, *, release: bool = False) -> Callable[[], None]:
         for layer in packed:
             if type(layer) is torch.nn.Linear and counts.get(id(layer.weight)) == 1:
                 layer.weight = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
-
-    def restore() -> None:
-        for layer in packed:
-            vars(layer).pop("forward", None)
-
     return restore
 
 
