@@ -456,7 +456,8 @@ def run_all(run: Run, *, keep_endpoint: bool = False, drop_invalid: bool = False
     stages = sequence(run, stop="teardown", keep_endpoint=keep_endpoint)
     try:
         for name in stages:
-            if name == "finetune" and "deploy" in stages and run.record.deploy is None:
+            # the deploy will start a server: none recorded, or the recorded one torn down (a rerun)
+            if name == "finetune" and "deploy" in stages and (run.record.deploy is None or run.record.torn_down):
                 run.backend.prepare_deploy(run.experiment)
             say(name)
             run_stage(run, name, drop_invalid=drop_invalid)

@@ -84,7 +84,8 @@ def test_run_keep_endpoint_list_teardown(workspace, tiny_experiment, capsys):
     assert "already gone" in capsys.readouterr().out
 
 
-def test_run_tears_down_by_default_and_rerun_reuses(workspace, tiny_experiment, capsys):
+def test_run_tears_down_by_default_and_rerun_reuses(workspace, tiny_experiment, capsys, caplog):
+    caplog.set_level("INFO", logger="automation.serving.process")
     assert main(["run", str(tiny_experiment)]) == 0
     record = RunRecord.load(workspace / "runs" / "tiny-local" / "record.json")
     assert record.torn_down and process.list_endpoints() == []
@@ -94,6 +95,9 @@ def test_run_tears_down_by_default_and_rerun_reuses(workspace, tiny_experiment, 
     again = RunRecord.load(workspace / "runs" / "tiny-local" / "record.json")
     assert again.finetune.job_name == job and again.registration.version == "1"
     assert process.list_endpoints() == []
+    # the rerun's deploy claimed a standby too, though its record holds the first run's torn-down deploy
+    claims = [r.getMessage() for r in caplog.records if ": warm standby (pid" in r.getMessage()]
+    assert len(claims) == 2 and all("claimed for" in claim for claim in claims), claims
 
 
 def test_promote_blue_green(workspace, tiny_experiment, capsys):
