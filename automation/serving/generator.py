@@ -320,7 +320,8 @@ class Generator:
         from automation.backends.local.precision import prepack_linears
 
         hf_logging.disable_progress_bar()
-        self._set_threads(self._threads, torch)
+        self._torch = torch
+        self._set_threads(self._threads)
         try:
             torch.set_num_interop_threads(1)  # the worker is the only thread that runs torch
         except RuntimeError:  # already set, or parallel work already ran in this process
@@ -339,7 +340,7 @@ class Generator:
         # handed over in their stored layout at every step.
         prepack_linears(self._model, release=True)
         self.dtype = str(dtype).removeprefix("torch.")
-        self._device, self._torch = device, torch
+        self._device = device
         self.tokenizer = tokenizer
         # A second tokenizer for the worker: a Rust tokenizer used from two threads at once can
         # fail with "Already borrowed"; the event loop encodes, the worker decodes. A copy, not a
@@ -442,9 +443,9 @@ class Generator:
             return True
         return False
 
-    def _set_threads(self, count: int, torch=None) -> None:
+    def _set_threads(self, count: int) -> None:
         if count != self._current_threads:
-            (torch or self._torch).set_num_threads(count)
+            self._torch.set_num_threads(count)
             self._current_threads = count
 
     def _with_prefill_threads(self, forward):
